@@ -1,0 +1,125 @@
+"""The SQLAlchemy driver: any SQLAlchemy URL, running the ledger's own SQL text.
+
+Used for ``--db URL`` (a PostgreSQL ledger shared by a fleet, or an
+``sqlite+pysqlite://`` URL). Importing this module costs SQLAlchemy's start-up, so
+the default SQLite path never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from ledger.db import BUSY_TIMEOUT_S, Database, Params, Row, Tx
+from ledger.errors import BadInput, CorruptLedger, StorageError
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the ledger's connection settings for *url*'s dialect."""
+    try:
+        engine = create_engine(url)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise BadInput(f"--db: cannot use {url!r} ({exc})") from exc
+    if engine.dialect.name == "sqlite":
+        _sqlite_settings(engine)
+    return engine
+
+
+def _sqlite_settings(engine: Engine) -> None:
+    """Give pysqlite the same settings as the stdlib path (see ledger.db)."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        # Every transaction takes the write lock up front, as BEGIN IMMEDIATE does on
+        # the stdlib path, so read-validate-write is never overtaken.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class _AlchemyTx(Tx):
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        return self._connection.execute(text(sql), dict(params or {})).rowcount
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        result = self._connection.execute(text(sql), dict(params or {}))
+        return [row._mapping for row in result]
+
+
+class AlchemyDatabase(Database):
+    """A ledger behind any SQLAlchemy URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        try:
+            self.engine.connect().close()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"--db: cannot connect to {url!r} ({exc.__cause__ or exc})") from exc
+
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        with self._begin() as tx:
+            if self.dialect == "postgresql":
+                # Serialise writers as BEGIN IMMEDIATE does on SQLite.
+                tx.execute("SELECT value FROM ledger_meta WHERE key = 'lineage' FOR UPDATE")
+            yield tx
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        with self._begin() as tx:
+            yield tx
+
+    @contextmanager
+    def _begin(self) -> Iterator[Tx]:
+        try:
+            with self.engine.begin() as connection:
+                yield _AlchemyTx(connection)
+        except OperationalError as exc:
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise CorruptLedger(f"{self.url} is corrupt or not a ledger ({exc.orig})") from exc
+            raise StorageError(f"{self.url}: {exc.orig}") from exc
+
+    def report(self, sql: str, params: Params | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        if not sql.lstrip().split(None, 1)[0].upper() in {"SELECT", "WITH", "EXPLAIN", "VALUES"}:
+            raise BadInput(
+                "sql: only read-only queries are allowed (SELECT, WITH, EXPLAIN); "
+                "the statement was refused before it ran"
+            )
+        with self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            try:
+                result = connection.execute(text(sql), dict(params or {}))
+                columns = list(result.keys())
+                rows = [tuple(r) for r in result]
+            except DBAPIError as exc:
+                raise BadInput(f"sql: {exc.orig}") from exc
+            connection.rollback()
+        return columns, rows
+
+    def table_count(self) -> int:
+        from sqlalchemy import inspect
+
+        return len(inspect(self.engine).get_table_names())
+
+    def close(self) -> None:
+        self.engine.dispose()

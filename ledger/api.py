@@ -1,0 +1,826 @@
+"""The Python API: ``Ledger``, one method per operation of the legacy library and more.
+
+Every method that changes anything is one transaction: read, validate, write,
+append its event, commit. Only then is the ``state.json`` view rewritten, so a view
+is never ahead of the ledger. Read-side queries (history, show, summary) live in
+``ledger.queries``; the lock protocol in ``ledger.lock``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ledger import clock, documents, queries, states
+from ledger.db import Database, Row, Tx, open_database
+from ledger.documents import check_id, check_name, check_path, check_text, check_version
+from ledger.errors import (
+    BadInput,
+    Conflict,
+    NoCurrentPhase,
+    NotFound,
+    NotLockOwner,
+    UpgradeInProgress,
+)
+from ledger.home import FILE_MODE, Home
+from ledger.lock import DirLock, Holder, LockStatus
+
+T = TypeVar("T")
+
+#: A planned component: (name, from_version, to_version).
+PlannedComponent = tuple[str, str | None, str | None]
+
+
+def _whoami() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER") or str(os.geteuid())
+
+
+class Ledger:
+    """A durable ledger of upgrades in a home folder (or behind a SQLAlchemy URL).
+
+    *pid* is the process the changes are attributed to and that owns the lock
+    (default: this process; the CLI passes its caller's). With *strict*, every
+    change is refused unless *pid* holds the lock.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        db_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        pid: int | None = None,
+        strict: bool = False,
+        lock_timeout_s: float = 4 * 3600,
+    ) -> None:
+        self.home = Home.at(home, env)
+        self.home.ensure()
+        self.home.clean_tmp()
+        if db_url is None:
+            _create_private(self.home.db_path)
+        self.db: Database = open_database(db_url, self.home.db_path)
+        self.pid = os.getpid() if pid is None else pid
+        self.user = _whoami()
+        self.hostname = socket.gethostname()
+        self.strict = strict
+        self.lock = DirLock(self.home.lock_dir, timeout_s=lock_timeout_s,
+                            on_break=self._record_lock_break)
+
+    def close(self) -> None:
+        """Release the database connection."""
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _change(self, action: Callable[[Tx], T]) -> T:
+        """Run *action* as one write transaction, then refresh the state.json view."""
+        if self.strict:
+            self._require_lock()
+        with self.db.write() as tx:
+            result = action(tx)
+        self.write_views()
+        return result
+
+    def _require_lock(self) -> None:
+        status = self.lock.status()
+        holder = status.holder
+        if not status.held or holder is None or holder.pid != self.pid:
+            raise NotLockOwner(
+                f"strict mode: process {self.pid} must hold the lock before changing the "
+                "ledger; take it with 'upgrade-ledger lock acquire'"
+            )
+
+    def _event(self, tx: Tx, kind: str, upgrade_id: str | None, subject: str | None = None,
+               old: str | None = None, new: str | None = None,
+               detail: Mapping[str, Any] | None = None, at: str | None = None) -> None:
+        tx.execute(
+            "INSERT INTO events (at, upgrade_id, kind, subject, from_value, to_value, "
+            "username, hostname, pid, detail) VALUES (:at, :upgrade_id, :kind, :subject, "
+            ":old, :new, :user, :host, :pid, :detail)",
+            {"at": at or clock.now(), "upgrade_id": upgrade_id, "kind": kind,
+             "subject": subject, "old": old, "new": new, "user": self.user,
+             "host": self.hostname, "pid": self.pid,
+             "detail": None if detail is None else json.dumps(detail, sort_keys=True)},
+        )
+
+    def _current(self, tx: Tx) -> Row:
+        upgrade_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+        row = None if upgrade_id is None else tx.one(
+            "SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
+        if row is None:
+            raise NotFound("no upgrade in this ledger yet; start one with 'upgrade-ledger init'")
+        return row
+
+    def _touch(self, tx: Tx, upgrade_id: str, at: str, **columns: Any) -> None:
+        sets = ", ".join(f"{c} = :{c}" for c in columns)
+        tx.execute(f"UPDATE upgrades SET updated_at = :at{', ' if sets else ''}{sets} "
+                   "WHERE id = :id", {"at": at, "id": upgrade_id, **columns})
+
+    def write_views(self) -> None:
+        """Rewrite state.json from the ledger (done after every change; also on demand).
+
+        The view is built and renamed into place while holding the database's write
+        lock, so of two writers the later view always lands last.
+        """
+        with self.db.write() as tx:
+            upgrade_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            if upgrade_id is None:
+                return
+            doc = documents.build(tx, upgrade_id)
+            self.home.write_atomic(self.home.state_file, documents.dumps(doc))
+
+    def _record_lock_break(self, info: Mapping[str, Any]) -> None:
+        with self.db.write() as tx:
+            previous = info.get("previous") or {}
+            self._event(tx, "lock.break", None, "lock",
+                        old=str(previous.get("pid")) if previous else None,
+                        new=str(self.pid), detail=dict(info))
+
+    # -- upgrades ------------------------------------------------------------------
+
+    def init(self, upgrade_id: str | None = None, *, supersede: bool = False) -> str:
+        """Start a new upgrade (state IDLE) and make it current; return its id.
+
+        An upgrade still in progress is never lost: unless *supersede*, this raises
+        ``UpgradeInProgress``; with it, the old upgrade ends FAILED, marked
+        ``superseded_by`` the new one, and stays in the ledger.
+        """
+        if upgrade_id is not None:
+            check_id(upgrade_id)
+
+        def action(tx: Tx) -> str:
+            at = clock.now()
+            new_id = upgrade_id or self._free_id(tx, at)
+            if tx.scalar("SELECT 1 FROM upgrades WHERE id = :id", {"id": new_id}):
+                raise Conflict(f"upgrade {new_id} exists already; choose another id")
+            old_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            old = old_id and tx.one("SELECT id, state FROM upgrades WHERE id = :id",
+                                    {"id": old_id})
+            if old and states.is_in_progress(old["state"]):
+                if not supersede:
+                    raise UpgradeInProgress(old["id"], old["state"])
+                self._supersede(tx, old["id"], old["state"], new_id, at)
+            tx.execute(
+                "INSERT INTO upgrades (id, state, started_at, updated_at, hostname, username, "
+                "pid) VALUES (:id, 'IDLE', :at, :at, :host, :user, :pid)",
+                {"id": new_id, "at": at, "host": self.hostname, "user": self.user,
+                 "pid": self.pid},
+            )
+            self._set_current(tx, new_id)
+            self._event(tx, "upgrade.init", new_id, new="IDLE", at=at,
+                        detail={"superseded": old["id"]} if old and supersede and
+                        states.is_in_progress(old["state"]) else None)
+            return new_id
+
+        return self._change(action)
+
+    @staticmethod
+    def _free_id(tx: Tx, at: str) -> str:
+        base = "upgrade-" + at[:10].replace("-", "") + "-" + at[11:19].replace(":", "")
+        taken = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE id LIKE :p",
+                                       {"p": base + "%"})}
+        if base not in taken:
+            return base
+        n = 2
+        while f"{base}-{n}" in taken:
+            n += 1
+        return f"{base}-{n}"
+
+    def _supersede(self, tx: Tx, old_id: str, old_state: str, new_id: str, at: str) -> None:
+        error = f"superseded by {new_id}"
+        tx.execute(
+            "UPDATE upgrades SET state = 'FAILED', outcome = COALESCE(outcome, 'FAILED'), "
+            "finished_at = :at, updated_at = :at, error = :error, superseded_by = :new "
+            "WHERE id = :id", {"at": at, "error": error, "new": new_id, "id": old_id})
+        self._event(tx, "upgrade.superseded", old_id, old=old_state, new="FAILED", at=at,
+                    detail={"superseded_by": new_id})
+
+    @staticmethod
+    def _set_current(tx: Tx, upgrade_id: str) -> None:
+        if not tx.execute("UPDATE ledger_meta SET value = :id WHERE key = 'current_upgrade'",
+                          {"id": upgrade_id}):
+            tx.execute("INSERT INTO ledger_meta (key, value) VALUES ('current_upgrade', :id)",
+                       {"id": upgrade_id})
+
+    def current_id(self) -> str | None:
+        """The id of the current upgrade, or None before the first."""
+        with self.db.read() as tx:
+            return tx.scalar(  # type: ignore[no-any-return]
+                "SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+
+    def document(self, upgrade_id: str | None = None) -> dict[str, Any]:
+        """The state document of an upgrade (default: the current one), built fresh."""
+        with self.db.read() as tx:
+            if upgrade_id is None:
+                upgrade_id = self._current(tx)["id"]
+            elif not tx.scalar("SELECT 1 FROM upgrades WHERE id = :id",
+                               {"id": check_id(upgrade_id)}):
+                raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
+            return documents.build(tx, upgrade_id)
+
+    def import_document(self, doc: str | bytes | Mapping[str, Any], *,
+                        make_current: bool = True) -> str:
+        """Load a legacy state document (state.json or a history file) into the ledger.
+
+        The document is validated first; a bad one changes nothing. An upgrade with the
+        same id is replaced by the document's content (one ``upgrade.import`` event
+        records it), which is how the legacy ``upgrade_state_save`` is honoured.
+        """
+        data = documents.parse(doc) if isinstance(doc, str | bytes) else \
+            documents.validate(json.loads(json.dumps(dict(doc), allow_nan=False)))
+
+        def action(tx: Tx) -> str:
+            upgrade_id = _import(tx, data)
+            if make_current:
+                self._set_current(tx, upgrade_id)
+            self._event(tx, "upgrade.import", upgrade_id, new=data["current_state"],
+                        detail={"phases": len(data["phases"])})
+            return upgrade_id
+
+        try:
+            return self._change(action)
+        except ValueError as exc:  # json.dumps(allow_nan=False) of a Python mapping
+            if isinstance(exc, BadInput):
+                raise
+            raise documents.InvalidDocument(f"document: {exc}") from exc
+
+    # -- state ---------------------------------------------------------------------
+
+    def state(self) -> str:
+        """The current upgrade's state (IDLE when there is no upgrade yet)."""
+        with self.db.read() as tx:
+            try:
+                return self._current(tx)["state"]  # type: ignore[no-any-return]
+            except NotFound:
+                return states.IDLE
+
+    @staticmethod
+    def validate_transition(current: str, target: str) -> bool:
+        """Whether the upgrade state machine allows *current* → *target*."""
+        states.check_state("upgrade", current)
+        return states.is_valid_transition("upgrade", current, target)
+
+    def set_state(self, target: str, *, error: str | None = None) -> bool:
+        """Move the current upgrade to *target*; False when it was there already."""
+        states.check_state("upgrade", target)
+        check_text(error, "error")
+
+        def action(tx: Tx) -> bool:
+            u = self._current(tx)
+            if not states.check_transition("upgrade", u["state"], target):
+                return False
+            at = clock.now()
+            columns: dict[str, Any] = {"state": target}
+            if target in states.TERMINAL_STATES:
+                columns["finished_at"] = at
+                if u["outcome"] is None:
+                    columns["outcome"] = target
+            if error is not None:
+                columns["error"] = error
+            self._touch(tx, u["id"], at, **columns)
+            self._event(tx, "upgrade.state", u["id"], old=u["state"], new=target, at=at,
+                        detail={"error": error} if error else None)
+            return True
+
+        return self._change(action)
+
+    def in_progress(self) -> bool:
+        """True while the current upgrade is running (PLANNING … ROLLING_BACK)."""
+        return states.is_in_progress(self.state())
+
+    # -- phases --------------------------------------------------------------------
+
+    def plan(self, phases: Mapping[str, Sequence[PlannedComponent]]) -> None:
+        """Register phases and their components as PENDING, in order, before they run.
+
+        Already registered phases and components are left as they are, so planning
+        again on resume is harmless.
+        """
+        checked = [(check_name(p, "phase"),
+                    [(check_name(c, "component"), check_version(f, "from version"),
+                      check_version(t, "to version")) for c, f, t in comps])
+                   for p, comps in phases.items()]
+
+        def action(tx: Tx) -> None:
+            u = self._current(tx)
+            at = clock.now()
+            added = 0
+            for phase, comps in checked:
+                if self._ensure_phase(tx, u["id"], phase):
+                    added += 1
+                for name, frm, to in comps:
+                    if tx.scalar("SELECT 1 FROM components WHERE upgrade_id = :u AND "
+                                 "phase = :p AND name = :n", {"u": u["id"], "p": phase,
+                                                              "n": name}):
+                        continue
+                    self._insert_component(tx, u["id"], phase, name, "PENDING", frm, to)
+                    added += 1
+            self._touch(tx, u["id"], at)
+            self._event(tx, "upgrade.plan", u["id"], at=at,
+                        detail={"phases": [p for p, _ in checked], "added": added})
+
+        self._change(action)
+
+    def _ensure_phase(self, tx: Tx, upgrade_id: str, phase: str) -> bool:
+        if tx.scalar("SELECT 1 FROM phases WHERE upgrade_id = :u AND name = :p",
+                     {"u": upgrade_id, "p": phase}):
+            return False
+        position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM phases "
+                             "WHERE upgrade_id = :u", {"u": upgrade_id})
+        tx.execute("INSERT INTO phases (upgrade_id, name, position, state) "
+                   "VALUES (:u, :p, :pos, 'PENDING')",
+                   {"u": upgrade_id, "p": phase, "pos": position})
+        return True
+
+    @staticmethod
+    def _insert_component(tx: Tx, upgrade_id: str, phase: str, name: str, state: str,
+                          frm: str | None, to: str | None) -> None:
+        position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM components "
+                             "WHERE upgrade_id = :u", {"u": upgrade_id})
+        tx.execute(
+            "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
+            "to_version, attempts) VALUES (:u, :p, :n, :pos, :s, :f, :t, 0)",
+            {"u": upgrade_id, "p": phase, "n": name, "pos": position, "s": state,
+             "f": frm, "t": to})
+
+    def _phase_move(self, name: str, target: str, error: str | None = None) -> bool:
+        check_name(name, "phase")
+        check_text(error, "error")
+
+        def action(tx: Tx) -> bool:
+            u = self._current(tx)
+            if target == states.IN_PROGRESS:
+                self._ensure_phase(tx, u["id"], name)
+            row = tx.one("SELECT state FROM phases WHERE upgrade_id = :u AND name = :p",
+                         {"u": u["id"], "p": name})
+            if row is None:
+                raise NotFound(f"no phase {name!r} in upgrade {u['id']}; start it first")
+            changed = states.check_transition("phase", row["state"], target)
+            at = clock.now()
+            stamp_column = {states.IN_PROGRESS: "started_at", states.COMPLETED: "completed_at",
+                            states.FAILED: "failed_at", states.SKIPPED: "completed_at"}[target]
+            if changed:
+                tx.execute(
+                    f"UPDATE phases SET state = :s, {stamp_column} = :at"
+                    + (", error = :e" if target in (states.FAILED, states.SKIPPED) else "")
+                    + (", completed_at = NULL, failed_at = NULL, error = NULL"
+                       if target == states.IN_PROGRESS else "")
+                    + " WHERE upgrade_id = :u AND name = :p",
+                    {"s": target, "at": at, "e": error, "u": u["id"], "p": name})
+            current = name if target == states.IN_PROGRESS else u["current_phase"]
+            if not changed and current == u["current_phase"]:
+                return False
+            self._touch(tx, u["id"], at, current_phase=current)
+            self._event(tx, "phase." + target.lower(), u["id"], name, row["state"], target,
+                        at=at, detail={"error": error} if error else None)
+            return changed
+
+        return self._change(action)
+
+    def phase_start(self, name: str) -> bool:
+        """Start (or restart) a phase and make it current; it is created if unplanned."""
+        return self._phase_move(name, states.IN_PROGRESS)
+
+    def phase_complete(self, name: str) -> bool:
+        """Mark a started phase COMPLETED."""
+        return self._phase_move(name, states.COMPLETED)
+
+    def phase_fail(self, name: str, error: str | None = None) -> bool:
+        """Mark a started phase FAILED with an optional error."""
+        return self._phase_move(name, states.FAILED, error)
+
+    def phase_skip(self, name: str, reason: str | None = None) -> bool:
+        """Mark a phase SKIPPED (with the reason as its error text)."""
+        return self._phase_move(name, states.SKIPPED, reason)
+
+    def next_phase(self) -> str | None:
+        """The first PENDING phase in planned order, or None."""
+        with self.db.read() as tx:
+            u = self._current(tx)
+            return tx.scalar(  # type: ignore[no-any-return]
+                "SELECT name FROM phases WHERE upgrade_id = :u AND state = 'PENDING' "
+                "ORDER BY position LIMIT 1", {"u": u["id"]})
+
+    # -- components ----------------------------------------------------------------
+
+    @staticmethod
+    def _find_component(tx: Tx, u: Row, name: str, phase: str | None = None) -> Row | None:
+        """The component *name*: in *phase*, else in the current phase, else its latest."""
+        if phase is None and u["current_phase"] is not None:
+            row = tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p "
+                         "AND name = :n", {"u": u["id"], "p": u["current_phase"], "n": name})
+            if row is not None:
+                return row
+        if phase is not None:
+            return tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p "
+                          "AND name = :n", {"u": u["id"], "p": phase, "n": name})
+        return tx.one("SELECT * FROM components WHERE upgrade_id = :u AND name = :n "
+                      "ORDER BY position DESC LIMIT 1", {"u": u["id"], "n": name})
+
+    def component_start(self, name: str, from_version: str | None = None,
+                        to_version: str | None = None, *, phase: str | None = None) -> bool:
+        """Start upgrading a component in the current phase (or *phase*)."""
+        check_name(name, "component")
+        check_version(from_version, "from version")
+        check_version(to_version, "to version")
+        if phase is not None:
+            check_name(phase, "phase")
+
+        def action(tx: Tx) -> bool:
+            u = self._current(tx)
+            target_phase = phase or u["current_phase"]
+            if target_phase is None:
+                raise NoCurrentPhase(
+                    f"component {name!r}: no phase is current; start one first "
+                    "(upgrade-ledger phase start NAME)")
+            if phase is not None and not tx.scalar(
+                    "SELECT 1 FROM phases WHERE upgrade_id = :u AND name = :p",
+                    {"u": u["id"], "p": phase}):
+                raise NotFound(f"no phase {phase!r} in upgrade {u['id']}")
+            row = tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p AND "
+                         "name = :n", {"u": u["id"], "p": target_phase, "n": name})
+            at = clock.now()
+            if row is None:
+                self._insert_component(tx, u["id"], target_phase, name, "UPGRADING",
+                                       from_version, to_version)
+                old = None
+            else:
+                old = row["state"]
+                states.check_transition("component", old, states.UPGRADING)
+            tx.execute(
+                "UPDATE components SET state = 'UPGRADING', started_at = :at, "
+                "completed_at = NULL, failed_at = NULL, "
+                "from_version = COALESCE(:f, from_version), to_version = COALESCE(:t, to_version) "
+                "WHERE upgrade_id = :u AND phase = :p AND name = :n",
+                {"at": at, "f": from_version, "t": to_version, "u": u["id"],
+                 "p": target_phase, "n": name})
+            self._touch(tx, u["id"], at, current_component=name)
+            self._event(tx, "component.upgrading", u["id"], name, old, "UPGRADING", at=at,
+                        detail={"phase": target_phase, "from_version": from_version,
+                                "to_version": to_version})
+            return old != states.UPGRADING
+
+        return self._change(action)
+
+    def _component_move(self, name: str, target: str, text: str | None = None,
+                        phase: str | None = None) -> bool:
+        check_name(name, "component")
+        check_text(text, "error" if target == states.FAILED else "note")
+
+        def action(tx: Tx) -> bool:
+            u = self._current(tx)
+            row = self._find_component(tx, u, name, phase)
+            if row is None:
+                raise NotFound(f"no component {name!r} in upgrade {u['id']}; start it first")
+            if not states.check_transition("component", row["state"], target):
+                return False
+            at = clock.now()
+            if target == states.FAILED:
+                sets = "failed_at = :at, attempts = attempts + 1, last_error = :text"
+            elif target == states.COMPLETED:
+                sets = "completed_at = :at"
+            else:  # SKIPPED: the reason is kept as a note
+                sets = "completed_at = :at, note = :text"
+            tx.execute(f"UPDATE components SET state = :s, {sets} WHERE upgrade_id = :u "
+                       "AND phase = :p AND name = :n",
+                       {"s": target, "at": at, "text": text, "u": u["id"],
+                        "p": row["phase"], "n": name})
+            current = None if u["current_component"] == name else u["current_component"]
+            self._touch(tx, u["id"], at, current_component=current)
+            self._event(tx, "component." + target.lower(), u["id"], name, row["state"],
+                        target, at=at, detail={"phase": row["phase"],
+                                               **({"text": text} if text else {})})
+            return True
+
+        return self._change(action)
+
+    def component_complete(self, name: str, *, phase: str | None = None) -> bool:
+        """Mark an upgrading component COMPLETED."""
+        return self._component_move(name, states.COMPLETED, phase=phase)
+
+    def component_fail(self, name: str, error: str | None = None, *,
+                       phase: str | None = None) -> bool:
+        """Mark a component FAILED: attempts + 1, last_error set."""
+        return self._component_move(name, states.FAILED, error, phase)
+
+    def component_skip(self, name: str, reason: str | None = None, *,
+                       phase: str | None = None) -> bool:
+        """Mark a component SKIPPED, keeping the reason (e.g. the probe's evidence)."""
+        return self._component_move(name, states.SKIPPED, reason, phase)
+
+    def is_upgraded(self, name: str) -> bool:
+        """True when the component is COMPLETED in the current upgrade."""
+        return self.component_status(name).get("state") == states.COMPLETED
+
+    def component_status(self, name: str) -> dict[str, Any]:
+        """The component's record (as in state.json, plus name and phase); {} if unknown."""
+        check_name(name, "component")
+        with self.db.read() as tx:
+            try:
+                u = self._current(tx)
+            except NotFound:
+                return {}
+            row = self._find_component(tx, u, name)
+            return {} if row is None else queries.component_dict(row)
+
+    def installed_version(self, name: str) -> str | None:
+        """The version this host runs, as far as the ledger knows: the target of the
+        component's latest COMPLETED upgrade, or None."""
+        check_name(name, "component")
+        with self.db.read() as tx:
+            return tx.scalar(  # type: ignore[no-any-return]
+                "SELECT to_version FROM components WHERE name = :n AND state = 'COMPLETED' "
+                "ORDER BY completed_at DESC LIMIT 1", {"n": name})
+
+    # -- resume --------------------------------------------------------------------
+
+    def can_resume(self) -> bool:
+        """True when the current upgrade stopped mid-run and can continue."""
+        return states.is_resumable(self.state())
+
+    def resume_point(self) -> dict[str, Any]:
+        """Where a resumed run continues: ``{state, phase, component, can_resume}``."""
+        with self.db.read() as tx:
+            u = self._current(tx)
+            return {"state": u["state"], "phase": u["current_phase"],
+                    "component": u["current_component"],
+                    "can_resume": states.is_resumable(u["state"])}
+
+    def resume(self) -> list[dict[str, Any]]:
+        """Record a resume and return the components left mid-upgrade (UPGRADING),
+        which the caller must validate before going on."""
+
+        def action(tx: Tx) -> list[dict[str, Any]]:
+            u = self._current(tx)
+            if not states.is_resumable(u["state"]):
+                raise Conflict(f"upgrade {u['id']} is {u['state']}; only a run that stopped "
+                               "mid-way (PLANNING … ROLLING_BACK) can be resumed")
+            stuck = [queries.component_dict(r) for r in tx.all(
+                "SELECT * FROM components WHERE upgrade_id = :u AND state = 'UPGRADING' "
+                "ORDER BY position", {"u": u["id"]})]
+            self._event(tx, "upgrade.resume", u["id"], old=u["state"], new=u["state"],
+                        detail={"interrupted": [c["name"] for c in stuck],
+                                "phase": u["current_phase"]})
+            return stuck
+
+        return self._change(action)
+
+    # -- rollback points -----------------------------------------------------------
+
+    def mark_rollback_point(self, component: str, backup_path: str | os.PathLike[str], *,
+                            size_bytes: int | None = None, sha256: str | None = None) -> None:
+        """Record where a component's backup is, so a rollback can find it."""
+        check_name(component, "component")
+        path = check_path(os.fspath(backup_path), "backup path")
+        if size_bytes is not None and (isinstance(size_bytes, bool) or size_bytes < 0):
+            raise BadInput("backup size must be a whole number of bytes from 0")
+        if sha256 is not None and (len(sha256) != 64 or
+                                   any(ch not in "0123456789abcdef" for ch in sha256)):
+            raise BadInput("sha256 must be 64 lower-case hex digits")
+
+        def action(tx: Tx) -> None:
+            u = self._current(tx)
+            row = self._find_component(tx, u, component)
+            at = clock.now()
+            tx.execute(
+                "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
+                "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
+                {"u": u["id"], "p": row["phase"] if row else u["current_phase"],
+                 "c": component, "b": path, "s": size_bytes, "h": sha256, "at": at})
+            if row is not None:
+                tx.execute("UPDATE components SET backup_path = :b WHERE upgrade_id = :u "
+                           "AND phase = :p AND name = :c",
+                           {"b": path, "u": u["id"], "p": row["phase"], "c": component})
+            self._touch(tx, u["id"], at)
+            self._event(tx, "rollback.mark", u["id"], component, new=path, at=at,
+                        detail={"size_bytes": size_bytes, "sha256": sha256})
+
+        self._change(action)
+
+    def rollback_info(self) -> dict[str, Any]:
+        """``{rollback_available, components: [{name, backup_path, from_version,
+        to_version, size_bytes, sha256}]}`` for the current upgrade's live points."""
+        with self.db.read() as tx:
+            u = self._current(tx)
+            rows = tx.all(
+                "SELECT r.component, r.backup_path, r.size_bytes, r.sha256, c.from_version, "
+                "c.to_version FROM rollback_points r LEFT JOIN components c "
+                "ON c.upgrade_id = r.upgrade_id AND c.phase = r.phase AND c.name = r.component "
+                "WHERE r.upgrade_id = :u AND r.cleared_at IS NULL ORDER BY r.id", {"u": u["id"]})
+        return {"rollback_available": bool(rows), "components": [
+            {"name": r["component"], "backup_path": r["backup_path"],
+             "from_version": r["from_version"], "to_version": r["to_version"],
+             "size_bytes": r["size_bytes"], "sha256": r["sha256"]} for r in rows]}
+
+    def clear_rollback_points(self) -> int:
+        """Clear every live rollback point of the current upgrade; return how many.
+
+        Cleared points stay in the ledger (``cleared_at`` set) for the record.
+        """
+
+        def action(tx: Tx) -> int:
+            u = self._current(tx)
+            at = clock.now()
+            count = tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE "
+                               "upgrade_id = :u AND cleared_at IS NULL", {"at": at, "u": u["id"]})
+            self._touch(tx, u["id"], at)
+            self._event(tx, "rollback.clear", u["id"], at=at, detail={"cleared": count})
+            return count
+
+        return self._change(action)
+
+    # -- progress, summary, history ------------------------------------------------
+
+    def progress_percent(self) -> int:
+        """Completed (or skipped) components as a whole percentage of those known."""
+        with self.db.read() as tx:
+            try:
+                u = self._current(tx)
+            except NotFound:
+                return 0
+            return queries.progress(tx, u)
+
+    def summary(self) -> str:
+        """A human-readable summary of the current upgrade."""
+        with self.db.read() as tx:
+            return queries.summary(tx, self._current(tx))
+
+    def history(self, limit: int | None = 10, *, state: str | None = None,
+                since: str | None = None, until: str | None = None,
+                component: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
+        """Upgrades newest first, filtered; see ``queries.history``."""
+        with self.db.read() as tx:
+            return queries.history(tx, limit=limit, state=state, since=since, until=until,
+                                   component=component, host=host)
+
+    def show(self, upgrade_id: str | None = None) -> dict[str, Any]:
+        """Everything about one upgrade (default: the current one), events included."""
+        with self.db.read() as tx:
+            if upgrade_id is None:
+                upgrade_id = self._current(tx)["id"]
+            return queries.show(tx, check_id(upgrade_id))
+
+    def events(self, **filters: Any) -> list[dict[str, Any]]:
+        """The audit trail, oldest first; see ``queries.events``."""
+        with self.db.read() as tx:
+            return queries.events(tx, **filters)
+
+    def save_to_history(self, upgrade_id: str | None = None) -> Path:
+        """Write ``history/<id>.json`` for an upgrade (default: the current one)."""
+
+        def action(tx: Tx) -> str:
+            uid = self._current(tx)["id"] if upgrade_id is None else check_id(upgrade_id)
+            if not tx.execute("UPDATE upgrades SET saved_at = :at WHERE id = :id",
+                              {"at": clock.now(), "id": uid}):
+                raise NotFound(f"no upgrade {uid!r} in this ledger")
+            self._event(tx, "upgrade.history", uid)
+            return uid
+
+        uid = self._change(action)
+        target = self.home.history_file(uid)
+        with self.db.read() as tx:
+            doc = documents.build(tx, uid)
+        self.home.write_atomic(target, documents.dumps(doc))
+        return target
+
+    def cleanup(self, owner_pid: int | None = None) -> None:
+        """What a script does on exit: save the current upgrade to history, release the
+        lock if *owner_pid* (default: this ledger's pid) holds it, and reset a finished
+        upgrade to IDLE. A run still in progress is left as it is, resumable."""
+        if self.current_id() is not None:
+            self.save_to_history()
+            if self.state() in states.TERMINAL_STATES:
+                self.set_state(states.IDLE)
+        self.release_lock(owner_pid)
+
+    # -- the lock ------------------------------------------------------------------
+
+    def acquire_lock(self, owner_pid: int | None = None, *, wait_s: float = 0.0,
+                     poll_s: float = 0.05) -> Holder:
+        """Take the exclusive lock for *owner_pid* (default: this ledger's pid)."""
+        holder = self.lock.acquire(self.pid if owner_pid is None else owner_pid,
+                                   wait_s=wait_s, poll_s=poll_s)
+        return holder
+
+    def release_lock(self, owner_pid: int | None = None) -> bool:
+        """Release the lock if *owner_pid* holds it; only the owner's release counts."""
+        return self.lock.release(self.pid if owner_pid is None else owner_pid)
+
+    def lock_status(self) -> LockStatus:
+        """Who holds the lock, since when, from where, and whether it looks stale."""
+        return self.lock.status()
+
+    def break_lock(self, reason: str) -> Holder | None:
+        """Remove the lock whoever holds it (recorded as a forced break with *reason*)."""
+        if not reason or not reason.strip():
+            raise BadInput("a forced lock break needs a reason (--reason TEXT)")
+        check_text(reason, "reason", 1024)
+        return self.lock.break_lock(reason)
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal and -shm files copy
+    the database file's mode)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    except OSError as exc:
+        from ledger.errors import StorageError
+
+        raise StorageError(f"cannot open {path} ({exc.strerror}); choose another home with "
+                           "--home DIR (or LEDGER_HOME)") from exc
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE and os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _import(tx: Tx, doc: Mapping[str, Any]) -> str:
+    """Replace (or create) the upgrade described by a validated document."""
+    uid = doc["upgrade_id"]
+    meta = doc["metadata"]
+    started = doc["started_at"][:19] + ".000Z"
+    updated = doc["updated_at"][:19] + ".000Z"
+    state = doc["current_state"]
+    outcome = state if state in states.TERMINAL_STATES else None
+    tx.execute("DELETE FROM components WHERE upgrade_id = :u", {"u": uid})
+    tx.execute("DELETE FROM phases WHERE upgrade_id = :u", {"u": uid})
+    existing = tx.one("SELECT outcome FROM upgrades WHERE id = :u", {"u": uid})
+    columns = {"u": uid, "s": state, "o": outcome, "st": started, "up": updated,
+               "cp": doc["current_phase"], "cc": doc["current_component"],
+               "h": meta["hostname"], "usr": meta["user"],
+               "pid": int(meta["pid"]) if meta["pid"] else None,
+               "f": updated if outcome else None}
+    if existing is None:
+        tx.execute(
+            "INSERT INTO upgrades (id, state, outcome, started_at, updated_at, finished_at, "
+            "current_phase, current_component, hostname, username, pid) VALUES (:u, :s, :o, "
+            ":st, :up, :f, :cp, :cc, :h, :usr, :pid)", columns)
+    else:
+        tx.execute(
+            "UPDATE upgrades SET state = :s, outcome = COALESCE(outcome, :o), started_at = :st, "
+            "updated_at = :up, finished_at = COALESCE(finished_at, :f), current_phase = :cp, "
+            "current_component = :cc, hostname = :h, username = :usr, pid = :pid "
+            "WHERE id = :u", columns)
+    position = 0
+    for ppos, (pname, phase) in enumerate(doc["phases"].items(), start=1):
+        tx.execute(
+            "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at, "
+            "failed_at, error) VALUES (:u, :n, :pos, :s, :st, :co, :fa, :e)",
+            {"u": uid, "n": pname, "pos": ppos, "s": phase["state"],
+             **_stamps_of(phase), "e": phase.get("error")})
+        for cname, comp in phase.get("components", {}).items():
+            position += 1
+            state_c = states.UPGRADING if comp["state"] == "IN_PROGRESS" else comp["state"]
+            tx.execute(
+                "INSERT INTO components (upgrade_id, phase, name, position, state, "
+                "from_version, to_version, attempts, last_error, started_at, completed_at, "
+                "failed_at, backup_path) VALUES (:u, :p, :n, :pos, :s, :fv, :tv, :a, :le, "
+                ":st, :co, :fa, :bp)",
+                {"u": uid, "p": pname, "n": cname, "pos": position, "s": state_c,
+                 "fv": comp.get("from_version"), "tv": comp.get("to_version"),
+                 "a": comp.get("attempts", 0), "le": comp.get("last_error"),
+                 "bp": comp.get("backup_path"), **_stamps_of(comp)})
+    _import_rollback_points(tx, uid, doc)
+    return uid  # type: ignore[no-any-return]
+
+
+def _stamps_of(record: Mapping[str, Any]) -> dict[str, str | None]:
+    return {key: record[name][:19] + ".000Z" if record.get(name) else None
+            for key, name in (("st", "started_at"), ("co", "completed_at"),
+                              ("fa", "failed_at"))}
+
+
+def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
+    """Rollback points follow the document: its components' backup paths, live only
+    when it says ``rollback_available``."""
+    at = clock.now()
+    tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE upgrade_id = :u "
+               "AND cleared_at IS NULL", {"at": at, "u": uid})
+    if not doc["rollback_available"]:
+        return
+    for pname, phase in doc["phases"].items():
+        for cname, comp in phase.get("components", {}).items():
+            if comp.get("backup_path"):
+                tx.execute(
+                    "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
+                    "created_at) VALUES (:u, :p, :c, :b, :at)",
+                    {"u": uid, "p": pname, "c": cname, "b": comp["backup_path"], "at": at})
+
+
+__all__ = ["Ledger", "PlannedComponent"]
+

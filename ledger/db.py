@@ -1,0 +1,269 @@
+"""Database access: one small interface, two drivers.
+
+SQLite files go through the stdlib ``sqlite3`` driver so that a per-step command
+never imports SQLAlchemy. Any other SQLAlchemy URL (PostgreSQL for a fleet, or
+``sqlite+pysqlite://`` to exercise this path) runs the very same SQL text through
+SQLAlchemy: statements are portable text with ``:name`` parameters, which both
+``sqlite3`` and ``sqlalchemy.text()`` accept.
+
+Opening a ledger checks its schema revision with one query; Alembic is imported
+only when the ledger is new or behind.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ledger.errors import BadInput, CorruptLedger, LedgerError, SchemaTooNew, StorageError
+
+#: The Alembic revision this code expects; a test checks it equals the migrations' head.
+SCHEMA_REVISION = "0001"
+#: How long a writer waits for another writer's transaction before giving up.
+BUSY_TIMEOUT_S = 60.0
+
+Params = Mapping[str, Any]
+Row = Any  # sqlite3.Row or SQLAlchemy RowMapping: both support row["column"]
+
+# Reporting connections may only read. The authorizer refuses anything else when
+# the statement is prepared, so a write is refused before it runs.
+_READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                 sqlite3.SQLITE_RECURSIVE}
+_READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "foreign_key_list",
+                 "database_list", "integrity_check", "quick_check", "user_version",
+                 "schema_version", "page_count", "page_size", "freelist_count"}
+
+
+class Tx(ABC):
+    """A transaction in progress: run statements, fetch rows."""
+
+    @abstractmethod
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    @abstractmethod
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        """Every row of a query."""
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None:
+        """The first row of a query, or None."""
+        rows = self.all(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Params | None = None) -> Any:
+        """The first column of the first row, or None."""
+        row = self.one(sql, params)
+        return None if row is None else row[0]
+
+
+class Database(ABC):
+    """A ledger database: write and read transactions, and read-only reporting."""
+
+    url: str
+    dialect: str
+
+    @abstractmethod
+    def write(self) -> Any:
+        """Context manager: a transaction that holds the write lock from its start."""
+
+    @abstractmethod
+    def read(self) -> Any:
+        """Context manager: a consistent read-only snapshot."""
+
+    @abstractmethod
+    def report(self, sql: str, params: Params | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one read-only statement; return (column names, rows). Writes are refused."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection."""
+
+    def revision(self) -> str | None:
+        """The Alembic revision of the ledger, or None for an empty database."""
+        with self.read() as tx:
+            try:
+                return tx.scalar("SELECT version_num FROM alembic_version")  # type: ignore[no-any-return]
+            except Exception as exc:
+                if not _is_missing_table(exc):
+                    raise
+        # No alembic_version: a new database, or a database that is not a ledger.
+        if self.table_count():
+            raise CorruptLedger(
+                f"{self.url} is a database but not a ledger (no schema revision); "
+                "point --home or --db at a ledger"
+            )
+        return None
+
+    @abstractmethod
+    def table_count(self) -> int:
+        """How many tables the database holds (0 for a new one)."""
+
+
+def _is_missing_table(exc: BaseException) -> bool:
+    text = str(exc)
+    return "no such table" in text or "does not exist" in text or "UndefinedTable" in text
+
+
+class _SqliteTx(Tx):
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        return self._conn.execute(sql, params or {}).rowcount
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        return self._conn.execute(sql, params or {}).fetchall()
+
+
+def _translate(exc: sqlite3.Error, where: str) -> LedgerError:
+    """Turn a driver error into the ledger's own, with what to do about it."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in text or "malformed" in text or "encrypted" in text
+    ):
+        return CorruptLedger(
+            f"{where} is corrupt or not a ledger ({text}); "
+            "see 'upgrade-ledger doctor' and docs/operations.md to restore it"
+        )
+    if "locked" in text or "busy" in text:
+        return StorageError(
+            f"{where} stayed busy for {BUSY_TIMEOUT_S:.0f} s ({text}); another process "
+            "holds a long write transaction"
+        )
+    if "readonly" in text or "unable to open" in text or "disk" in text or "full" in text:
+        return StorageError(f"cannot write {where} ({text}); check free space and permissions")
+    return StorageError(f"{where}: {text}")
+
+
+class SqliteDatabase(Database):
+    """A ledger in a SQLite file, through the stdlib driver."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a write
+            # transaction can start with BEGIN IMMEDIATE.
+            self._conn = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.row_factory = sqlite3.Row
+            # WAL: readers never block the writer and a commit is one append.
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a call that returned is on disk, even after power loss.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            # Foreign keys are off by default in SQLite; the schema relies on them.
+            self._conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise _translate(exc, str(path)) from exc
+
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        # BEGIN IMMEDIATE takes the write lock now (waiting up to the busy timeout),
+        # so a read-validate-write sequence can never be overtaken by another writer.
+        yield from self._transaction("BEGIN IMMEDIATE")
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        yield from self._transaction("BEGIN")
+
+    def _transaction(self, begin: str) -> Iterator[Tx]:
+        try:
+            self._conn.execute(begin)
+        except sqlite3.Error as exc:
+            raise _translate(exc, str(self.path)) from exc
+        try:
+            yield _SqliteTx(self._conn)
+        except BaseException as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not (
+                isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
+                or _is_missing_table(exc)
+            ):
+                raise _translate(exc, str(self.path)) from exc
+            raise
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise _translate(exc, str(self.path)) from exc
+
+    def report(self, sql: str, params: Params | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("PRAGMA query_only=ON")  # a second guard behind the authorizer
+            conn.set_authorizer(_read_only_authorizer)
+            try:
+                cursor = conn.execute(sql, params or {})
+                rows = cursor.fetchall()
+            except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
+                if "not authorized" in str(exc) or "readonly" in str(exc):
+                    raise BadInput(
+                        "sql: only read-only queries are allowed (SELECT, WITH, EXPLAIN); "
+                        "the statement was refused before it ran"
+                    ) from exc
+                raise BadInput(f"sql: {exc}") from exc
+            columns = [d[0] for d in cursor.description or ()]
+            return columns, [tuple(r) for r in rows]
+        finally:
+            conn.close()
+
+    def table_count(self) -> int:
+        with self.read() as tx:
+            return int(tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _read_only_authorizer(action: int, arg1: str | None, *_: object) -> int:
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1 in _READ_PRAGMAS:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def open_database(url: str | None, sqlite_path: Path | None) -> Database:
+    """Open the ledger at *url* (any SQLAlchemy URL) or the SQLite file *sqlite_path*,
+    migrating it first when it is new or behind."""
+    db: Database
+    if url is None:
+        assert sqlite_path is not None
+        db = SqliteDatabase(sqlite_path)
+    else:
+        from ledger.alchemy import AlchemyDatabase  # only non-default URLs pay for SQLAlchemy
+
+        db = AlchemyDatabase(url)
+    try:
+        _ensure_schema(db, sqlite_path if url is None else None)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _ensure_schema(db: Database, sqlite_path: Path | None) -> None:
+    current = db.revision()
+    if current == SCHEMA_REVISION:
+        return
+    from ledger import migrate  # imports Alembic: only for a new or outdated ledger
+
+    if current is not None and current not in migrate.known_revisions():
+        raise SchemaTooNew(
+            f"ledger schema {current} is newer than this upgrade-ledger knows "
+            f"({SCHEMA_REVISION}); upgrade upgrade-ledger"
+        )
+    try:
+        migrate.upgrade(db.url if sqlite_path is None else f"sqlite:///{sqlite_path}",
+                        sqlite_path=sqlite_path)
+    except Exception as exc:
+        raise StorageError(f"cannot migrate the ledger at {db.url}: {exc}") from exc

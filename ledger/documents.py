@@ -1,0 +1,314 @@
+"""The legacy state document: built from the ledger, parsed and validated on import.
+
+``state.json`` and ``history/<id>.json`` follow ``state.schema.json`` (shipped in this
+package). The ledger is the truth; a document is a view of one upgrade that also
+carries ``serial`` (the ledger's last event id when it was built) and ``lineage``
+(the ledger's id), so a stale or foreign view can be told from a current one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from ledger import states
+from ledger.db import Tx
+from ledger.errors import BadInput, InvalidDocument
+
+MAX_NAME = 128
+MAX_TEXT = 64 * 1024
+MAX_PATH = 4096
+MAX_DOCUMENT = 32 * 1024 * 1024
+MAX_DEPTH = 16
+
+_ID = re.compile(r"[A-Za-z0-9._-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+
+
+# -- input rules shared by the API and the importer ---------------------------------
+
+def check_id(value: object, what: str = "upgrade id") -> str:
+    """An id that is safe as a file name: ``[A-Za-z0-9._-]``, no ``..``, 1-128 chars."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} must be a non-empty string")
+    if len(value) > MAX_NAME:
+        raise BadInput(f"{what} is {len(value)} characters long; at most {MAX_NAME} allowed")
+    if not _ID.fullmatch(value) or ".." in value or value.startswith(("-", ".")):
+        raise BadInput(
+            f"{what} {value!r} is not allowed; use letters, digits, '.', '_' and '-' "
+            "(not starting with '-' or '.', no '..')"
+        )
+    return value
+
+
+def check_name(value: object, what: str) -> str:
+    """A phase or component name: 1-128 printable characters, no '/', not '.'/'..'."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} name must be a non-empty string")
+    if len(value) > MAX_NAME:
+        raise BadInput(f"{what} name is {len(value)} characters long; at most {MAX_NAME} allowed")
+    if _CONTROL.search(value):
+        raise BadInput(f"{what} name {value!r} contains control characters")
+    if "/" in value or "\\" in value or value in {".", ".."} or value.startswith("-"):
+        raise BadInput(
+            f"{what} name {value!r} is not allowed (no '/', '\\', leading '-', '.' or '..')"
+        )
+    return value
+
+
+def check_version(value: object, what: str = "version") -> str | None:
+    """A version string (or None): 1-128 printable characters, no spaces."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME or _CONTROL.search(value) \
+            or " " in value:
+        raise BadInput(f"{what} {value!r} is not a version (1-{MAX_NAME} printable "
+                       "characters, no spaces)")
+    return value
+
+
+def check_text(value: object, what: str, limit: int = MAX_TEXT) -> str | None:
+    """Free text (an error message, a reason): newlines and tabs allowed, other controls not."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{what} must be a string")
+    if len(value) > limit:
+        raise BadInput(f"{what} is {len(value)} characters long; at most {limit} allowed")
+    if _CONTROL_BUT_WHITESPACE.search(value):
+        raise BadInput(f"{what} contains control characters")
+    return value
+
+
+def check_path(value: object, what: str = "path") -> str:
+    """A file path: non-empty, at most 4096 characters, no control characters."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} must be a non-empty string")
+    if len(value) > MAX_PATH or _CONTROL.search(value):
+        raise BadInput(f"{what} is too long or contains control characters")
+    return value
+
+
+# -- building -----------------------------------------------------------------------
+
+def second(stamp: str | None) -> str | None:
+    """A ledger timestamp (millisecond precision) at the document's second precision."""
+    return None if stamp is None else stamp[:19] + "Z"
+
+
+def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
+    """The state document of *upgrade_id*, read in the caller's transaction."""
+    u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
+    if u is None:
+        raise BadInput(f"no upgrade {upgrade_id!r}")
+    phases: dict[str, dict[str, Any]] = {}
+    for p in tx.all(
+        "SELECT name, state, started_at, completed_at, failed_at, error FROM phases "
+        "WHERE upgrade_id = :id ORDER BY position", {"id": upgrade_id},
+    ):
+        phase: dict[str, Any] = {"state": p["state"]}
+        _stamps(phase, p)
+        if p["error"] is not None:
+            phase["error"] = p["error"]
+        phase["components"] = {}
+        phases[p["name"]] = phase
+    for c in tx.all(
+        "SELECT phase, name, state, from_version, to_version, attempts, last_error, note, "
+        "started_at, completed_at, failed_at, backup_path FROM components "
+        "WHERE upgrade_id = :id ORDER BY position", {"id": upgrade_id},
+    ):
+        comp: dict[str, Any] = {"state": c["state"], "from_version": c["from_version"],
+                                "to_version": c["to_version"]}
+        _stamps(comp, c)
+        comp["attempts"] = c["attempts"]
+        for key in ("last_error", "backup_path", "note"):
+            if c[key] is not None:
+                comp[key] = c[key]
+        phases[c["phase"]]["components"][c["name"]] = comp
+    points = [
+        {"component": r["component"], "backup_path": r["backup_path"],
+         "size_bytes": r["size_bytes"], "sha256": r["sha256"]}
+        for r in tx.all(
+            "SELECT component, backup_path, size_bytes, sha256 FROM rollback_points "
+            "WHERE upgrade_id = :id AND cleared_at IS NULL ORDER BY id", {"id": upgrade_id},
+        )
+    ]
+    lineage = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'")
+    # The serial is the id of the upgrade's last event: a view whose serial is behind
+    # the ledger's is stale (doctor reports it).
+    serial = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :id", {"id": upgrade_id})
+    doc: dict[str, Any] = {
+        "upgrade_id": u["id"],
+        "current_state": u["state"],
+        "started_at": second(u["started_at"]),
+        "updated_at": second(u["updated_at"]),
+        "current_phase": u["current_phase"],
+        "current_component": u["current_component"],
+        "phases": phases,
+        "rollback_available": bool(points),
+        "can_resume": states.is_resumable(u["state"]),
+        "metadata": {
+            "hostname": u["hostname"],
+            "user": u["username"],
+            "pid": None if u["pid"] is None else str(u["pid"]),
+        },
+        "outcome": u["outcome"],
+        "rollback_points": points,
+        "serial": serial or 0,
+        "lineage": lineage,
+    }
+    if u["superseded_by"] is not None:
+        doc["superseded_by"] = u["superseded_by"]
+    if u["error"] is not None:
+        doc["error"] = u["error"]
+    return doc
+
+
+def _stamps(target: dict[str, Any], row: Any) -> None:
+    for key in ("started_at", "completed_at", "failed_at"):
+        if row[key] is not None:
+            target[key] = second(row[key])
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    """The document as written to disk: indented like ``jq .`` output, newline-ended."""
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+# -- parsing and validation ----------------------------------------------------------
+
+def parse(text: str | bytes) -> dict[str, Any]:
+    """Parse and validate a document; ``InvalidDocument`` names the first problem."""
+    if len(text) > MAX_DOCUMENT:
+        raise InvalidDocument(f"document is {len(text)} bytes; at most {MAX_DOCUMENT} allowed")
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise InvalidDocument("document is nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidDocument(f"document is not valid JSON: {exc}") from exc
+    return validate(doc)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidDocument(f"document has the key {key!r} twice")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidDocument(f"document contains {name}, which is not JSON")
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def validate(doc: Any) -> dict[str, Any]:
+    """Check *doc* against state.schema.json's rules and the ledger's input rules."""
+    try:
+        _validate(doc)
+    except BadInput as exc:
+        if isinstance(exc, InvalidDocument):
+            raise
+        raise InvalidDocument(f"document: {exc}") from exc
+    return doc  # type: ignore[no-any-return]
+
+
+def _validate(doc: Any) -> None:
+    if not isinstance(doc, dict):
+        raise InvalidDocument("document must be a JSON object")
+    if _depth(doc) > MAX_DEPTH:
+        raise InvalidDocument(f"document is nested deeper than {MAX_DEPTH} levels")
+    required = ("upgrade_id", "current_state", "started_at", "updated_at", "current_phase",
+                "current_component", "phases", "rollback_available", "can_resume", "metadata")
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise InvalidDocument(f"document lacks {', '.join(missing)}")
+    check_id(doc["upgrade_id"])
+    states.check_state("upgrade", doc["current_state"])
+    for key in ("started_at", "updated_at"):
+        _stamp(doc[key], key)
+    for key, kind in (("current_phase", "phase"), ("current_component", "component")):
+        if doc[key] is not None:
+            check_name(doc[key], kind)
+    for key in ("rollback_available", "can_resume"):
+        if not isinstance(doc[key], bool):
+            raise InvalidDocument(f"{key} must be true or false")
+    meta = doc["metadata"]
+    if not isinstance(meta, dict) or any(k not in meta for k in ("hostname", "user", "pid")):
+        raise InvalidDocument("metadata must be an object with hostname, user and pid")
+    for key in ("hostname", "user"):
+        if meta[key] is not None:
+            check_text(meta[key], f"metadata.{key}", 255)
+    if meta["pid"] is not None and not (isinstance(meta["pid"], str) and meta["pid"].isdigit()
+                                        and len(meta["pid"]) < 12):
+        raise InvalidDocument("metadata.pid must be a decimal process id as a string, or null")
+    phases = doc["phases"]
+    if not isinstance(phases, dict):
+        raise InvalidDocument("phases must be an object")
+    seen_components: set[tuple[str, str]] = set()
+    for name, phase in phases.items():
+        check_name(name, "phase")
+        _validate_phase(name, phase, seen_components)
+
+
+def _validate_phase(name: str, phase: Any, seen: set[tuple[str, str]]) -> None:
+    where = f"phases.{name}"
+    if not isinstance(phase, dict):
+        raise InvalidDocument(f"{where} must be an object")
+    if "state" not in phase:
+        raise InvalidDocument(f"{where} lacks state")
+    states.check_state("phase", phase["state"])
+    for key in ("started_at", "completed_at", "failed_at"):
+        if key in phase:
+            _stamp(phase[key], f"{where}.{key}")
+    check_text(phase.get("error"), f"{where}.error")
+    comps = phase.get("components", {})
+    if not isinstance(comps, dict):
+        raise InvalidDocument(f"{where}.components must be an object")
+    for cname, comp in comps.items():
+        check_name(cname, "component")
+        seen.add((name, cname))
+        cwhere = f"{where}.components.{cname}"
+        if not isinstance(comp, dict) or "state" not in comp:
+            raise InvalidDocument(f"{cwhere} must be an object with a state")
+        state = comp["state"]
+        if state == "IN_PROGRESS":  # the legacy schema's alias of UPGRADING
+            state = states.UPGRADING
+        states.check_state("component", state)
+        for key in ("from_version", "to_version"):
+            check_version(comp.get(key), f"{cwhere}.{key}")
+        for key in ("started_at", "completed_at", "failed_at"):
+            if key in comp:
+                _stamp(comp[key], f"{cwhere}.{key}")
+        attempts = comp.get("attempts", 0)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not \
+                0 <= attempts < 1_000_000:
+            raise InvalidDocument(f"{cwhere}.attempts must be a whole number from 0")
+        check_text(comp.get("last_error"), f"{cwhere}.last_error")
+        if comp.get("backup_path") is not None:
+            check_path(comp["backup_path"], f"{cwhere}.backup_path")
+
+
+def _stamp(value: Any, where: str) -> None:
+    try:
+        ok = isinstance(value, str) and bool(_STAMP.fullmatch(value)) and bool(
+            datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidDocument(f"{where} must be a UTC timestamp like 2025-12-27T10:30:00Z")

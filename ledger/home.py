@@ -1,0 +1,195 @@
+"""The ledger home: where its files live, with safe permissions and atomic writes.
+
+Layout (each path can be moved by the legacy ``UPGRADE_*`` variables)::
+
+    ledger.db        the ledger (SQLite, WAL), the only source of truth
+    state.json       view of the current upgrade
+    upgrade.lock.d/  the exclusive lock
+    tmp/             temporary files for atomic writes
+    backups/         backups that upgrade scripts make
+    history/         <upgrade_id>.json per upgrade saved to history
+    logs/            command output of ``apply`` runs
+
+Folders are 0700 and files 0600 whatever the caller's umask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.errors import StorageError
+
+DEFAULT_HOME = "/var/lib/observability-upgrades"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
+    """``--home``, else ``LEDGER_HOME``, else ``UPGRADE_STATE_DIR``, else the default."""
+    for value in (option, env.get("LEDGER_HOME"), env.get("UPGRADE_STATE_DIR")):
+        if value:
+            return Path(value)
+    return Path(DEFAULT_HOME)
+
+
+@dataclass(frozen=True)
+class Home:
+    """Paths of one ledger home."""
+
+    root: Path
+    db_path: Path
+    state_file: Path
+    lock_dir: Path
+    tmp_dir: Path
+    backups_dir: Path
+    history_dir: Path
+    logs_dir: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] | None = None,
+           env: Mapping[str, str] | None = None) -> Home:
+        """The home at *root* (resolved as ``resolve_root`` does), honouring the legacy
+        ``UPGRADE_STATE_FILE``, ``UPGRADE_LOCK_FILE``, ``UPGRADE_TEMP_DIR``,
+        ``UPGRADE_BACKUPS_DIR`` and ``UPGRADE_HISTORY_DIR`` overrides in *env*."""
+        env = os.environ if env is None else env
+        base = resolve_root(root, env)
+
+        def path(var: str, default: Path) -> Path:
+            value = env.get(var)
+            return Path(value) if value else default
+
+        lock_file = path("UPGRADE_LOCK_FILE", base / "upgrade.lock")
+        return cls(
+            root=base,
+            db_path=base / "ledger.db",
+            state_file=path("UPGRADE_STATE_FILE", base / "state.json"),
+            lock_dir=lock_file.with_name(lock_file.name + ".d"),
+            tmp_dir=path("UPGRADE_TEMP_DIR", base / "tmp"),
+            backups_dir=path("UPGRADE_BACKUPS_DIR", base / "backups"),
+            history_dir=path("UPGRADE_HISTORY_DIR", base / "history"),
+            logs_dir=base / "logs",
+        )
+
+    def ensure(self) -> None:
+        """Create the home's folders (0700); one clear error when that is impossible."""
+        for folder in (self.root, self.tmp_dir, self.backups_dir, self.history_dir,
+                       self.state_file.parent, self.lock_dir.parent):
+            make_private_dir(folder)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"ledger home {self.root} is not writable; "
+                "choose another with --home DIR (or LEDGER_HOME)"
+            )
+
+    def history_file(self, upgrade_id: str) -> Path:
+        """``history/<id>.json``; ids are validated, so this never leaves the folder."""
+        return self.history_dir / f"{upgrade_id}.json"
+
+    def write_atomic(self, target: Path, data: bytes) -> None:
+        """Replace *target* with *data* so that readers see the old or the new file, whole.
+
+        A new temp file (exclusive create, no link following, 0600), fsync, rename over
+        the target (a symlink planted there is replaced, never followed), fsync the
+        folder so the rename itself is durable.
+        """
+        folder = self.tmp_dir if _same_device(self.tmp_dir, target.parent) else target.parent
+        temp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as exc:
+            raise _storage_error(target, exc) from exc
+        try:
+            try:
+                os.fchmod(fd, FILE_MODE)  # the umask may have removed bits; never adds any
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise _storage_error(target, exc) from exc
+        fsync_dir(target.parent)
+
+    def clean_tmp(self) -> int:
+        """Remove temp files left by writers that died mid-write; return how many."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except OSError:
+            return 0
+        for entry in entries:
+            pid = _writer_pid(entry.name)
+            if pid is not None and not _pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+
+def make_private_dir(folder: Path) -> None:
+    """mkdir -p with mode 0700 for what it creates, whatever the umask."""
+    try:
+        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if folder.is_symlink() or not folder.is_dir():
+            raise StorageError(f"{folder} is not a folder; choose another home with --home DIR")
+        st = folder.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o777 != DIR_MODE:
+            folder.chmod(DIR_MODE)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create ledger folder {folder} ({exc.strerror or exc}); "
+            "choose another home with --home DIR (or LEDGER_HOME)"
+        ) from exc
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in *folder* durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise _storage_error(folder, exc) from exc
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _storage_error(folder, exc) from exc
+    finally:
+        os.close(fd)
+
+
+def _storage_error(path: Path, exc: OSError) -> StorageError:
+    return StorageError(f"cannot write {path} ({exc.strerror or exc}); "
+                        "check free space and permissions")
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_dev == b.stat().st_dev
+    except OSError:
+        return False
+
+
+def _writer_pid(name: str) -> int | None:
+    """The PID embedded in a temp file name ``.<target>.<pid>.<random>.tmp``."""
+    parts = name.split(".")
+    if len(parts) >= 4 and parts[-1] == "tmp" and parts[-3].isdigit():
+        return int(parts[-3])
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,85 @@
+"""Schema migrations through Alembic, configured from code.
+
+Imported only when a ledger is new or behind (``ledger.db`` checks the revision
+with one cheap query first), so the per-step path never pays for Alembic.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from ledger.alchemy import make_engine
+
+
+def script_location() -> str:
+    """Where the Alembic environment is: inside the installed wheel, or the source tree."""
+    spec = importlib.util.find_spec("ledger.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return next(iter(spec.submodule_search_locations))
+    return str(Path(__file__).resolve().parent.parent / "migrations")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic ``Config`` built in code; *connection* is handed to ``env.py``."""
+    config = Config()
+    config.set_main_option("script_location", script_location())
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest revision the shipped migrations know."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def known_revisions() -> set[str]:
+    """Every revision the shipped migrations know."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def upgrade(url: str, revision: str = "head", *, sqlite_path: Path | None = None) -> None:
+    """Migrate the ledger at *url* to *revision*.
+
+    For a SQLite file, concurrent first opens are serialised with ``flock`` on the
+    database file itself: it does not interact with SQLite's own POSIX locks, and a
+    second process re-checks the revision after waiting, finding nothing left to do.
+    """
+    engine = make_engine(url)
+    try:
+        if sqlite_path is None:
+            _run(engine, "upgrade", revision)
+            return
+        fd = os.open(sqlite_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _run(engine, "upgrade", revision)
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+    finally:
+        engine.dispose()
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Migrate the ledger at *url* down to *revision* (``base`` removes everything)."""
+    engine = make_engine(url)
+    try:
+        _run(engine, "downgrade", revision)
+    finally:
+        engine.dispose()
+
+
+def _run(engine: Engine, verb: str, revision: str) -> None:
+    with engine.begin() as connection:
+        getattr(command, verb)(alembic_config(connection), revision)

@@ -1,0 +1,144 @@
+"""The ledger's tables, declared once as SQLAlchemy Core metadata.
+
+Only Alembic (migrations/) and the tests import this module: the per-step path runs
+on the stdlib ``sqlite3`` driver and never loads SQLAlchemy. A test proves that the
+migrations build exactly these tables (no drift).
+
+Timestamps are UTC ISO-8601 text with millisecond precision
+(``2026-11-27T05:19:35.123Z``): readable in plain SQL, ordered as text, and parsed by
+``julianday()`` in the reporting views.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+NAME = 128  # longest phase, component or upgrade id accepted
+STAMP = 32  # an ISO-8601 timestamp
+STATE = 16  # the longest state name is ROLLING_BACK
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: Key/value facts about the ledger itself: its lineage id and the current upgrade.
+ledger_meta = Table(
+    "ledger_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+upgrades = Table(
+    "upgrades",
+    metadata,
+    Column("id", String(NAME), primary_key=True),
+    Column("state", String(STATE), nullable=False),
+    # The first terminal state reached (COMPLETED, ROLLED_BACK, FAILED); it survives
+    # the reset to IDLE so reports can tell how a run ended.
+    Column("outcome", String(STATE)),
+    Column("started_at", String(STAMP), nullable=False),
+    Column("updated_at", String(STAMP), nullable=False),
+    Column("finished_at", String(STAMP)),
+    Column("current_phase", String(NAME)),
+    Column("current_component", String(NAME)),
+    Column("hostname", String(255)),
+    Column("username", String(255)),
+    Column("pid", Integer),
+    Column("error", Text),
+    Column("superseded_by", String(NAME)),
+    Column("saved_at", String(STAMP)),
+    Index(None, "started_at"),
+    Index(None, "state"),
+    Index(None, "hostname", "started_at"),
+)
+
+phases = Table(
+    "phases",
+    metadata,
+    Column("upgrade_id", ForeignKey("upgrades.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(NAME), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("state", String(STATE), nullable=False),
+    Column("started_at", String(STAMP)),
+    Column("completed_at", String(STAMP)),
+    Column("failed_at", String(STAMP)),
+    Column("error", Text),
+)
+
+components = Table(
+    "components",
+    metadata,
+    Column("upgrade_id", String(NAME), primary_key=True),
+    Column("phase", String(NAME), primary_key=True),
+    Column("name", String(NAME), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("state", String(STATE), nullable=False),
+    Column("from_version", String(NAME)),
+    Column("to_version", String(NAME)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("note", Text),
+    Column("started_at", String(STAMP)),
+    Column("completed_at", String(STAMP)),
+    Column("failed_at", String(STAMP)),
+    Column("backup_path", Text),
+    ForeignKeyConstraint(
+        ["upgrade_id", "phase"],
+        ["phases.upgrade_id", "phases.name"],
+        ondelete="CASCADE",
+        name="fk_components_phase_phases",
+    ),
+    Index(None, "name", "state", "completed_at"),
+)
+
+rollback_points = Table(
+    "rollback_points",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("upgrade_id", ForeignKey("upgrades.id", ondelete="CASCADE"), nullable=False),
+    Column("phase", String(NAME)),
+    Column("component", String(NAME), nullable=False),
+    Column("backup_path", Text, nullable=False),
+    Column("size_bytes", BigInteger),
+    Column("sha256", String(64)),
+    Column("created_at", String(STAMP), nullable=False),
+    Column("cleared_at", String(STAMP)),
+    Index(None, "upgrade_id", "cleared_at"),
+)
+
+#: The audit trail: append-only, one row per change, written in the change's transaction.
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", String(STAMP), nullable=False),
+    Column("upgrade_id", String(NAME)),
+    Column("kind", String(32), nullable=False),
+    Column("subject", String(NAME)),
+    Column("from_value", Text),
+    Column("to_value", Text),
+    Column("username", String(255)),
+    Column("hostname", String(255)),
+    Column("pid", Integer),
+    Column("detail", Text),
+    Index(None, "upgrade_id", "id"),
+    Index(None, "kind", "id"),
+    Index(None, "at"),
+)
