@@ -679,6 +679,70 @@ class Ledger:
         with self.db.read() as tx:
             return queries.events(tx, **filters)
 
+    def status(self, *, stuck_after_s: float = 3600.0) -> dict[str, Any]:
+        """The current upgrade at a glance, with the lock and any stuck components.
+
+        A component is stuck when it is UPGRADING while no live process holds the lock,
+        or has been UPGRADING for longer than *stuck_after_s*.
+        """
+        lock = self.lock.status()
+        with self.db.read() as tx:
+            try:
+                u = self._current(tx)
+            except NotFound:
+                u = None
+            data: dict[str, Any] = {
+                "upgrade_id": None, "state": states.IDLE, "outcome": None, "phase": None,
+                "component": None, "progress_percent": 0, "components": {},
+                "rollback_points": 0, "started_at": None, "updated_at": None,
+            }
+            stuck: list[dict[str, Any]] = []
+            if u is not None:
+                data.update(
+                    upgrade_id=u["id"], state=u["state"], outcome=u["outcome"],
+                    phase=u["current_phase"], component=u["current_component"],
+                    progress_percent=queries.progress(tx, u),
+                    started_at=documents.second(u["started_at"]),
+                    updated_at=documents.second(u["updated_at"]),
+                    components={r["state"]: r["n"] for r in tx.all(
+                        "SELECT state, COUNT(*) AS n FROM components WHERE upgrade_id = :u "
+                        "GROUP BY state ORDER BY state", {"u": u["id"]})},
+                    rollback_points=tx.scalar(
+                        "SELECT COUNT(*) FROM rollback_points WHERE upgrade_id = :u AND "
+                        "cleared_at IS NULL", {"u": u["id"]}),
+                )
+                stuck = queries.stuck(tx, u["id"], lock_live=lock.held and not lock.stale,
+                                      threshold_s=stuck_after_s)
+        data["lock"] = lock.as_dict()
+        data["stuck"] = stuck
+        return data
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None,
+              ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one read-only reporting query; writes are refused before they run."""
+        if not isinstance(sql, str) or not sql.strip():
+            raise BadInput("sql: the query is empty")
+        return self.db.report(sql, params)
+
+    def export_document(self, upgrade_id: str | None = None) -> bytes:
+        """The state document of an upgrade (default: the current one), as file bytes."""
+        return documents.dumps(self.document(upgrade_id))
+
+    def export_views(self) -> list[Path]:
+        """Rewrite state.json and every history file from the ledger; return the paths."""
+        written = []
+        if self.current_id() is not None:
+            self.write_views()
+            written.append(self.home.state_file)
+        with self.db.read() as tx:
+            saved = [r[0] for r in tx.all(
+                "SELECT id FROM upgrades WHERE saved_at IS NOT NULL ORDER BY started_at")]
+        for uid in saved:
+            target = self.home.history_file(uid)
+            self.home.write_atomic(target, self.export_document(uid))
+            written.append(target)
+        return written
+
     def save_to_history(self, upgrade_id: str | None = None) -> Path:
         """Write ``history/<id>.json`` for an upgrade (default: the current one)."""
 

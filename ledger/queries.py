@@ -208,3 +208,21 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
         sql += " LIMIT :limit"
         params["limit"] = int(limit)
     return [event_dict(r) for r in tx.all(sql, params)]
+
+
+def stuck(tx: Tx, upgrade_id: str, *, lock_live: bool, threshold_s: float,
+          ) -> list[dict[str, Any]]:
+    """Components UPGRADING with no live lock holder, or for longer than *threshold_s*."""
+    now = clock.now()
+    out = []
+    for row in tx.all("SELECT * FROM components WHERE upgrade_id = :u AND state = 'UPGRADING' "
+                      "ORDER BY position", {"u": upgrade_id}):
+        age = clock.seconds_between(row["started_at"], now) or 0.0
+        if not lock_live:
+            why = "upgrading while no live process holds the lock"
+        elif age > threshold_s:
+            why = f"upgrading for {age:.0f} s (threshold {threshold_s:.0f} s)"
+        else:
+            continue
+        out.append({"name": row["name"], "phase": row["phase"], "age_s": age, "why": why})
+    return out

@@ -1,0 +1,170 @@
+"""The root of ``upgrade-ledger``: global options, the context object, exit codes.
+
+Configuration flows one way: option, then environment variable, then default,
+resolved once here into a ``Config`` that every subcommand receives. Errors become
+exit codes in one place (``EXIT_CODES``) and one line on stderr; ``--traceback``
+(or ``LEDGER_TRACEBACK=1``) shows the whole trace.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from ledger import __version__
+from ledger import errors as e
+
+if TYPE_CHECKING:
+    from ledger.api import Ledger
+
+#: Exit codes, documented in docs/cli.md. Predicates answer 0 (yes) or 1 (no).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (e.InvalidTransition, 3),
+    (e.LockError, 4),
+    (e.NotFound, 5),
+    (e.BadInput, 6),
+    (e.CorruptLedger, 7),
+    (e.StorageError, 8),
+    (e.Conflict, 9),
+    (e.SchemaTooNew, 10),
+    (e.LedgerError, 1),
+)
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code of a ledger error."""
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_INTERNAL
+
+
+@dataclass
+class Config:
+    """Global settings, resolved once; opens the ledger on first use."""
+
+    home: str | None
+    db_url: str | None
+    pid: int
+    strict: bool
+    lock_timeout_s: float
+    traceback: bool
+    _ledger: Ledger | None = field(default=None, repr=False)
+
+    def ledger(self) -> Ledger:
+        """The ledger, opened (and created or migrated if needed) on first use."""
+        if self._ledger is None:
+            from ledger.api import Ledger
+
+            self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
+                                  strict=self.strict, lock_timeout_s=self.lock_timeout_s)
+        return self._ledger
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+
+pass_config = click.make_pass_decorator(Config)
+
+
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print one line on stderr and exit with *code*."""
+    click.echo(f"upgrade-ledger: {message}", err=True)
+    sys.exit(code)
+
+
+def _wants_traceback(args: list[str] | None) -> bool:
+    return os.environ.get("LEDGER_TRACEBACK", "") not in ("", "0") or \
+        "--traceback" in (args if args is not None else sys.argv[1:])
+
+
+class LedgerGroup(click.Group):
+    """The root group: every failure becomes one line on stderr and its exit code."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        argv = list(args) if args is not None else None
+        show_trace = _wants_traceback(argv)
+        try:
+            code = super().main(argv, prog_name or "upgrade-ledger", complete_var,
+                                standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            if show_trace:
+                raise
+            hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
+            fail(f"error: {exc.format_message()}{hint}".replace("\n", " "), exc.exit_code)
+        except e.LedgerError as exc:
+            if show_trace:
+                raise
+            fail(f"error: {exc}".replace("\n", " "), exit_code(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            sys.stderr.close()  # the reader went away (e.g. `| head`): not an error
+            sys.exit(0)
+        except Exception as exc:
+            if show_trace:
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc} (run with --traceback for "
+                 "details)".replace("\n", " "), EXIT_INTERNAL)
+        # Without standalone mode click returns ctx.exit()'s code (predicates: 0 or 1).
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | None:
+    if value is None:
+        return None
+    if value <= 0:
+        raise click.BadParameter("must be a positive process id")
+    return int(value)
+
+
+@click.group(cls=LedgerGroup, context_settings=CONTEXT_SETTINGS)
+@click.option("--home", metavar="DIR", envvar=["LEDGER_HOME", "UPGRADE_STATE_DIR"],
+              show_envvar=True,
+              help="Ledger home folder. [default: /var/lib/observability-upgrades]")
+@click.option("--db", "db_url", metavar="URL", envvar="LEDGER_DB_URL", show_envvar=True,
+              help="SQLAlchemy URL of a shared ledger instead of DIR/ledger.db.")
+@click.option("--pid", type=int, envvar="LEDGER_PID", show_envvar=True,
+              callback=_positive_pid, metavar="PID",
+              help="Process the changes are attributed to and that owns the lock "
+                   "[default: the calling process, i.e. the parent of this command].")
+@click.option("--strict", is_flag=True, envvar="LEDGER_STRICT", show_envvar=True,
+              help="Refuse changes unless --pid holds the lock.")
+@click.option("--lock-timeout", "lock_timeout_s", type=float, default=4 * 3600.0,
+              envvar="LEDGER_LOCK_TIMEOUT", show_envvar=True, show_default=True,
+              metavar="SECONDS",
+              help="Age after which a lock whose holder cannot be checked counts as stale.")
+@click.option("--traceback", is_flag=True, envvar="LEDGER_TRACEBACK", show_envvar=True,
+              help="Show the full Python traceback on errors.")
+@click.version_option(__version__, "-V", "--version", prog_name="upgrade-ledger")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, db_url: str | None, pid: int | None,
+        strict: bool, lock_timeout_s: float, traceback: bool) -> None:
+    """Track an upgrade of many components on a host: resumable after a crash,
+    never run twice, reported on afterwards.
+
+    Run 'upgrade-ledger COMMAND -h' for help on a command; docs/cli.md has the
+    full reference and the exit codes.
+    """
+    ctx.obj = Config(home=home, db_url=db_url, pid=pid or os.getppid(), strict=strict,
+                     lock_timeout_s=lock_timeout_s, traceback=traceback)
+    ctx.call_on_close(ctx.obj.close)

@@ -1,0 +1,188 @@
+"""Operator commands: status, history, show, events, sql, export, import, save-history,
+cleanup."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ledger.cli.app import Config, pass_config
+from ledger.cli.output import output_option, pick, render
+
+HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
+                   "duration_s", "components", "completed", "failed"]
+COMPONENT_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "attempts",
+                     "duration_s", "last_error"]
+EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "user", "pid"]
+
+
+@click.command()
+@click.option("--stuck-after", "stuck_after_s", type=click.FloatRange(min=0), default=3600.0,
+              show_default=True, metavar="SECONDS",
+              help="A component upgrading for longer than this is reported as stuck.")
+@output_option()
+@pass_config
+def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
+    """The current upgrade at a glance: state, phase, component, progress, lock,
+    rollback points and stuck components."""
+    data = cfg.ledger().status(stuck_after_s=stuck_after_s)
+    out = pick(fmt, as_json)
+    if out == "json":
+        render(data, out)
+        return
+    lock = data["lock"]
+    flat = {k: v for k, v in data.items() if k not in ("lock", "stuck", "components")}
+    flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
+    flat["lock"] = ("free" if not lock["held"] else
+                    f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
+                    + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))
+    flat["lock_reason"] = lock["reason"]
+    flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None
+    render(flat, out)
+
+
+@click.command()
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=10, show_default=True,
+              help="At most this many upgrades.")
+@click.option("--all", "everything", is_flag=True, help="No limit.")
+@click.option("--state", help="Only upgrades in (or that ended in) this state.")
+@click.option("--component", help="Only upgrades that touched this component.")
+@click.option("--host", help="Only upgrades run on this host.")
+@click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "
+              "such as 7d).")
+@click.option("--until", metavar="WHEN", help="Started before WHEN.")
+@output_option()
+@pass_config
+def history(cfg: Config, limit: int, everything: bool, state: str | None,
+            component: str | None, host: str | None, since: str | None, until: str | None,
+            fmt: str, as_json: bool) -> None:
+    """List upgrades, newest first."""
+    rows = cfg.ledger().history(None if everything else limit, state=state, since=since,
+                                until=until, component=component, host=host)
+    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else HISTORY_COLUMNS)
+
+
+@click.command()
+@click.argument("upgrade_id", required=False)
+@output_option()
+@pass_config
+def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
+    """Everything about one upgrade (default: the current one): phases, components with
+    versions, attempts, errors and durations, rollback points and the event trail."""
+    data = cfg.ledger().show(upgrade_id)
+    out = pick(fmt, as_json)
+    if out == "json":
+        render(data, out)
+        return
+    head = {k: v for k, v in data.items()
+            if k not in ("phases", "components", "rollback_points", "events")}
+    sections = [("", head, None), ("Phases", data["phases"], None),
+                ("Components", data["components"], COMPONENT_COLUMNS),
+                ("Rollback points", data["rollback_points"], None),
+                ("Events", data["events"], EVENT_COLUMNS)]
+    for title, section, columns in sections:
+        if title:
+            if not section:
+                continue
+            click.echo(f"\n{title}:" if out == "table" else f"# {title}")
+        render(section, out, columns)
+
+
+@click.command()
+@click.option("--upgrade", "upgrade_id", help="Only this upgrade's events.")
+@click.option("--component", help="Only this component's events.")
+@click.option("--kind", help="Only this kind (or prefix ending in '.', e.g. 'component.').")
+@click.option("--since", metavar="WHEN", help="At or after WHEN (date, time or age).")
+@click.option("--after", "after_id", type=click.IntRange(min=0), default=0,
+              help="Only events with a larger id.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@output_option(default="table")
+@pass_config
+def events(cfg: Config, upgrade_id: str | None, component: str | None, kind: str | None,
+           since: str | None, after_id: int, limit: int, fmt: str, as_json: bool) -> None:
+    """The audit trail, oldest first."""
+    rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,
+                               since=since, after_id=after_id, limit=limit)
+    out = pick(fmt, as_json)
+    render(rows, out, None if out == "json" else EVENT_COLUMNS)
+
+
+@click.command()
+@click.argument("query")
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="A named parameter (:NAME in the query).")
+@output_option()
+@pass_config
+def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: bool) -> None:
+    """Run one read-only SQL query (writes are refused before they run).
+
+    The reporting views are upgrade_summary, component_runs, phase_runs and failures;
+    docs/sql-reporting.md has ready queries.
+    """
+    bound = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
+        bound[name] = value
+    columns, rows = cfg.ledger().query(query, bound)
+    render([dict(zip(columns, r, strict=True)) for r in rows], pick(fmt, as_json),
+           columns)
+
+
+@click.command()
+@click.option("--upgrade", "upgrade_id", help="Export this upgrade (default: the current one).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the document here ('-' for stdout) instead of rewriting the views.")
+@pass_config
+def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
+    """Rewrite state.json and the history files from the ledger, or write one
+    upgrade's document to a path or stdout."""
+    ledger = cfg.ledger()
+    if output is None and upgrade_id is None:
+        written = ledger.export_views()
+        click.echo(f"wrote {len(written)} file(s)", err=True)
+        return
+    data = ledger.export_document(upgrade_id)
+    if output in (None, "-"):
+        sys.stdout.buffer.write(data)
+    else:
+        ledger.home.write_atomic(Path(output).absolute(), data)
+
+
+@click.command("import")
+@click.argument("source", type=click.File("rb"))
+@click.option("--current/--no-current", default=True, show_default=True,
+              help="Make the imported upgrade the current one (use --no-current for "
+                   "history files).")
+@pass_config
+def import_(cfg: Config, source: click.utils.LazyFile, current: bool) -> None:
+    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger.
+
+    The document is validated first; a bad one is refused and changes nothing.
+    """
+    data = source.read()
+    click.echo(cfg.ledger().import_document(data, make_current=current))
+
+
+@click.command("save-history")
+@click.argument("upgrade_id", required=False)
+@pass_config
+def save_history(cfg: Config, upgrade_id: str | None) -> None:
+    """Write history/<id>.json for an upgrade (default: the current one)."""
+    click.echo(cfg.ledger().save_to_history(upgrade_id))
+
+
+@click.command()
+@click.option("--owner", "owner_pid", type=int, metavar="PID",
+              help="Release the lock held by this process [default: --pid].")
+@pass_config
+def cleanup(cfg: Config, owner_pid: int | None) -> None:
+    """Save the current upgrade to history, release the lock, and reset a finished
+    upgrade to IDLE (a run still in progress stays resumable)."""
+    cfg.ledger().cleanup(owner_pid)
+
+
+COMMANDS = [status, history, show, events, sql, export, import_, save_history, cleanup]

@@ -1,0 +1,80 @@
+"""Shared fixtures: a fresh ledger home per test, the CLI in-process and as a real
+process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ledger.api import Ledger
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A ledger home that does not exist yet."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def ledger(home: Path) -> Iterator[Ledger]:
+    """A new ledger on the stdlib SQLite path."""
+    with Ledger(home) as led:
+        yield led
+
+
+@dataclass
+class Result:
+    """What a CLI call did."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(home: Path) -> Callable[..., Result]:
+    """Run ``upgrade-ledger --home HOME ARGS...`` in-process (click's runner)."""
+    from ledger.cli import cli as root
+
+    def invoke(*args: str, input: str | bytes | None = None,
+               env: dict[str, str] | None = None) -> Result:
+        runner = CliRunner()
+        result = runner.invoke(root, ["--home", str(home), *args], input=input,
+                               env=env, catch_exceptions=False)
+        return Result(result.exit_code, result.stdout, result.stderr)
+
+    return invoke
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that imports ``ledger`` from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("LEDGER_HOME", None)
+    env.pop("UPGRADE_STATE_DIR", None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def run_cli(home: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``upgrade-ledger --home HOME ARGS...`` as a real process."""
+
+    def run(*args: str, input: str | None = None, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ledger", "--home", str(home), *args],
+            input=input, capture_output=True, text=True, check=check,
+            env=env or child_env(), timeout=120,
+        )
+
+    return run
