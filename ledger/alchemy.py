@@ -60,7 +60,26 @@ class _AlchemyTx(Tx):
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         result = self._connection.execute(text(sql), dict(params or {}))
-        return [row._mapping for row in result]
+        return [_Row(row) for row in result]
+
+
+class _Row:
+    """A result row readable by column name and by position, as ``sqlite3.Row`` is:
+    the shared SQL code does both (``row["state"]``, ``tx.scalar`` reads ``row[0]``)."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: Any) -> None:
+        self._row = row
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._row[key] if isinstance(key, int) else self._row._mapping[key]
+
+    def keys(self) -> list[str]:
+        return list(self._row._mapping.keys())
+
+    def __len__(self) -> int:
+        return len(self._row)
 
 
 class AlchemyDatabase(Database):
