@@ -138,7 +138,7 @@ class Home:
 def make_private_dir(folder: Path) -> None:
     """mkdir -p with mode 0700 for what it creates, whatever the umask."""
     try:
-        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        _mkdirs(folder)
         if folder.is_symlink() or not folder.is_dir():
             raise StorageError(f"{folder} is not a folder; choose another home with --home DIR")
         st = folder.stat()
@@ -149,6 +149,25 @@ def make_private_dir(folder: Path) -> None:
             f"cannot create ledger folder {folder} ({exc.strerror or exc}); "
             "choose another home with --home DIR (or LEDGER_HOME)"
         ) from exc
+
+
+def _mkdirs(folder: Path) -> None:
+    """mkdir -p where every folder created, parents included, is 0700.
+
+    ``Path.mkdir(parents=True)`` gives parents the umask's default mode, so under
+    umask 000 the folders above a new home would be world-writable (anyone could
+    move the home aside and plant another).
+    """
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue  # a concurrent creator won; the caller checks what is there
+        path.chmod(DIR_MODE)  # the umask may have removed bits; never adds any
 
 
 def fsync_dir(folder: Path) -> None:
