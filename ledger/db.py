@@ -22,7 +22,7 @@ from typing import Any
 from ledger.errors import BadInput, CorruptLedger, LedgerError, SchemaTooNew, StorageError
 
 #: The Alembic revision this code expects; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 #: How long a writer waits for another writer's transaction before giving up.
 BUSY_TIMEOUT_S = 60.0
 

@@ -142,3 +142,23 @@ events = Table(
     Index(None, "kind", "id"),
     Index(None, "at"),
 )
+
+#: Notification delivery state, one row per subscriber (subscribers themselves are
+#: configured in the home's notify.toml). ``last_event_id`` moves only after a
+#: successful delivery; ``attempts``/``next_try_at``/``last_error`` describe the
+#: failing delivery while there is one; ``delivered`` and ``failures`` only grow.
+notify_cursors = Table(
+    "notify_cursors",
+    metadata,
+    Column("subscriber", String(NAME), primary_key=True),
+    Column("last_event_id", Integer, nullable=False, server_default="0"),
+    Column("delivered", Integer, nullable=False, server_default="0"),
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("failing_event_id", Integer),
+    Column("next_try_at", String(STAMP)),
+    Column("last_error", Text),
+    Column("last_attempt_at", String(STAMP)),
+    Column("delivered_at", String(STAMP)),
+    Column("created_at", String(STAMP), nullable=False),
+)
