@@ -26,6 +26,7 @@ MAX_DEPTH = 16
 _ID = re.compile(r"[A-Za-z0-9._-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
@@ -264,6 +265,39 @@ def _validate(doc: Any) -> None:
     for name, phase in phases.items():
         check_name(name, "phase")
         _validate_phase(name, phase, seen_components)
+    _validate_additions(doc)
+
+
+def _validate_additions(doc: dict[str, Any]) -> None:
+    """The fields the ledger adds to the legacy format; each is optional, since a
+    legacy document has none of them, but when present it must make sense."""
+    outcome = doc.get("outcome")
+    if outcome is not None and states.check_state("upgrade", outcome) \
+            not in states.TERMINAL_STATES:
+        raise InvalidDocument(f"outcome {outcome!r} is not allowed; expected null or one of: "
+                              + ", ".join(sorted(states.TERMINAL_STATES)))
+    check_text(doc.get("error"), "error")
+    if doc.get("superseded_by") is not None:
+        check_id(doc["superseded_by"], "superseded_by")
+    serial = doc.get("serial", 0)
+    if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+        raise InvalidDocument("serial must be a whole number from 0")
+    check_text(doc.get("lineage"), "lineage", MAX_NAME)
+    points = doc.get("rollback_points", [])
+    if not isinstance(points, list):
+        raise InvalidDocument("rollback_points must be a list")
+    for n, point in enumerate(points):
+        where = f"rollback_points[{n}]"
+        if not isinstance(point, dict) or "component" not in point or "backup_path" not in point:
+            raise InvalidDocument(f"{where} must be an object with component and backup_path")
+        check_name(point["component"], f"{where}.component")
+        check_path(point["backup_path"], f"{where}.backup_path")
+        size = point.get("size_bytes")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise InvalidDocument(f"{where}.size_bytes must be a whole number from 0, or null")
+        digest = point.get("sha256")
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise InvalidDocument(f"{where}.sha256 must be 64 lower-case hex digits, or null")
 
 
 def _validate_phase(name: str, phase: Any, seen: set[tuple[str, str]]) -> None:
@@ -300,6 +334,7 @@ def _validate_phase(name: str, phase: Any, seen: set[tuple[str, str]]) -> None:
                 0 <= attempts < 1_000_000:
             raise InvalidDocument(f"{cwhere}.attempts must be a whole number from 0")
         check_text(comp.get("last_error"), f"{cwhere}.last_error")
+        check_text(comp.get("note"), f"{cwhere}.note")
         if comp.get("backup_path") is not None:
             check_path(comp["backup_path"], f"{cwhere}.backup_path")
 
