@@ -484,6 +484,10 @@ class Ledger:
         def action(tx: Tx) -> bool:
             u = self._current(tx)
             row = self._find_component(tx, u, name, phase)
+            if row is None and phase is None and u["current_phase"] is None:
+                raise NoCurrentPhase(
+                    f"component {name!r}: no phase is current and no phase has it; start "
+                    "a phase, then the component (upgrade-ledger phase start NAME)")
             if row is None:
                 raise NotFound(f"no component {name!r} in upgrade {u['id']}; start it first")
             if not states.check_transition("component", row["state"], target):
