@@ -18,6 +18,18 @@ from ledger.api import Ledger
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="run the long fault-injection sweeps (same as LEDGER_SLOW_TESTS=1)")
+
+
+@pytest.fixture(scope="session")
+def slow_mode(request: pytest.FixtureRequest) -> bool:
+    """True with ``pytest --slow`` or ``LEDGER_SLOW_TESTS=1``: tests scale up their sweeps."""
+    return bool(request.config.getoption("--slow")) or \
+        os.environ.get("LEDGER_SLOW_TESTS", "") not in ("", "0")
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A ledger home that does not exist yet."""
