@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ from ledger.home import FILE_MODE, Home
 from ledger.lock import DirLock, Holder, LockStatus
 
 T = TypeVar("T")
+
+_ANNOTATION_KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 #: A planned component: (name, from_version, to_version).
 PlannedComponent = tuple[str, str | None, str | None]
@@ -583,12 +586,51 @@ class Ledger:
 
         return self._change(action)
 
+    #: Event kinds the API writes for its own changes; an annotation never uses them,
+    #: so the trail of state changes stays exactly what the state machine did.
+    CORE_EVENT_KINDS = ("upgrade.", "phase.", "component.", "rollback.", "lock.")
+
+    def annotate(self, kind: str, subject: str | None = None,
+                 detail: Mapping[str, Any] | None = None) -> None:
+        """Append one event to the current upgrade's trail that changes no state.
+
+        For what a runner does beside the state machine: which plan file drives the
+        upgrade, a rollback's verified checksum, a leftover command stopped on resume.
+        *kind* is ``word.word`` (lower case, at most 32 characters) outside
+        ``CORE_EVENT_KINDS``; *detail* must be JSON.
+        """
+        if not isinstance(kind, str) or not _ANNOTATION_KIND.fullmatch(kind) or \
+                len(kind) > 32 or kind.startswith(self.CORE_EVENT_KINDS):
+            raise BadInput(f"event kind {kind!r} is not allowed; use lower-case word.word "
+                           f"(at most 32 characters) outside {', '.join(self.CORE_EVENT_KINDS)}")
+        if subject is not None:
+            check_name(subject, "event subject")
+        try:
+            text = json.dumps(dict(detail or {}), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise BadInput(f"event detail must be JSON: {exc}") from None
+        check_text(text, "event detail")
+
+        def action(tx: Tx) -> None:
+            u = self._current(tx)
+            self._event(tx, kind, u["id"], subject, detail=detail)
+
+        self._change(action)
+
     # -- rollback points -----------------------------------------------------------
 
     def mark_rollback_point(self, component: str, backup_path: str | os.PathLike[str], *,
-                            size_bytes: int | None = None, sha256: str | None = None) -> None:
-        """Record where a component's backup is, so a rollback can find it."""
+                            size_bytes: int | None = None, sha256: str | None = None,
+                            phase: str | None = None) -> None:
+        """Record where a component's backup is, so a rollback can find it.
+
+        *phase* names the component's phase when the same component is planned in
+        several phases (an upgrade in stages); by default the current phase's, else
+        the latest planned.
+        """
         check_name(component, "component")
+        if phase is not None:
+            check_name(phase, "phase")
         path = check_path(os.fspath(backup_path), "backup path")
         if size_bytes is not None and (isinstance(size_bytes, bool) or size_bytes < 0):
             raise BadInput("backup size must be a whole number of bytes from 0")
@@ -598,12 +640,12 @@ class Ledger:
 
         def action(tx: Tx) -> None:
             u = self._current(tx)
-            row = self._find_component(tx, u, component)
+            row = self._find_component(tx, u, component, phase)
             at = clock.now()
             tx.execute(
                 "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
                 "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
-                {"u": u["id"], "p": row["phase"] if row else u["current_phase"],
+                {"u": u["id"], "p": row["phase"] if row else phase or u["current_phase"],
                  "c": component, "b": path, "s": size_bytes, "h": sha256, "at": at})
             if row is not None:
                 tx.execute("UPDATE components SET backup_path = :b WHERE upgrade_id = :u "
