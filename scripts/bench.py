@@ -1,0 +1,601 @@
+#!/usr/bin/env python3
+"""Benchmark upgrade-ledger: one table of every figure DESIGN.md asks for.
+
+Each figure is the median and p90 of repeated runs at 10, 20, 100, 1,000 and 10,000
+components (20 is the reference of the "flat as components grow" budgets), plus a
+history query over a ledger of 100,000 upgrades. Beside each figure: the floors
+measured in the same run (interpreter start, interpreter with click/sqlite3/json
+imported, a bare SQLite WAL commit with synchronous=FULL, a raw fsync), the seed
+document's own claims, and the issue budgets, each marked ok or MISSED.
+
+    python scripts/bench.py            # the full table (about two minutes)
+    python scripts/bench.py --quick    # a smoke run (small sizes, few repetitions)
+    python scripts/bench.py --json     # machine-readable results on stdout
+    python scripts/bench.py --wheel    # measure the CLI from a wheel installed in a temp venv
+
+Everything happens in a temporary folder that is removed at the end. Child
+processes get a private bytecode cache (``PYTHONPYCACHEPREFIX``) so that they
+measure what an installed command costs, not the compilation of our sources
+(``--no-bytecode-cache`` measures that case). docs/performance.md explains the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DROP_IN = REPO / "scripts" / "upgrade-state.sh"
+
+FULL_SIZES = (10, 20, 100, 1_000, 10_000)
+QUICK_SIZES = (10, 20)
+REFERENCE_SIZE = 20  # the "flat as components grow" budgets compare against this size
+FULL_HISTORY = 100_000
+QUICK_HISTORY = 2_000
+
+# Environment variables that would point a child at another ledger or change its output.
+_FOREIGN_ENV = ("LEDGER_HOME", "LEDGER_DB_URL", "LEDGER_FORMAT", "LEDGER_PID", "LEDGER_STRICT",
+                "LEDGER_TRACEBACK", "LEDGER_LOCK_TIMEOUT", "UPGRADE_STATE_DIR",
+                "UPGRADE_STATE_FILE", "UPGRADE_LOCK_FILE", "UPGRADE_TEMP_DIR",
+                "UPGRADE_BACKUPS_DIR", "UPGRADE_HISTORY_DIR", "UPGRADE_LEDGER_BIN")
+
+try:  # the ledger under test: the installed one, else this checkout's
+    import ledger  # noqa: F401
+except ImportError:  # pragma: no cover - running from a bare checkout
+    sys.path.insert(0, str(REPO))
+
+from ledger.api import Ledger  # noqa: E402
+from ledger.lock import DirLock  # noqa: E402
+
+
+# -- statistics ---------------------------------------------------------------------
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median and p90 (nearest rank) of *samples*, in the samples' unit."""
+    ordered = sorted(samples)
+    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+    return {"median": round(statistics.median(ordered), 3), "p90": round(p90, 3),
+            "n": len(ordered)}
+
+
+def timed(action: Callable[[int], Any], repeat: int, warmup: int = 1) -> dict[str, Any]:
+    """Run ``action(i)`` *repeat* times after *warmup* untimed runs; milliseconds."""
+    for i in range(warmup):
+        action(-1 - i)
+    samples = []
+    for i in range(repeat):
+        start = time.perf_counter()
+        action(i)
+        samples.append((time.perf_counter() - start) * 1000)
+    return summarize(samples)
+
+
+# -- the bench ----------------------------------------------------------------------
+
+class Bench:
+    """Sets up ledgers in a private folder and measures every figure."""
+
+    def __init__(self, work: Path, *, sizes: Sequence[int], repeat: int, proc_repeat: int,
+                 history_upgrades: int, cli: list[str], python: str, env: dict[str, str],
+                 log: Callable[[str], None]) -> None:
+        self.work = work
+        self.sizes = list(sizes)
+        self.repeat = repeat
+        self.proc_repeat = proc_repeat
+        self.history_upgrades = history_upgrades
+        self.cli = cli
+        self.python = python
+        self.env = env
+        self.log = log
+        self.floors: dict[str, dict[str, Any]] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    # processes ------------------------------------------------------------------------
+
+    def _run(self, argv: list[str], check: bool = True) -> None:
+        done = subprocess.run(argv, env=self.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, check=False, timeout=300)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr}")
+
+    def _process(self, argv_of: Callable[[int], list[str]], repeat: int,
+                 check: bool = True) -> dict[str, Any]:
+        return timed(lambda i: self._run(argv_of(i), check), repeat)
+
+    # floors ---------------------------------------------------------------------------
+
+    def measure_floors(self) -> None:
+        """What the machine costs before any of our code runs."""
+        self.log("floors")
+        n = self.proc_repeat
+        self.floors["python -c pass"] = self._process(lambda _: [self.python, "-c", "pass"], n)
+        self.floors["import click, sqlite3, json"] = self._process(
+            lambda _: [self.python, "-c", "import click, sqlite3, json"], n)
+        folder = self.work / "floors"
+        folder.mkdir()
+        conn = sqlite3.connect(folder / "floor.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+
+        def commit(i: int) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (v) VALUES (?)", (str(i),))
+            conn.execute("COMMIT")
+
+        self.floors["sqlite WAL commit (synchronous=FULL)"] = timed(commit, self.repeat * 4)
+        conn.close()
+        fd = os.open(folder / "fsync", os.O_WRONLY | os.O_CREAT, 0o600)
+
+        def raw_fsync(i: int) -> None:
+            os.pwrite(fd, b"%08d" % i, 0)
+            os.fsync(fd)
+
+        self.floors["raw fsync"] = timed(raw_fsync, self.repeat * 4)
+        os.close(fd)
+
+        def mkdir_rmdir(_: int) -> None:
+            os.mkdir(folder / "lock.d")
+            os.rmdir(folder / "lock.d")
+
+        self.floors["mkdir + rmdir"] = timed(mkdir_rmdir, self.repeat * 4)
+
+    # ledgers --------------------------------------------------------------------------
+
+    def make_ledger(self, n: int) -> Path:
+        """A ledger mid-upgrade: phase p1 current, n components of which half done."""
+        home = self.work / f"ledger-{n}"
+        with Ledger(home) as led:
+            led.init("bench-upgrade")
+            for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
+                led.set_state(state)
+            led.plan({"p1": [(_component(i), "1.4.2", "1.5.0") for i in range(n)]})
+            led.phase_start("p1")
+            # Half the components finished (a setup shortcut, one SQL statement; the
+            # view is rewritten from the ledger right after).
+            with led.db.write() as tx:
+                tx.execute(
+                    "UPDATE components SET state = 'COMPLETED', attempts = 1, "
+                    "started_at = '2026-01-01T10:00:00.000Z', "
+                    "completed_at = '2026-01-01T10:00:07.000Z' "
+                    "WHERE upgrade_id = 'bench-upgrade' AND position <= :half",
+                    {"half": n // 2})
+            led.write_views()
+        return home
+
+    def step_component(self, n: int, i: int) -> str:
+        """The component a step works on: the not-yet-done half, round robin."""
+        return _component(n // 2 + (i % (n - n // 2)))
+
+    # per size ---------------------------------------------------------------------------
+
+    def measure_size(self, n: int) -> None:
+        self.log(f"{n} components: setting up")
+        home = self.make_ledger(n)
+        self.log(f"{n} components: per-step CLI")
+        self.cli_steps(home, n)
+        self.dropin_steps(home, n)
+        self.log(f"{n} components: in-process")
+        self.in_process(home, n)
+
+    def _put(self, key: str, n: int | str, figure: dict[str, Any]) -> None:
+        self.rows.setdefault(key, {})[str(n)] = figure
+
+    def cli_steps(self, home: Path, n: int) -> None:
+        base = [*self.cli, "--home", str(home)]
+        samples: list[float] = []
+        for i in range(-1, self.proc_repeat):  # one warm-up cycle
+            name = self.step_component(n, i)
+            for argv in ([*base, "component", "start", name, "1.4.2", "1.5.0"],
+                         [*base, "component", "complete", name]):
+                start = time.perf_counter()
+                self._run(argv)
+                if i >= 0:
+                    samples.append((time.perf_counter() - start) * 1000)
+        self._put("cli_step", n, summarize(samples))
+        # can-resume answers by exit code (0: yes); the ledger is UPGRADING, so yes.
+        self._put("resume_cli", n, self._process(lambda _: [*base, "can-resume"],
+                                                  self.proc_repeat))
+
+    def dropin_steps(self, home: Path, n: int) -> None:
+        if not DROP_IN.exists():
+            return
+        names = [self.step_component(n, i) for i in range(-1, self.proc_repeat)]
+        script = "\n".join([
+            "set -euo pipefail",
+            f"source {_sh(str(DROP_IN))}",
+            "for name in " + " ".join(_sh(x) for x in names) + "; do",
+            '  t0=$EPOCHREALTIME; upgrade_component_start "$name" 1.4.2 1.5.0',
+            '  t1=$EPOCHREALTIME; upgrade_component_complete "$name"',
+            '  t2=$EPOCHREALTIME; echo "$t0 $t1 $t2"',
+            "done",
+        ])
+        env = dict(self.env, UPGRADE_STATE_DIR=str(home),
+                   UPGRADE_LEDGER_BIN=" ".join(self.cli) if len(self.cli) == 1 else "")
+        if len(self.cli) > 1:  # python -m ledger: let the drop-in find it on PATH
+            env.pop("UPGRADE_LEDGER_BIN")
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                              check=False, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"drop-in run failed ({done.returncode}): {done.stderr[-2000:]}")
+        samples = []
+        for line in done.stdout.splitlines()[1:]:  # the first cycle is the warm-up
+            t0, t1, t2 = (float(x.replace(",", ".")) for x in line.split())
+            samples += [(t1 - t0) * 1000, (t2 - t1) * 1000]
+        self._put("dropin_step", n, summarize(samples))
+
+    def in_process(self, home: Path, n: int) -> None:
+        r = self.repeat
+        with Ledger(home) as led:
+            def transition(i: int) -> None:
+                name = self.step_component(n, i)
+                led.component_start(name, "1.4.2", "1.5.0")
+                led.component_complete(name)
+
+            samples: list[float] = []
+            transition(-1)
+            for i in range(r):
+                name = self.step_component(n, i)
+                for call in (lambda: led.component_start(name, "1.4.2", "1.5.0"),  # noqa: B023
+                             lambda: led.component_complete(name)):  # noqa: B023
+                    start = time.perf_counter()
+                    call()
+                    samples.append((time.perf_counter() - start) * 1000)
+            self._put("transition", n, summarize(samples))
+            pid = os.getpid()
+            self._put("lock_ledger", n, timed(
+                lambda _: (led.acquire_lock(pid), led.release_lock(pid)), r * 2))
+            self._put("resume", n, timed(lambda _: (led.can_resume(), led.resume_point()), r))
+            self._put("progress", n, timed(lambda _: led.progress_percent(), r))
+            self._put("export", n, timed(lambda _: led.write_views(), r))
+            self._put("history", n, timed(lambda _: led.history(limit=10), r))
+            # The size of the view once every component is done (as big as it gets).
+            with led.db.write() as tx:
+                tx.execute("UPDATE components SET state = 'COMPLETED', attempts = 1, "
+                           "started_at = '2026-01-01T10:00:00.000Z', "
+                           "completed_at = '2026-01-01T10:00:07.000Z' WHERE state <> "
+                           "'COMPLETED' OR started_at IS NULL")
+            led.set_state("VALIDATING")
+            led.set_state("COMPLETED")
+            led.write_views()
+            size = led.home.state_file.stat().st_size
+            self._put("state_size", n, {"median": round(size / 1024, 1), "p90": None, "n": 1})
+        lock = DirLock(self.work / f"dirlock-{n}" / "upgrade.lock.d")
+        (self.work / f"dirlock-{n}").mkdir()
+        self._put("lock_dirlock", n, timed(
+            lambda _: (lock.acquire(os.getpid()), lock.release(os.getpid())), r * 2))
+
+    # a long history -------------------------------------------------------------------
+
+    def measure_history(self) -> None:
+        count = self.history_upgrades
+        self.log(f"history: building a ledger of {count:,} upgrades")
+        home = self.work / "history"
+        Ledger(home).close()  # creates and migrates the ledger
+        build_history(home / "ledger.db", count)
+        key = f"{count:,} upgrades"
+        r = self.repeat
+        self.log("history: querying")
+        with Ledger(home) as led:
+            self._put("history_big", key, timed(lambda _: led.history(limit=10), r))
+            self._put("history_big_state", key,
+                      timed(lambda _: led.history(limit=10, state="ROLLED_BACK"), r))
+            self._put("history_big_component", key,
+                      timed(lambda _: led.history(limit=10, component="blackbox_exporter"), r))
+            self._put("history_big_host", key,
+                      timed(lambda _: led.history(limit=10, host="host-07", since="3650d"), r))
+        self._put("history_big_cli", key, self._process(
+            lambda _: [*self.cli, "--home", str(home), "history", "--limit", "10"],
+            max(3, self.proc_repeat // 2)))
+
+    def run(self) -> None:
+        self.measure_floors()
+        for n in self.sizes:
+            self.measure_size(n)
+        self.measure_history()
+
+
+def _component(i: int) -> str:
+    return f"exporter-{i:05d}"
+
+
+def _sh(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+_HOSTS = [f"host-{i:02d}" for i in range(20)]
+_NAMES = ["node_exporter", "prometheus", "alertmanager", "grafana", "loki", "promtail",
+          "tempo", "mimir", "pushgateway", "process_exporter", "snmp_exporter",
+          "blackbox_exporter"]
+
+
+def build_history(db_path: Path, count: int) -> None:
+    """Fill a migrated ledger with *count* finished upgrades (one phase, four components
+    and two events each) by bulk SQL in one transaction: seconds, not minutes."""
+    outcomes = ["COMPLETED"] * 17 + ["FAILED", "FAILED", "ROLLED_BACK"]
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    upgrades, phases, components, events = [], [], [], []
+    t0 = 1_600_000_000
+    for i in range(count):
+        start = t0 + i * 3600
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start))
+        started, finished = stamp + ".000Z", time.strftime(
+            "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(start + 600))
+        uid = f"upgrade-{stamp[:10].replace('-', '')}-{stamp[11:].replace(':', '')}-{i}"
+        outcome = outcomes[i % len(outcomes)]
+        host = _HOSTS[i % len(_HOSTS)]
+        upgrades.append((uid, "IDLE", outcome, started, finished, finished, host, "ops", 4242))
+        phases.append((uid, "exporters", 1, "COMPLETED", started, finished))
+        for k in range(4):
+            name = _NAMES[(i * 4 + k) % len(_NAMES)]
+            state = "FAILED" if outcome == "FAILED" and k == 3 else "COMPLETED"
+            components.append((uid, "exporters", name, k + 1, state, "1.0.0", "1.1.0", 1,
+                               started, finished))
+        events.append((started, uid, "upgrade.init", None, None, "IDLE", "ops", host, 4242))
+        events.append((finished, uid, "upgrade.state", None, "VALIDATING", outcome, "ops",
+                       host, 4242))
+    conn.executemany(
+        "INSERT INTO upgrades (id, state, outcome, started_at, updated_at, finished_at, "
+        "hostname, username, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", upgrades)
+    conn.executemany(
+        "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)", phases)
+    conn.executemany(
+        "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
+        "to_version, attempts, started_at, completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        components)
+    conn.executemany(
+        "INSERT INTO events (at, upgrade_id, kind, subject, from_value, to_value, username, "
+        "hostname, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+    conn.execute("COMMIT")
+    conn.execute("ANALYZE")
+    conn.close()
+
+
+# -- what each row means, and its budgets -------------------------------------------
+
+ROWS: list[tuple[str, str, str, str]] = [
+    # key, label, floors shown beside it, the seed's claim
+    ("cli_step", "per-step CLI (component start/complete, 1 process each)",
+     "cli", "save < 50 ms; old bash+jq ~176 ms @20"),
+    ("dropin_step", "drop-in call (scripts/upgrade-state.sh)",
+     "cli", "save < 50 ms; old bash+jq ~176 ms @20"),
+    ("resume_cli", "resume check, CLI (can-resume, 1 process)", "cli", "resume check < 100 ms"),
+    ("transition", "in-process transition (Ledger.component_*)", "commit", "save < 50 ms"),
+    ("lock_dirlock", "lock acquire+release (DirLock)", "lock", "lock < 10 ms"),
+    ("lock_ledger", "lock acquire+release (Ledger)", "lock", "lock < 10 ms"),
+    ("resume", "resume check (can_resume + resume_point)", "", "resume check < 100 ms"),
+    ("progress", "progress (progress_percent)", "", ""),
+    ("export", "state.json export (write_views: build + atomic write)", "commit", ""),
+    ("history", "history query (latest 10)", "", ""),
+    ("history_big", "history query (latest 10)", "", ""),
+    ("history_big_state", "history query (state=ROLLED_BACK)", "", ""),
+    ("history_big_component", "history query (component=...)", "", ""),
+    ("history_big_host", "history query (host + since)", "", ""),
+    ("history_big_cli", "history query, CLI (1 process)", "cli", ""),
+    ("state_size", "state.json size, all done (KB)", "", "state file < 100 KB for 100+"),
+]
+
+FLOOR_SETS = {
+    "cli": ("python -c pass", "import click, sqlite3, json"),
+    "commit": ("sqlite WAL commit (synchronous=FULL)", "raw fsync"),
+    "lock": ("mkdir + rmdir", "raw fsync"),
+}
+FLOOR_SHORT = {"python -c pass": "pass", "import click, sqlite3, json": "imports",
+               "sqlite WAL commit (synchronous=FULL)": "WAL commit", "raw fsync": "fsync",
+               "mkdir + rmdir": "mkdir+rmdir"}
+
+
+def judge(rows: dict[str, dict[str, Any]], sizes: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """The issue budgets: {row key: {text, ok, checks: [...]}}; ok is None when the
+    figure was not measured (a smaller run, or the drop-in is not there yet)."""
+    verdicts: dict[str, dict[str, Any]] = {}
+
+    def median(key: str, at: int | str) -> float | None:
+        cell = rows.get(key, {}).get(str(at))
+        return None if cell is None else cell["median"]
+
+    def check(key: str, text: str, checks: list[tuple[str, float | None, float]]) -> None:
+        results = [{"what": what, "measured": value, "limit": limit,
+                    "ok": None if value is None else value <= limit}
+                   for what, value, limit in checks]
+        known = [c["ok"] for c in results if c["ok"] is not None]
+        verdicts[key] = {"text": text, "ok": (all(known) if known else None),
+                         "checks": results}
+
+    biggest = max(sizes)
+    for key in ("cli_step", "dropin_step"):
+        ref = median(key, REFERENCE_SIZE)
+        checks = [(f"median @{n}", median(key, n), 90.0) for n in sizes]
+        checks.append((f"@{biggest} vs 1.2x @{REFERENCE_SIZE}", median(key, biggest),
+                       1.2 * ref if ref is not None else math.inf))
+        check(key, f"<= 90 ms; @{biggest} <= 1.2x @{REFERENCE_SIZE}", checks)
+    check("transition", "<= 1.5 ms", [(f"median @{n}", median("transition", n), 1.5)
+                                       for n in sizes])
+    for key in ("lock_dirlock", "lock_ledger"):
+        check(key, "<= 1 ms", [(f"median @{n}", median(key, n), 1.0) for n in sizes])
+    check("export", "@1,000 <= 30 ms; @10,000 <= 300 ms",
+          [("@1000", median("export", 1000), 30.0), ("@10000", median("export", 10000), 300.0)])
+    for key in ("history_big", "history_big_state", "history_big_component", "history_big_host"):
+        at = next(iter(rows.get(key, {"-": None})))
+        check(key, "<= 100 ms @100,000", [(f"@{at}", median(key, at) if at == "100,000 upgrades"
+                                            else None, 100.0)])
+    check("state_size", "@100 <= 31 KB", [("@100", median("state_size", 100), 31.0)])
+    return verdicts
+
+
+# -- output ---------------------------------------------------------------------------
+
+def _cell(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return ""
+    if cell["p90"] is None:
+        return f"{cell['median']:g}"
+    return f"{_num(cell['median'])}/{_num(cell['p90'])}"
+
+
+def _num(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The one table, as aligned plain text."""
+    sizes = result["settings"]["sizes"]
+    rows, floors, verdicts = result["rows"], result["floors"], result["verdicts"]
+    history_key = f"{result['settings']['history_upgrades']:,} upgrades"
+    header = ["figure (median/p90 ms)", *(f"{n:,}" for n in sizes), history_key,
+              "floor (same run, median ms)", "seed claim", "budget", "verdict"]
+    lines = [header]
+    for key, label, floor_set, seed in ROWS:
+        cells = rows.get(key, {})
+        if key == "dropin_step" and not cells:
+            values = ["n/a"] * len(sizes) + [""]
+        else:
+            values = [_cell(cells.get(str(n))) for n in sizes] + [_cell(cells.get(history_key))]
+        floor = " · ".join(f"{FLOOR_SHORT[f]} {_num(floors[f]['median'])}"
+                           for f in FLOOR_SETS.get(floor_set, ()) if f in floors)
+        verdict = verdicts.get(key)
+        if verdict is None:
+            budget, mark = "", ""
+        else:
+            budget = verdict["text"]
+            mark = {True: "ok", False: "MISSED", None: "n/a"}[verdict["ok"]]
+        lines.append([label, *values, floor, seed, budget, mark])
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(text.ljust(w) if c == 0 or c >= len(sizes) + 2 else text.rjust(w)
+                             for c, (text, w) in enumerate(zip(line, widths, strict=True)))
+                   .rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    missed = [f"  MISSED {key}: {c['what']} = {c['measured']} > {c['limit']:.3g}"
+              for key, v in verdicts.items() for c in v["checks"] if c["ok"] is False]
+    floor_lines = [f"  {name}: {_cell(value)} ms" for name, value in floors.items()]
+    return "\n".join([*out, "", "floors (median/p90 ms):", *floor_lines,
+                      *(["", "budgets missed:", *missed] if missed else [])]) + "\n"
+
+
+# -- set-up of the command under test -------------------------------------------------
+
+def default_cli(python: str) -> list[str]:
+    """The ``upgrade-ledger`` script beside *python*, else ``python -m ledger``."""
+    script = Path(python).parent / "upgrade-ledger"
+    return [str(script)] if script.exists() else [python, "-m", "ledger"]
+
+
+def child_env(work: Path, bytecode_cache: bool, python: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    env["PATH"] = str(Path(python).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def install_wheel(work: Path, log: Callable[[str], None]) -> str:
+    """Build this checkout's wheel and install it (no editable hook) into a new venv
+    that borrows its dependencies from the running interpreter's environment; return
+    the new venv's python."""
+    log("building and installing the wheel")
+    dist = work / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "-w", str(dist), str(REPO)], check=True)
+    wheel = next(dist.glob("upgrade_ledger-*.whl"))
+    venv = work / "wheel-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
+                    "--no-deps", "--no-index", str(wheel)], check=True)
+    # Dependencies (click, tabulate, ...) come from the running environment's
+    # site-packages, added as a plain path: its .pth files (the editable hook) are not run.
+    import click
+
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "bench-deps.pth").write_text(str(Path(click.__file__).parent.parent) + "\n")
+    return python
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 10 and 20 components, 2,000 upgrades, few repetitions")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--sizes", help="comma-separated component counts (default: "
+                        + ",".join(map(str, FULL_SIZES)) + ")")
+    parser.add_argument("--repeat", type=int, help="in-process repetitions (default 30)")
+    parser.add_argument("--proc-repeat", type=int,
+                        help="repetitions of each process figure (default 20)")
+    parser.add_argument("--history", type=int, help=f"upgrades in the big ledger "
+                        f"(default {FULL_HISTORY:,})")
+    parser.add_argument("--wheel", action="store_true",
+                        help="measure the CLI installed from a wheel into a temp venv")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="leave PYTHONDONTWRITEBYTECODE as inherited (measures compiling)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    args = parser.parse_args(argv)
+
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
+        list(QUICK_SIZES if args.quick else FULL_SIZES)
+    if any(n < 2 for n in sizes):
+        parser.error("sizes must be at least 2")
+    repeat = args.repeat or (3 if args.quick else 30)
+    proc_repeat = args.proc_repeat or (3 if args.quick else 20)
+    history = args.history or (QUICK_HISTORY if args.quick else FULL_HISTORY)
+
+    def log(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
+    try:
+        python = install_wheel(work, log) if args.wheel else sys.executable
+        cli = default_cli(python)
+        bench = Bench(work, sizes=sizes, repeat=repeat, proc_repeat=proc_repeat,
+                      history_upgrades=history, cli=cli, python=python,
+                      env=child_env(work, not args.no_bytecode_cache, python), log=log)
+        started = time.perf_counter()
+        bench.run()
+        result = {
+            "settings": {"sizes": sizes, "repeat": repeat, "proc_repeat": proc_repeat,
+                         "history_upgrades": history, "quick": args.quick,
+                         "install": "wheel" if args.wheel else "running environment",
+                         "cli": cli, "bytecode_cache": not args.no_bytecode_cache,
+                         "drop_in": str(DROP_IN) if DROP_IN.exists() else None},
+            "machine": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+                        "platform": platform.platform(), "cpus": os.cpu_count()},
+            "floors": bench.floors,
+            "rows": bench.rows,
+            "verdicts": judge(bench.rows, sizes),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
