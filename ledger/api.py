@@ -243,8 +243,15 @@ class Ledger:
         same id is replaced by the document's content (one ``upgrade.import`` event
         records it), which is how the legacy ``upgrade_state_save`` is honoured.
         """
-        data = documents.parse(doc) if isinstance(doc, str | bytes) else \
-            documents.validate(json.loads(json.dumps(dict(doc), allow_nan=False)))
+        if not isinstance(doc, str | bytes):
+            # A mapping must hold what a file could: no NaN, no sets, no objects.
+            try:
+                doc = json.dumps(dict(doc), allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise documents.InvalidDocument(
+                    f"document is not JSON data ({exc}); use strings, numbers, true, false, "
+                    "null, lists and objects") from exc
+        data = documents.parse(doc)
 
         def action(tx: Tx) -> str:
             upgrade_id = _import(tx, data)
@@ -254,12 +261,7 @@ class Ledger:
                         detail={"phases": len(data["phases"])})
             return upgrade_id
 
-        try:
-            return self._change(action)
-        except ValueError as exc:  # json.dumps(allow_nan=False) of a Python mapping
-            if isinstance(exc, BadInput):
-                raise
-            raise documents.InvalidDocument(f"document: {exc}") from exc
+        return self._change(action)
 
     # -- state ---------------------------------------------------------------------
 
