@@ -807,6 +807,9 @@ class Ledger:
         with self.db.read() as tx:
             doc = documents.build(tx, uid)
         self.home.write_atomic(target, documents.dumps(doc))
+        from ledger import snapshots  # noqa: PLC0415 (imports this module)
+
+        snapshots.take(self.home, self.db, uid)  # an online backup at each save
         return target
 
     def cleanup(self, owner_pid: int | None = None) -> None:
