@@ -17,6 +17,7 @@ import click
 
 from ledger import __version__
 from ledger import errors as e
+from ledger.cli.output import FORMATS
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -58,12 +59,14 @@ class Config:
     strict: bool
     lock_timeout_s: float
     traceback: bool
+    fmt: str | None = None  # the root's --format: the default of every command's -f
     _ledger: Ledger | None = field(default=None, repr=False)
 
     def ledger(self) -> Ledger:
         """The ledger, opened (and created or migrated if needed) on first use."""
         if self._ledger is None:
-            from ledger.api import Ledger
+            # Imported on first use, so that --help and completion stay quick.
+            from ledger.api import Ledger  # noqa: PLC0415
 
             self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
                                   strict=self.strict, lock_timeout_s=self.lock_timeout_s)
@@ -153,12 +156,17 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               envvar="LEDGER_LOCK_TIMEOUT", show_envvar=True, show_default=True,
               metavar="SECONDS",
               help="Age after which a lock whose holder cannot be checked counts as stale.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), envvar="LEDGER_FORMAT",
+              show_envvar=True,
+              help="Output format of every command that prints data (each command's -f "
+                   "overrides it) [default: table; JSON for component status, rollback "
+                   "info and resume point].")
 @click.option("--traceback", is_flag=True, envvar="LEDGER_TRACEBACK", show_envvar=True,
               help="Show the full Python traceback on errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="upgrade-ledger")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, db_url: str | None, pid: int | None,
-        strict: bool, lock_timeout_s: float, traceback: bool) -> None:
+def cli(ctx: click.Context, *, home: str | None, db_url: str | None, pid: int | None,
+        strict: bool, lock_timeout_s: float, fmt: str | None, traceback: bool) -> None:
     """Track an upgrade of many components on a host: resumable after a crash,
     never run twice, reported on afterwards.
 
@@ -166,5 +174,5 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None, pid: int | Non
     full reference and the exit codes.
     """
     ctx.obj = Config(home=home, db_url=db_url, pid=pid or os.getppid(), strict=strict,
-                     lock_timeout_s=lock_timeout_s, traceback=traceback)
+                     lock_timeout_s=lock_timeout_s, traceback=traceback, fmt=fmt)
     ctx.call_on_close(ctx.obj.close)

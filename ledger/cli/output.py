@@ -20,15 +20,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def output_option(default: str = "table") -> Callable[[F], F]:
-    """Add ``-f/--format`` (and ``--json``, its shortcut) to a command that prints data."""
+    """Add ``-f/--format`` (and ``--json``, its shortcut) to a command that prints data.
+
+    Without ``-f`` the root's ``--format`` (or ``LEDGER_FORMAT``) applies, else
+    *default*: a format chosen once for a whole script holds for every command.
+    """
+
+    def resolve(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+        if value is not None:
+            return value
+        root = ctx.find_root().obj
+        return getattr(root, "fmt", None) or default
 
     def decorate(func: F) -> F:
         func = click.option("--json", "as_json", is_flag=True,
                             help="Shortcut for --format json.")(func)
         return click.option(
-            "-f", "--format", "fmt", type=click.Choice(FORMATS), default=default,
-            envvar="LEDGER_FORMAT", show_default=True, show_envvar=True,
-            help="Output format.",
+            "-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
+            callback=resolve, help=f"Output format [default: the root's --format, else "
+                                   f"{default}].",
         )(func)
 
     return decorate
@@ -54,14 +64,15 @@ def render(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
     click.echo(format_data(data, fmt, columns), nl=False)
 
 
-def format_data(data: Any, fmt: str, columns: Sequence[str] | None = None) -> str:
+def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
+                columns: Sequence[str] | None = None) -> str:
     """*data* as text in *fmt* (newline-terminated unless empty)."""
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if isinstance(data, Mapping):
         rows = [(k, data[k]) for k in (columns or list(data))]
         if fmt == "table":
-            from tabulate import tabulate
+            from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
 
             return tabulate([(k, _cell(v)) for k, v in rows], tablefmt="plain") + "\n"
         if fmt == "csv":
@@ -74,7 +85,7 @@ def format_data(data: Any, fmt: str, columns: Sequence[str] | None = None) -> st
         if fmt == "table":
             if not records:
                 return ""
-            from tabulate import tabulate
+            from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
 
             return tabulate(records, headers=cols or (), tablefmt="simple") + "\n"
         if fmt == "csv":

@@ -55,7 +55,7 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
 @click.option("--until", metavar="WHEN", help="Started before WHEN.")
 @output_option()
 @pass_config
-def history(cfg: Config, limit: int, everything: bool, state: str | None,
+def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
             component: str | None, host: str | None, since: str | None, until: str | None,
             fmt: str, as_json: bool) -> None:
     """List upgrades, newest first."""
@@ -97,10 +97,11 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
 @click.option("--since", metavar="WHEN", help="At or after WHEN (date, time or age).")
 @click.option("--after", "after_id", type=click.IntRange(min=0), default=0,
               help="Only events with a larger id.")
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="At most this many events (page on with --after).")
 @output_option(default="table")
 @pass_config
-def events(cfg: Config, upgrade_id: str | None, component: str | None, kind: str | None,
+def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: str | None,
            since: str | None, after_id: int, limit: int, fmt: str, as_json: bool) -> None:
     """The audit trail, oldest first."""
     rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,

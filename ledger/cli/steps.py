@@ -69,7 +69,7 @@ def state_set(cfg: Config, target: str, error: str | None) -> None:
 @click.pass_context
 def state_check(ctx: click.Context, current: str, target: str, verbose: bool) -> None:
     """Exit 0 if FROM -> TO is an allowed transition, 1 if not (touches no ledger)."""
-    from ledger.api import Ledger
+    from ledger.api import Ledger  # noqa: PLC0415 (this predicate opens no ledger)
 
     answer(ctx, Ledger.validate_transition(current, target), verbose)
 
@@ -151,30 +151,38 @@ def component_start(cfg: Config, name: str, from_version: str | None,
     cfg.ledger().component_start(name, from_version, to_version, phase=phase_name)
 
 
+in_phase_option = click.option(
+    "--phase", "phase_name", metavar="PHASE",
+    help="The phase the component is in [default: the current phase, else its latest].")
+
+
 @component.command("complete")
 @click.argument("name")
+@in_phase_option
 @pass_config
-def component_complete(cfg: Config, name: str) -> None:
+def component_complete(cfg: Config, name: str, phase_name: str | None) -> None:
     """Mark component NAME completed."""
-    cfg.ledger().component_complete(name)
+    cfg.ledger().component_complete(name, phase=phase_name)
 
 
 @component.command("fail")
 @click.argument("name")
 @click.argument("error", required=False)
+@in_phase_option
 @pass_config
-def component_fail(cfg: Config, name: str, error: str | None) -> None:
+def component_fail(cfg: Config, name: str, error: str | None, phase_name: str | None) -> None:
     """Mark component NAME failed (attempts + 1, last error kept)."""
-    cfg.ledger().component_fail(name, error)
+    cfg.ledger().component_fail(name, error, phase=phase_name)
 
 
 @component.command("skip")
 @click.argument("name")
 @click.argument("reason", required=False)
+@in_phase_option
 @pass_config
-def component_skip(cfg: Config, name: str, reason: str | None) -> None:
+def component_skip(cfg: Config, name: str, reason: str | None, phase_name: str | None) -> None:
     """Mark component NAME skipped, keeping REASON (e.g. already at the target)."""
-    cfg.ledger().component_skip(name, reason)
+    cfg.ledger().component_skip(name, reason, phase=phase_name)
 
 
 @component.command("status")
