@@ -125,15 +125,22 @@ def listing(home: Home) -> list[Snapshot]:
 
 
 def take(home: Home, db: Database, upgrade_id: str | None, *,
-         keep: int | None = None) -> Snapshot | None:
+         keep: int | None = None, manual: bool = False) -> Snapshot | None:
     """Back the ledger up into ``snapshots/`` now; prune to *keep*; return the snapshot.
 
-    Returns None (and does nothing) for a ledger that is not a SQLite file, and when
-    *keep* (default: ``keep_from_env()``) is 0. The copy is written to a temp file in
-    tmp/ (removed by the next opener if this process dies), fsynced, then renamed.
+    *keep* defaults to ``keep_from_env()``. An automatic snapshot (at a save to
+    history) is skipped, returning None, when *keep* is 0 or the ledger is not a SQLite
+    file; a *manual* one is always taken (and, with *keep* 0, nothing is pruned).
+    The copy is written to a temp file in tmp/ (removed by the next opener if this
+    process dies), fsynced, then given its name.
     """
     keep = keep_from_env() if keep is None else keep
-    if not isinstance(db, SqliteDatabase) or keep <= 0:
+    if not isinstance(db, SqliteDatabase):
+        if manual:
+            raise Conflict("snapshots are kept for a SQLite ledger file; back up a --db "
+                           "ledger with its database server's own tools")
+        return None
+    if keep <= 0 and not manual:
         return None
     label = documents.check_id(upgrade_id) if upgrade_id else "ledger"
     target_dir = folder(home)
@@ -152,7 +159,8 @@ def take(home: Home, db: Database, upgrade_id: str | None, *,
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
-    prune(home, keep)
+    if keep > 0:
+        prune(home, keep)
     return snap
 
 
