@@ -102,6 +102,14 @@ class Database(ABC):
     def table_count(self) -> int:
         """How many tables the database holds (0 for a new one)."""
 
+    def verify(self) -> None:
+        """Raise ``CorruptLedger`` when the database fails a quick integrity check.
+
+        Too slow for every step (it reads the whole file), so it runs where building
+        on a damaged ledger would do harm: before a resume. A server database (the
+        SQLAlchemy path) checks itself; nothing to do here.
+        """
+
 
 def _is_missing_table(exc: BaseException) -> bool:
     text = str(exc)
@@ -127,7 +135,7 @@ def _translate(exc: sqlite3.Error, where: str) -> LedgerError:
     ):
         return CorruptLedger(
             f"{where} is corrupt or not a ledger ({text}); "
-            "see 'upgrade-ledger doctor' and docs/operations.md to restore it"
+            "run 'upgrade-ledger doctor', then 'upgrade-ledger restore' (docs/operations.md)"
         )
     if "locked" in text or "busy" in text:
         return StorageError(
@@ -219,6 +227,15 @@ class SqliteDatabase(Database):
     def table_count(self) -> int:
         with self.read() as tx:
             return int(tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"))
+
+    def verify(self) -> None:
+        with self.read() as tx:  # a malformed page raises here, as CorruptLedger
+            problems = [str(r[0]) for r in tx.all("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise CorruptLedger(
+                f"{self.path} fails its integrity check ({'; '.join(problems[:3])}); "
+                "run 'upgrade-ledger restore' (see docs/operations.md)"
+            )
 
     def close(self) -> None:
         self._conn.close()
