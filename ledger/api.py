@@ -572,6 +572,7 @@ class Ledger:
     def resume(self) -> list[dict[str, Any]]:
         """Record a resume and return the components left mid-upgrade (UPGRADING),
         which the caller must validate before going on."""
+        self.db.verify()  # never build a resumed run on a damaged ledger
 
         def action(tx: Tx) -> list[dict[str, Any]]:
             u = self._current(tx)
