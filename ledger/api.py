@@ -23,6 +23,7 @@ from ledger.documents import check_id, check_name, check_path, check_text, check
 from ledger.errors import (
     BadInput,
     Conflict,
+    CorruptLedger,
     NoCurrentPhase,
     NotFound,
     NotLockOwner,
@@ -69,6 +70,7 @@ class Ledger:
         self.home.clean_tmp()
         if db_url is None:
             _create_private(self.home.db_path)
+            _refuse_lost_ledger(self.home)
         self.db: Database = open_database(db_url, self.home.db_path)
         self.pid = os.getpid() if pid is None else pid
         self.user = _whoami()
@@ -863,6 +865,23 @@ def _create_private(path: Path) -> None:
             os.fchmod(fd, FILE_MODE)
     finally:
         os.close(fd)
+
+
+def _refuse_lost_ledger(home: Home) -> None:
+    """An empty ledger.db beside a state.json that a ledger wrote (it has a lineage)
+    means the ledger was truncated or deleted: refuse to start a new, empty one over
+    it, which would orphan the views and snapshots. One stat when all is well."""
+    try:
+        if home.db_path.stat().st_size:
+            return
+        lineage = json.loads(home.state_file.read_bytes()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return
+    if lineage:
+        raise CorruptLedger(
+            f"{home.db_path} is empty but {home.state_file} was written by ledger {lineage}: "
+            "the ledger was truncated or deleted; run 'upgrade-ledger restore' (see "
+            "docs/operations.md), or move state.json aside to start a new ledger")
 
 
 def _import(tx: Tx, doc: Mapping[str, Any]) -> str:
