@@ -78,6 +78,10 @@ class Ledger:
         self.strict = strict
         self.lock = DirLock(self.home.lock_dir, timeout_s=lock_timeout_s,
                             on_break=self._record_lock_break)
+        # LEDGER_METRICS_TEXTFILE: a Prometheus textfile refreshed after every change.
+        # Off by default: it costs each change a metrics read and a file write.
+        self.metrics_textfile = (os.environ if env is None else env).get(
+            "LEDGER_METRICS_TEXTFILE") or None
 
     def close(self) -> None:
         """Release the database connection."""
@@ -98,7 +102,15 @@ class Ledger:
         with self.db.write() as tx:
             result = action(tx)
         self.write_views()
+        self._changed()
         return result
+
+    def _changed(self) -> None:
+        """After a change or a lock move: refresh the metrics textfile if one is set."""
+        if self.metrics_textfile:
+            from ledger import metrics  # noqa: PLC0415 (prometheus-client: only when asked)
+
+            metrics.refresh_textfile(self, self.metrics_textfile)
 
     def _require_lock(self) -> None:
         status = self.lock.status()
@@ -766,6 +778,9 @@ class Ledger:
                                       threshold_s=stuck_after_s)
         data["lock"] = lock.as_dict()
         data["stuck"] = stuck
+        from ledger import notify  # noqa: PLC0415 (not on the per-step import path)
+
+        data["notify"] = notify.status(self)
         return data
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None,
@@ -832,11 +847,14 @@ class Ledger:
         """Take the exclusive lock for *owner_pid* (default: this ledger's pid)."""
         holder = self.lock.acquire(self.pid if owner_pid is None else owner_pid,
                                    wait_s=wait_s, poll_s=poll_s)
+        self._changed()
         return holder
 
     def release_lock(self, owner_pid: int | None = None) -> bool:
         """Release the lock if *owner_pid* holds it; only the owner's release counts."""
-        return self.lock.release(self.pid if owner_pid is None else owner_pid)
+        released = self.lock.release(self.pid if owner_pid is None else owner_pid)
+        self._changed()
+        return released
 
     def lock_status(self) -> LockStatus:
         """Who holds the lock, since when, from where, and whether it looks stale."""
@@ -847,7 +865,9 @@ class Ledger:
         if not reason or not reason.strip():
             raise BadInput("a forced lock break needs a reason (--reason TEXT)")
         check_text(reason, "reason", 1024)
-        return self.lock.break_lock(reason)
+        previous = self.lock.break_lock(reason)
+        self._changed()
+        return previous
 
 
 def _create_private(path: Path) -> None:
