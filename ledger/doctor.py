@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ledger import documents, queries
+from ledger import documents, notify, queries
 from ledger.api import Ledger
 from ledger.db import SCHEMA_REVISION, Database, SqliteDatabase
 from ledger.errors import CorruptLedger, LedgerError
@@ -44,9 +44,10 @@ DEFAULT_STUCK_AFTER_S = 3600.0
 #: be between its commit and its view rewrite) before it is called stale.
 _VIEW_RETRIES = 3
 
-_RESTORE_HINT = ("stop upgrade runs, copy the home aside (cp -a), then restore a snapshot "
-                 "or backup of ledger.db (see docs/operations.md); the last state.json can "
-                 "be loaded into a new ledger with 'upgrade-ledger import'")
+_RESTORE_HINT = ("stop upgrade runs, copy the home aside (cp -a), then run 'upgrade-ledger "
+                 "restore' (the latest snapshot; see docs/operations.md); without a snapshot, "
+                 "the last state.json can be loaded into a new ledger with "
+                 "'upgrade-ledger import'")
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,11 @@ def check_integrity(ctx: Context) -> Finding:  # noqa: PLR0911 (one return per v
                                    "integrity")
     if not path.exists():
         ctx.blocked = f"there is no ledger at {path}"
+        lost = _lost_lineage(ctx.home)
+        if lost:
+            return Finding(name, FAIL, f"no ledger at {path}, but {ctx.home.state_file.name} "
+                                       f"was written by ledger {lost}: it was deleted",
+                           _RESTORE_HINT)
         return Finding(name, FAIL, f"no ledger at {path}",
                        "check --home (or LEDGER_HOME); 'upgrade-ledger init' creates a ledger")
     if not path.is_file():
@@ -224,6 +230,11 @@ def check_schema(ctx: Context) -> Finding:  # noqa: PLR0911 (one return per verd
         return Finding(name, OK, f"revision {current} (expected {SCHEMA_REVISION})")
     if current is None:
         ctx.blocked = "the ledger has no schema yet"
+        lost = _lost_lineage(ctx.home) if ctx.sqlite_path else None
+        if lost:
+            return Finding(name, FAIL, f"the ledger is empty, but {ctx.home.state_file.name} "
+                                       f"was written by ledger {lost}: it was truncated",
+                           _RESTORE_HINT)
         return Finding(name, WARN, "the ledger is empty (never migrated)",
                        "any upgrade-ledger command creates the schema")
     ctx.blocked = f"the schema is at revision {current}, not {SCHEMA_REVISION}"
@@ -235,6 +246,13 @@ def check_schema(ctx: Context) -> Finding:  # noqa: PLR0911 (one return per verd
                        "the next upgrade-ledger command migrates it")
     return Finding(name, FAIL, f"revision {current} is newer than this upgrade-ledger knows "
                                f"({SCHEMA_REVISION})", "upgrade upgrade-ledger")
+
+
+def _lost_lineage(home: Home) -> str | None:
+    """The lineage in state.json, which says a ledger existed here (None if there is none)."""
+    _raw, doc, _problem = _read_view(home.state_file)
+    lineage = doc.get("lineage") if isinstance(doc, dict) else None
+    return lineage if isinstance(lineage, str) and lineage else None
 
 
 # -- the lock --------------------------------------------------------------------------
@@ -270,30 +288,44 @@ def repair_lock(ctx: Context) -> str | None:
 
 # -- permissions -----------------------------------------------------------------------
 
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _home_entries(home: Home) -> tuple[list[Path], list[Path]]:
-    """(folders that must be 0700, files that must be 0600), that exist. Backups are
-    the upgrade scripts' own: only their folder is checked."""
-    folders: list[Path] = []
-    files: list[Path] = []
-    roots = {home.root, home.tmp_dir, home.backups_dir, home.history_dir,
-             home.state_file.parent, home.lock_dir.parent, home.logs_dir}
-    for folder in sorted(roots):
-        if folder.is_dir() and not folder.is_symlink():
-            folders.append(folder)
-    for folder in sorted(roots - {home.backups_dir}):
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(folder):
-                if entry.is_symlink():
-                    continue
-                if entry.is_dir():
-                    if Path(entry.path) not in roots:
-                        folders.append(Path(entry.path))
-                elif entry.is_file():
-                    files.append(Path(entry.path))
-    lock_info = home.lock_dir / "lock.info"
-    if lock_info.is_file() and not lock_info.is_symlink():
-        files.append(lock_info)
-    return sorted(set(folders)), sorted(set(files))
+    """(folders that must be 0700, files that must be 0600), that exist.
+
+    The home is walked whole, links not followed, except ``backups/``: what is in it
+    belongs to the upgrade scripts, so only the folder itself is checked. Folders
+    moved elsewhere by the legacy ``UPGRADE_*`` variables add only what the ledger
+    keeps in them.
+    """
+    folders: set[Path] = set()
+    files: set[Path] = set()
+    for tree in (home.root, home.tmp_dir, home.history_dir, home.logs_dir):
+        if not _real_dir(tree):
+            continue
+        for top, dirs, names in os.walk(tree):  # os.walk never descends into links
+            dirs[:] = [d for d in dirs if Path(top, d) != home.backups_dir]
+            folders.add(Path(top))
+            folders.update(Path(top, d) for d in dirs if _real_dir(Path(top, d)))
+            files.update(Path(top, n) for n in names if _regular(Path(top, n)))
+    for folder in (home.backups_dir, home.state_file.parent, home.lock_dir.parent,
+                   home.lock_dir):
+        if _real_dir(folder):
+            folders.add(folder)
+    for path in (home.state_file, home.lock_dir / "lock.info",
+                 home.lock_dir.with_name(home.lock_dir.name + ".guard")):
+        if _regular(path):
+            files.add(path)
+    return sorted(folders), sorted(files)
 
 
 def _wrong_modes(home: Home) -> list[tuple[Path, int, int]]:
@@ -590,21 +622,19 @@ def _leftovers(home: Home) -> tuple[list[Path], list[Path]]:
     """(temp files and moved-aside lock folders of dead processes, unknown files in tmp/)."""
     dead: list[Path] = []
     unknown: list[Path] = []
-    folders = {home.tmp_dir, home.state_file.parent, home.history_dir, home.root}
-    for folder in sorted(folders):
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(folder):
-                pid = _writer_pid(entry.name)
-                if pid is not None and entry.name.startswith("."):
-                    if not _pid_alive(pid):
-                        dead.append(Path(entry.path))
-                elif folder == home.tmp_dir:
-                    unknown.append(Path(entry.path))
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(home.lock_dir.parent):
-            pid = _aside_pid(entry.name, home.lock_dir.name)
-            if pid is not None and not _pid_alive(pid):
-                dead.append(Path(entry.path))
+    folders, files = _home_entries(home)
+    for path in files:
+        pid = _writer_pid(path.name)
+        if pid is not None and path.name.startswith("."):
+            if not _pid_alive(pid):
+                dead.append(path)
+        elif path.parent == home.tmp_dir:
+            unknown.append(path)
+    for path in folders:
+        pid = _aside_pid(path.name, home.lock_dir.name) \
+            if path.parent == home.lock_dir.parent else None
+        if pid is not None and not _pid_alive(pid):
+            dead.append(path)
     return sorted(set(dead)), unknown
 
 
@@ -648,6 +678,7 @@ CHECKS: list[Check] = [
     Check("wal", check_wal, repair_wal),
     Check("stuck", check_stuck),
     Check("temp-files", check_temp_files, repair_temp_files),
+    Check("notifications", notify.doctor_check),
 ]
 
 

@@ -19,7 +19,7 @@ from ledger.lock import local_boot_id, local_hostname
 
 FINDING_KEYS = ["check", "status", "detail", "hint", "repaired"]
 CHECK_NAMES = ["integrity", "schema", "lock", "permissions", "state-view", "history-views",
-               "wal", "stuck", "temp-files"]
+               "wal", "stuck", "temp-files", "notifications"]
 
 
 def dead_pid() -> int:
@@ -197,6 +197,22 @@ def test_a_schema_newer_than_this_code_fails(home, cli) -> None:
     assert code == 1
     assert found["schema"]["status"] == "fail"
     assert "9999 is newer" in found["schema"]["detail"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_a_lost_ledger_beside_its_views_says_restore(home, cli, how) -> None:
+    done_run(home)
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"ledger.db{suffix}").unlink(missing_ok=True)
+    if how == "truncated":
+        (home / "ledger.db").touch(mode=0o600)
+    code, found, _ = run_doctor(cli)
+    assert code == 1
+    finding = found["integrity" if how == "deleted" else "schema"]
+    assert finding["status"] == "fail"
+    assert "state.json was written by ledger " in finding["detail"]
+    assert f"it was {how}" in finding["detail"]
+    assert "upgrade-ledger restore" in finding["hint"]
 
 
 def test_an_empty_ledger_file_is_a_warning(home, cli) -> None:
@@ -418,8 +434,10 @@ def test_stuck_components(home, cli, sleeper) -> None:
 def test_leftover_temp_files_of_dead_writers_are_removed(home, cli) -> None:
     done_run(home)
     gone, alive = dead_pid(), os.getpid()
+    (home / "snapshots").mkdir(mode=0o700, exist_ok=True)
     dead_files = [home / f".state.json.{gone}.0a1b2c3d.tmp",
-                  home / "history" / f".u-done.json.{gone}.0a1b2c3d.tmp"]
+                  home / "history" / f".u-done.json.{gone}.0a1b2c3d.tmp",
+                  home / "snapshots" / f".snapshot.{gone}.0a1b2c3d.tmp"]
     live_file = home / f".state.json.{alive}.0a1b2c3d.tmp"
     aside = home / f"upgrade.lock.d.stale.{gone}.0a1b2c3d4e5f"
     live_aside = home / f"upgrade.lock.d.released.{alive}.0a1b2c3d4e5f"
@@ -435,10 +453,10 @@ def test_leftover_temp_files_of_dead_writers_are_removed(home, cli) -> None:
     assert code == 0
     detail = found["temp-files"]["detail"]
     assert found["temp-files"]["status"] == "warn"
-    assert detail.startswith("3 left by dead processes")
+    assert detail.startswith("4 left by dead processes")
     assert "1 unknown file(s)" in detail and "notes.txt" in detail
     code, found, _ = run_doctor(cli, "--repair")
-    assert found["temp-files"]["repaired"] == "removed 3 leftover file(s)"
+    assert found["temp-files"]["repaired"] == "removed 4 leftover file(s)"
     assert not any(p.exists() for p in (*dead_files, aside))
     # In use, or not ours: left alone.
     assert live_file.exists() and live_aside.exists() and stranger.exists()
