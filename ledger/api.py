@@ -12,7 +12,6 @@ import json
 import os
 import pwd
 import re
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,7 +73,9 @@ class Ledger:
         self.db: Database = open_database(db_url, self.home.db_path)
         self.pid = os.getpid() if pid is None else pid
         self.user = _whoami()
-        self.hostname = socket.gethostname()
+        # uname's nodename is what socket.gethostname() returns on Linux; importing
+        # socket would cost a per-step CLI call several milliseconds.
+        self.hostname = os.uname().nodename
         self.strict = strict
         self.lock = DirLock(self.home.lock_dir, timeout_s=lock_timeout_s,
                             on_break=self._record_lock_break)
