@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,9 @@ class Home:
         folder so the rename itself is durable.
         """
         folder = self.tmp_dir if _same_device(self.tmp_dir, target.parent) else target.parent
-        temp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        # os.urandom is what secrets.token_hex reads; importing secrets (hashlib,
+        # OpenSSL) would cost every per-step CLI call several milliseconds.
+        temp = folder / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
         except OSError as exc:
