@@ -445,7 +445,7 @@ def _state_view(ctx: Context) -> tuple[str, str, str | None]:
         kind, words = _view_verdict(doc, problem, fresh, lineage)
         if kind != "stale" or attempt == _VIEW_RETRIES - 1:
             break
-        time.sleep(0.2)  # a writer may be between its commit and its view rewrite
+        time.sleep(0.05)  # a writer may be between its commit and its view rewrite
     return kind, words, uid
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -52,10 +53,12 @@ def plant_lock(home: Path, pid: int, ticks: str = "") -> None:
     (lock / "lock.info").chmod(0o600)
 
 
-def done_run(home: Path) -> str:
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished upgrade, saved to history, with one run still going after it."""
+    home = tmp_path_factory.mktemp("doctor") / "home"
     with Ledger(home) as led:
-        first = led.init("u-done")
+        led.init("u-done")
         for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
             led.set_state(state)
         led.phase_start("p")
@@ -67,7 +70,13 @@ def done_run(home: Path) -> str:
         led.set_state("IDLE")
         led.init("u-now")
         led.set_state("PLANNING")
-    return first
+    return home
+
+
+@pytest.fixture
+def done_run(home: Path, template: Path):
+    """Put a copy of the template ledger at *home* (call it to do so)."""
+    return lambda _home: shutil.copytree(template, home, symlinks=True)
 
 
 def by_check(findings: list[dict]) -> dict[str, dict]:
@@ -90,7 +99,7 @@ def run_doctor(cli, *args: str) -> tuple[int, dict[str, dict], str]:
 
 # -- a healthy ledger ------------------------------------------------------------------
 
-def test_a_healthy_ledger_is_all_ok_and_exits_0(home, cli) -> None:
+def test_a_healthy_ledger_is_all_ok_and_exits_0(done_run, home, cli) -> None:
     done_run(home)
     code, found, out = run_doctor(cli)
     assert code == 0
@@ -102,7 +111,7 @@ def test_a_healthy_ledger_is_all_ok_and_exits_0(home, cli) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["table", "plain", "csv"])
-def test_one_line_per_check_in_every_text_format(home, cli, fmt) -> None:
+def test_one_line_per_check_in_every_text_format(done_run, home, cli, fmt) -> None:
     done_run(home)
     result = cli("doctor", "-f", fmt)
     assert result.code == 0
@@ -114,7 +123,7 @@ def test_one_line_per_check_in_every_text_format(home, cli, fmt) -> None:
         assert " ok " in line or "\tok\t" in line or ",ok," in line
 
 
-def test_checking_changes_nothing(home, cli) -> None:
+def test_checking_changes_nothing(done_run, home, cli) -> None:
     done_run(home)
     (home / "state.json").chmod(0o644)
     os.chmod(home, 0o755)
@@ -131,7 +140,7 @@ def test_checking_changes_nothing(home, cli) -> None:
 
 # -- integrity and schema --------------------------------------------------------------
 
-def test_a_corrupt_ledger_is_reported_with_what_to_do_not_a_traceback(home, cli) -> None:
+def test_a_corrupt_ledger_is_reported_with_what_to_do_not_a_traceback(done_run, home, cli) -> None:
     done_run(home)
     (home / "ledger.db").write_bytes(os.urandom(8192))
     for suffix in ("-wal", "-shm"):
@@ -187,7 +196,7 @@ def test_a_database_that_is_not_a_ledger(home, cli) -> None:
     assert found["state-view"]["status"] == "skip"
 
 
-def test_a_schema_newer_than_this_code_fails(home, cli) -> None:
+def test_a_schema_newer_than_this_code_fails(done_run, home, cli) -> None:
     done_run(home)
     conn = sqlite3.connect(home / "ledger.db")
     conn.execute("UPDATE alembic_version SET version_num = '9999'")
@@ -200,7 +209,7 @@ def test_a_schema_newer_than_this_code_fails(home, cli) -> None:
 
 
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
-def test_a_lost_ledger_beside_its_views_says_restore(home, cli, how) -> None:
+def test_a_lost_ledger_beside_its_views_says_restore(done_run, home, cli, how) -> None:
     done_run(home)
     for suffix in ("", "-wal", "-shm"):
         (home / f"ledger.db{suffix}").unlink(missing_ok=True)
@@ -226,7 +235,7 @@ def test_an_empty_ledger_file_is_a_warning(home, cli) -> None:
 
 # -- lock --------------------------------------------------------------------------------
 
-def test_a_live_holder_is_ok_and_named(home, cli, sleeper) -> None:
+def test_a_live_holder_is_ok_and_named(done_run, home, cli, sleeper) -> None:
     done_run(home)
     assert cli("lock", "acquire", "--owner", str(sleeper.pid)).code == 0
     code, found, _ = run_doctor(cli)
@@ -235,7 +244,7 @@ def test_a_live_holder_is_ok_and_named(home, cli, sleeper) -> None:
     assert f"PID {sleeper.pid}" in found["lock"]["detail"]
 
 
-def test_a_stale_lock_is_reported_then_cleared_through_the_ledger(home, cli) -> None:
+def test_a_stale_lock_is_reported_then_cleared_through_the_ledger(done_run, home, cli) -> None:
     done_run(home)
     gone = dead_pid()
     plant_lock(home, gone)
@@ -254,7 +263,7 @@ def test_a_stale_lock_is_reported_then_cleared_through_the_ledger(home, cli) -> 
     assert breaks[0]["detail"]["forced"] is False
 
 
-def test_a_live_holder_is_never_removed_by_repair(home, cli, sleeper) -> None:
+def test_a_live_holder_is_never_removed_by_repair(done_run, home, cli, sleeper) -> None:
     done_run(home)
     plant_lock(home, sleeper.pid, start_ticks(sleeper.pid))
     _code, found, _ = run_doctor(cli, "--repair", "--stuck-after", "0")
@@ -265,7 +274,7 @@ def test_a_live_holder_is_never_removed_by_repair(home, cli, sleeper) -> None:
 
 # -- permissions -------------------------------------------------------------------------
 
-def test_modes_are_reported_and_repaired(home, cli) -> None:
+def test_modes_are_reported_and_repaired(done_run, home, cli) -> None:
     done_run(home)
     os.chmod(home / "history", 0o755)
     (home / "state.json").chmod(0o644)
@@ -285,7 +294,7 @@ def test_modes_are_reported_and_repaired(home, cli) -> None:
 
 # -- views -------------------------------------------------------------------------------
 
-def test_a_missing_view_is_rewritten(home, cli) -> None:
+def test_a_missing_view_is_rewritten(done_run, home, cli) -> None:
     done_run(home)
     expected = (home / "state.json").read_bytes()
     (home / "state.json").unlink()
@@ -298,7 +307,7 @@ def test_a_missing_view_is_rewritten(home, cli) -> None:
     assert (home / "state.json").read_bytes() == expected
 
 
-def test_a_stale_view_is_found_by_its_serial(home, cli) -> None:
+def test_a_stale_view_is_found_by_its_serial(done_run, home, cli) -> None:
     done_run(home)
     old = (home / "state.json").read_bytes()
     assert cli("phase", "start", "p1").code == 0
@@ -312,7 +321,7 @@ def test_a_stale_view_is_found_by_its_serial(home, cli) -> None:
     assert not list(home.glob("state.json.doctor-*"))  # nothing of value in a stale view
 
 
-def test_a_hand_edited_view_is_kept_aside_when_rewritten(home, cli) -> None:
+def test_a_hand_edited_view_is_kept_aside_when_rewritten(done_run, home, cli) -> None:
     done_run(home)
     doc = json.loads((home / "state.json").read_text())
     doc["current_state"] = "COMPLETED"
@@ -336,7 +345,7 @@ def test_a_hand_edited_view_is_kept_aside_when_rewritten(home, cli) -> None:
     (lambda d: d.update(serial=d["serial"] + 5), "is ahead of the ledger"),
     (lambda d: d.update(serial="7"), "serial that is not a number"),
 ])
-def test_view_drift_is_named(home, cli, change, words) -> None:
+def test_view_drift_is_named(done_run, home, cli, change, words) -> None:
     done_run(home)
     doc = json.loads((home / "state.json").read_text())
     change(doc)
@@ -347,7 +356,7 @@ def test_view_drift_is_named(home, cli, change, words) -> None:
     assert words in found["state-view"]["detail"]
 
 
-def test_a_view_that_is_not_json(home, cli) -> None:
+def test_a_view_that_is_not_json(done_run, home, cli) -> None:
     done_run(home)
     (home / "state.json").write_bytes(b'{"upgrade_id": "u-now", ')
     code, found, _ = run_doctor(cli)
@@ -369,7 +378,7 @@ def test_a_legacy_view_without_a_current_upgrade_is_not_overwritten(home, cli) -
     assert (home / "state.json").read_bytes() == legacy
 
 
-def test_history_files_missing_or_foreign(home, cli) -> None:
+def test_history_files_missing_or_foreign(done_run, home, cli) -> None:
     done_run(home)
     (home / "history" / "u-done.json").unlink()
     foreign = home / "history" / "elsewhere.json"
@@ -405,14 +414,14 @@ def test_a_large_wal_warns_and_is_checkpointed(ledger: Ledger) -> None:
     assert ledger.state() == "PLANNING"  # the ledger given stays open and usable
 
 
-def test_fail_on_warn_turns_warnings_into_exit_1(home, cli) -> None:
+def test_fail_on_warn_turns_warnings_into_exit_1(done_run, home, cli) -> None:
     done_run(home)
     plant_lock(home, dead_pid())
     assert cli("doctor").code == 0
     assert cli("doctor", "--fail-on-warn").code == 1
 
 
-def test_stuck_components(home, cli, sleeper) -> None:
+def test_stuck_components(done_run, home, cli, sleeper) -> None:
     done_run(home)
     for args in (("state", "set", "BACKING_UP"), ("state", "set", "UPGRADING"),
                  ("phase", "start", "p"), ("component", "start", "beta", "1", "2")):
@@ -431,7 +440,7 @@ def test_stuck_components(home, cli, sleeper) -> None:
     assert [s["name"] for s in status["stuck"]] == ["beta"]
 
 
-def test_leftover_temp_files_of_dead_writers_are_removed(home, cli) -> None:
+def test_leftover_temp_files_of_dead_writers_are_removed(done_run, home, cli) -> None:
     done_run(home)
     gone, alive = dead_pid(), os.getpid()
     (home / "snapshots").mkdir(mode=0o700, exist_ok=True)
@@ -464,7 +473,7 @@ def test_leftover_temp_files_of_dead_writers_are_removed(home, cli) -> None:
 
 # -- the API -----------------------------------------------------------------------------
 
-def test_checks_are_a_list_open_to_more(home) -> None:
+def test_checks_are_a_list_open_to_more(done_run, home) -> None:
     done_run(home)
 
     def snapshots(ctx: doctor.Context) -> doctor.Finding:
@@ -476,7 +485,7 @@ def test_checks_are_a_list_open_to_more(home) -> None:
     assert found[-1].detail == f"none in {home}"
 
 
-def test_run_checks_reads_the_home_from_the_environment(home) -> None:
+def test_run_checks_reads_the_home_from_the_environment(done_run, home) -> None:
     done_run(home)
     found = doctor.run_checks(env={"UPGRADE_STATE_DIR": str(home)})
     assert all(f.status == doctor.OK for f in found), found
