@@ -33,13 +33,18 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
         render(data, out)
         return
     lock = data["lock"]
-    flat = {k: v for k, v in data.items() if k not in ("lock", "stuck", "components")}
+    flat = {k: v for k, v in data.items()
+            if k not in ("lock", "stuck", "components", "notify")}
     flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
     flat["lock"] = ("free" if not lock["held"] else
                     f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
                     + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))
     flat["lock_reason"] = lock["reason"]
     flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None
+    if "notify" in data:
+        from ledger.cli.observe import notify_line  # noqa: PLC0415
+
+        flat["notify"] = notify_line(data["notify"])
     render(flat, out)
 
 
@@ -99,11 +104,25 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
               help="Only events with a larger id.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True,
               help="At most this many events (page on with --after).")
+@click.option("--follow", is_flag=True,
+              help="Keep running: after the matching events (no --limit), print new ones as "
+                   "they are recorded; JSON is one object per line. Stop with Ctrl-C/SIGTERM.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.05, max=60.0),
+              default=0.5, show_default=True, metavar="SECONDS",
+              help="With --follow: how often to look for new events.")
 @output_option(default="table")
 @pass_config
 def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: str | None,
-           since: str | None, after_id: int, limit: int, fmt: str, as_json: bool) -> None:
-    """The audit trail, oldest first."""
+           since: str | None, after_id: int, limit: int, follow: bool, interval_s: float,
+           fmt: str, as_json: bool) -> None:
+    """The audit trail, oldest first (with --follow, as it grows, like tail -f)."""
+    if follow:
+        from ledger.cli.observe import follow_events  # noqa: PLC0415
+
+        follow_events(cfg, fmt=pick(fmt, as_json), interval_s=interval_s,
+                      upgrade_id=upgrade_id, component=component, kind=kind, since=since,
+                      after_id=after_id)
+        return
     rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,
                                since=since, after_id=after_id, limit=limit)
     out = pick(fmt, as_json)
