@@ -21,10 +21,11 @@ def lock() -> None:
 
 @lock.command("acquire")
 @owner_option
-@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
-              metavar="SECONDS", help="Wait this long for a live holder to let go.")
-@click.option("--poll", "poll_s", type=float, default=0.05, show_default=True,
-              metavar="SECONDS", help="How often to retry while waiting.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 86400), default=0.0,
+              show_default=True, metavar="SECONDS",
+              help="Wait this long (at most a day) for a live holder to let go.")
+@click.option("--poll", "poll_s", type=click.FloatRange(0.001, 60), default=0.05,
+              show_default=True, metavar="SECONDS", help="How often to retry while waiting.")
 @pass_config
 def lock_acquire(cfg: Config, owner_pid: int | None, wait_s: float, poll_s: float) -> None:
     """Take the lock (a stale one is taken over; the owner's own lock is re-entrant).
