@@ -26,6 +26,7 @@ from ledger.errors import (
     NoCurrentPhase,
     NotFound,
     NotLockOwner,
+    StorageError,
     UpgradeInProgress,
 )
 from ledger.home import FILE_MODE, Home
@@ -102,7 +103,12 @@ class Ledger:
             self._require_lock()
         with self.db.write() as tx:
             result = action(tx)
-        self.write_views()
+        try:
+            self.write_views()
+        except StorageError as exc:
+            # Committed is committed: say so, or a caller would redo a step that happened.
+            raise StorageError(f"the change was recorded in the ledger, but {exc}; then run "
+                               "'upgrade-ledger export' to rewrite the views") from exc
         self._changed()
         return result
 
