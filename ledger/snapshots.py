@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ def take(home: Home, db: Database, upgrade_id: str | None, *,
     make_private_dir(target_dir)
     same_fs = _same_device(home.tmp_dir, target_dir)
     temp = (home.tmp_dir if same_fs else target_dir) / \
-        f".snapshot.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        f".snapshot.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         _backup(db.path, temp)
         snap = _publish(temp, target_dir, label)
