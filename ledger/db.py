@@ -213,7 +213,8 @@ class SqliteDatabase(Database):
                 cursor = conn.execute(sql, params or {})
                 rows = cursor.fetchall()
             except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
-                if "not authorized" in str(exc) or "readonly" in str(exc):
+                refused = ("not authorized", "authorization denied", "readonly")
+                if any(word in str(exc) for word in refused):
                     raise BadInput(
                         "sql: only read-only queries are allowed (SELECT, WITH, EXPLAIN); "
                         "the statement was refused before it ran"
