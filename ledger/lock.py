@@ -66,10 +66,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # --- facts about this host and its processes --------------------------------------
 
 
+_UNSAFE = {**dict.fromkeys(range(32), "_"), ord("|"): "_", 127: "_"}
+
+
 def _sanitize(value: str) -> str:
     """Make a value safe as one lock.info field: no separator, no control characters."""
-    cleaned = "".join("_" if ch == "|" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in value)
-    return cleaned[:MAX_FIELD_CHARS]
+    return value.translate(_UNSAFE)[:MAX_FIELD_CHARS]
 
 
 def local_hostname() -> str:
@@ -86,8 +88,8 @@ def local_boot_id() -> str | None:
     """The kernel's boot id (new at every boot), or None where /proc does not offer it."""
     if not _boot_id_cache:
         try:
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
-                value = fh.read(100).strip()
+            with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+                value = fh.read(100).strip().decode("ascii")
         except (OSError, UnicodeDecodeError):
             value = ""
         ok = 0 < len(value) <= 64 and set(value) <= _BOOT_ID_CHARS
@@ -95,12 +97,18 @@ def local_boot_id() -> str | None:
     return _boot_id_cache[0]
 
 
+_user_names: dict[int, str] = {}
+
+
 def _user_name(uid: int) -> str:
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = os.environ.get("USER", "") if uid == os.geteuid() else ""
-    return _sanitize(name) or "unknown"
+    """The login name of uid from the password database (so an unset USER is fine)."""
+    if uid not in _user_names:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = os.environ.get("USER", "") if uid == os.geteuid() else ""
+        _user_names[uid] = _sanitize(name) or "unknown"
+    return _user_names[uid]
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -322,17 +330,24 @@ class LockStatus:
         }
 
 
-@dataclass(frozen=True)
 class _Snapshot:
-    """The lock path as read once: which inode it is and what its lock.info says."""
+    """The lock path as read once: which inode it is and what its lock.info says.
 
-    exists: bool
-    ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the lock folder
-    mtime: float = 0.0
-    info: str = "missing"  # "ok" | "missing" | "empty" | "unreadable"
-    raw: bytes | None = None
-    problem: str = ""
-    holder: Holder | None = None
+    (A plain class: it is internal, and a dataclass costs start-up time on every call.)
+    """
+
+    __slots__ = ("exists", "holder", "ident", "info", "mtime", "problem", "raw")
+
+    def __init__(self, exists: bool, *, ident: tuple[int, int] | None = None,
+                 mtime: float = 0.0, info: str = "missing", raw: bytes | None = None,
+                 problem: str = "", holder: Holder | None = None) -> None:
+        self.exists = exists
+        self.ident = ident  # (st_dev, st_ino) of the lock folder
+        self.mtime = mtime
+        self.info = info  # "ok" | "missing" | "empty" | "unreadable"
+        self.raw = raw
+        self.problem = problem
+        self.holder = holder
 
     def same_lock(self, other: _Snapshot) -> bool:
         return (
@@ -406,28 +421,31 @@ def _read_info_bytes(dfd: int) -> bytes | None:
 
 
 def _snapshot(path: str) -> _Snapshot:
+    """Read the lock at path once: its inode and its lock.info, never following a link."""
     try:
         lst = os.lstat(path)
     except FileNotFoundError:
         return _Snapshot(exists=False)
     except OSError as exc:
         raise StorageError(f"cannot inspect the lock {path}: {exc.strerror}") from exc
+    ident = (lst.st_dev, lst.st_ino)
     if not stat.S_ISDIR(lst.st_mode):
-        return _Snapshot(True, (lst.st_dev, lst.st_ino), lst.st_mtime, "unreadable",
+        return _Snapshot(True, ident=ident, mtime=lst.st_mtime, info="unreadable",
                          problem="the lock path is not a folder")
     try:
         dfd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
         return _Snapshot(exists=False)
     except OSError as exc:
-        return _Snapshot(True, (lst.st_dev, lst.st_ino), lst.st_mtime, "unreadable",
+        return _Snapshot(True, ident=ident, mtime=lst.st_mtime, info="unreadable",
                          problem=f"the lock folder cannot be opened ({exc.strerror})")
     try:
         st = os.fstat(dfd)  # the folder actually opened is the one described
         info, raw, problem, holder = _read_info(dfd)
     finally:
         os.close(dfd)
-    return _Snapshot(True, (st.st_dev, st.st_ino), st.st_mtime, info, raw, problem, holder)
+    return _Snapshot(True, ident=(st.st_dev, st.st_ino), mtime=st.st_mtime, info=info, raw=raw,
+                     problem=problem, holder=holder)
 
 
 def _same_owner(recorded: Holder, me: Holder) -> bool:
@@ -457,10 +475,15 @@ class _Guard:
         self._fd = -1
 
     def __enter__(self) -> _Guard:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # flock needs no write
         try:
             self._fd = os.open(self._path, flags, 0o600)
+            st = os.fstat(self._fd)
+            if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.geteuid():
+                os.fchmod(self._fd, 0o600)  # files are 0600 whatever the umask
         except OSError as exc:
+            if self._fd >= 0:
+                os.close(self._fd)
             raise StorageError(
                 f"cannot open the lock guard {self._path}: {exc.strerror}; "
                 "check that its folder exists and is writable (or choose another --home)"
@@ -468,7 +491,7 @@ class _Guard:
         pause = 0.0002
         while True:
             try:
-                pass
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -559,7 +582,10 @@ class DirLock:
         Returns False when nothing holds it; raises NotLockOwner, leaving the lock in
         place, when someone else does.
         """
-        me = self._identity(_check_pid(owner_pid))
+        return self._release(self._identity(_check_pid(owner_pid)))
+
+    def _release(self, me: Holder) -> bool:
+        """release() for an owner identity already checked."""
         with _Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
             snap = _snapshot(self._path)
             if not snap.exists:
@@ -676,7 +702,7 @@ class DirLock:
                 # Give the lock back, so that a caller who sees the exception does not
                 # hold a lock it was never handed; the stale lock stays broken.
                 if isinstance(outcome, Holder):
-                    self.release(me.pid)
+                    self._release(me)
                 raise
         return outcome
 
