@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "apply", "observe")
 
 #: Which module defines each command. A name missing here still works (every module
-#: is imported to find it; only slower); tests/test_bench.py keeps the index complete.
+#: is imported to find it, which is only slower); tests/test_bench.py checks the index
+#: and that it covers every per-step command.
 COMMAND_MODULES = {
     **dict.fromkeys(("init", "state", "phase", "component", "rollback", "resume",
                      "can-resume", "in-progress", "progress", "summary"), "steps"),
@@ -35,6 +36,7 @@ COMMAND_MODULES = {
     "doctor": "doctor",
     **dict.fromkeys(("snapshot", "snapshots", "restore"), "recovery"),
     "apply": "apply",
+    **dict.fromkeys(("metrics", "notify", "subscribers"), "observe"),
 }
 
 
