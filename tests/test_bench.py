@@ -1,0 +1,113 @@
+"""The benchmark runs (as a smoke run: nothing here asserts a time), and the start-up
+savings it measures stay in place: a per-step command imports only its own module."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ledger.cli import COMMAND_MODULES, MODULES
+from tests.conftest import REPO, child_env
+
+BENCH = REPO / "scripts" / "bench.py"
+LABELS = ("per-step CLI", "drop-in call", "in-process transition", "lock acquire+release",
+          "resume check", "progress", "state.json export", "history query", "state.json size")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH), "--quick", *args], capture_output=True,
+                          text=True, env=child_env(), timeout=600, check=False)
+
+
+def test_quick_run_prints_one_table_with_every_figure() -> None:
+    done = run_bench()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("figure (median/p90 ms)")
+    for column in ("10", "20", "2,000 upgrades", "floor (same run", "seed claim", "budget",
+                   "verdict"):
+        assert column in lines[0]
+    for label in LABELS:
+        assert any(line.startswith(label) for line in lines), label
+    assert "floors (median/p90 ms):" in lines
+    for floor in ("python -c pass", "import click, sqlite3, json",
+                  "sqlite WAL commit (synchronous=FULL)", "raw fsync"):
+        assert any(line.strip().startswith(floor + ":") for line in lines), floor
+    if not (REPO / "scripts" / "upgrade-state.sh").exists():
+        assert any(line.startswith("drop-in call") and "n/a" in line for line in lines)
+
+
+def test_quick_run_json_is_machine_readable() -> None:
+    done = run_bench("--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["settings"]["sizes"] == [10, 20]
+    assert set(result["floors"]) >= {"python -c pass", "import click, sqlite3, json",
+                                     "sqlite WAL commit (synchronous=FULL)", "raw fsync"}
+    for key in ("cli_step", "transition", "lock_dirlock", "lock_ledger", "resume",
+                "resume_cli", "progress", "export", "history"):
+        for size in ("10", "20"):
+            cell = result["rows"][key][size]
+            assert cell["median"] > 0 and cell["p90"] >= cell["median"] and cell["n"] >= 3
+    assert result["rows"]["history_big"]["2,000 upgrades"]["median"] > 0
+    assert result["rows"]["state_size"]["20"]["median"] > result["rows"]["state_size"]["10"][
+        "median"]
+    verdicts = result["verdicts"]
+    assert verdicts["cli_step"]["ok"] in (True, False)
+    assert verdicts["history_big"]["ok"] is None  # 100,000 upgrades only in a full run
+    assert ("dropin_step" in result["rows"]) == (REPO / "scripts" / "upgrade-state.sh").exists()
+    assert result["seconds"] > 0
+
+
+def test_command_index_is_right_and_covers_the_per_step_commands() -> None:
+    defined = {}
+    for module in MODULES:
+        for command in importlib.import_module(f"ledger.cli.{module}").COMMANDS:
+            defined[command.name] = module
+    wrong = {n: m for n, m in COMMAND_MODULES.items() if defined.get(n) != m}
+    assert not wrong, f"ledger.cli.COMMAND_MODULES names the wrong module: {wrong}"
+    missing = {n for n, m in defined.items()
+               if m in ("steps", "lockcmds", "reports") and n not in COMMAND_MODULES}
+    assert not missing, f"add {missing} to ledger.cli.COMMAND_MODULES"
+
+
+@pytest.mark.parametrize(("args", "module"), [
+    (["component", "start", "db", "1", "2"], "ledger.cli.steps"),
+    (["lock", "acquire", "--owner", "1"], "ledger.cli.lockcmds"),
+    (["history"], "ledger.cli.reports"),
+])
+def test_a_command_imports_only_its_own_module(tmp_path: Path, args: list[str],
+                                               module: str) -> None:
+    home = tmp_path / "home"
+    code = (
+        "import sys\n"
+        "from ledger.api import Ledger\n"
+        f"led = Ledger({str(home)!r}); led.init(); led.phase_start('p'); led.close()\n"
+        "for name in [m for m in sys.modules if m.startswith('ledger.cli')]:\n"
+        "    del sys.modules[name]\n"
+        "from ledger.cli import cli\n"
+        "try:\n"
+        f"    cli.main(['--home', {str(home)!r}, *{args!r}])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('ledger.cli.'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=child_env(), timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.splitlines()[-1].split())
+    assert module in loaded
+    others = {f"ledger.cli.{m}" for m in MODULES} - {module, "ledger.cli.steps"}
+    assert not loaded & others, loaded
+
+
+def test_help_still_lists_every_command(cli: object) -> None:
+    result = cli("--help")  # type: ignore[operator]
+    assert result.code == 0
+    for name in COMMAND_MODULES:
+        assert f"  {name} " in result.out, name
