@@ -310,6 +310,10 @@ def remove(home: Home, name: str) -> Subscriber:
         if start is not None:
             end = next((j for j in range(start + 1, len(lines))
                         if lines[j].lstrip().startswith("[")), len(lines))
+            # Comments (and blank lines) just above the next table belong to it.
+            while end > start + 1 and (not lines[end - 1].strip() or
+                                       lines[end - 1].lstrip().startswith("#")):
+                end -= 1
             kept = "".join(lines[:start] + lines[end:])
         if kept is None or parse(kept, str(path)) != [s for s in existing if s.name != name]:
             raise BadInput(f"cannot remove {name} from {path} automatically (it is not "
