@@ -8,7 +8,7 @@ seen: one cheap ``MAX(id)`` per poll, and a filtered read only when it moved.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from ledger import queries
@@ -25,7 +25,7 @@ _NAP_S = 0.05
 def follow(ledger: Ledger, *, stop: Callable[[], bool], interval_s: float = 0.5,
            upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None,
-           after_id: int = 0) -> Iterator[list[dict[str, Any]]]:
+           after_id: int = 0) -> Generator[list[dict[str, Any]], None, None]:
     """Yield the matching events after *after_id*, oldest first, then the new ones as
     they are committed, until *stop()* is true.
 

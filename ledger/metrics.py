@@ -167,7 +167,7 @@ def _trail(tx: Tx) -> list[Family]:
     row = tx.one("SELECT id, at FROM events ORDER BY id DESC LIMIT 1")
     # Events are append-only, so the newest id is their count (and never goes down).
     total.add(row["id"] if row is not None else 0)
-    last.add(_unix(row["at"]) if row is not None else 0)
+    last.add((_unix(row["at"]) if row is not None else None) or 0)
     return [total, last]
 
 
@@ -237,7 +237,7 @@ def exposition(ledger: Ledger) -> bytes:
                 yield metric
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LedgerCollector())  # type: ignore[arg-type]
+    registry.register(LedgerCollector())
     return generate_latest(registry)
 
 

@@ -170,7 +170,9 @@ def register(ledger: Ledger, sub: Subscriber) -> int:
 def forget(ledger: Ledger, name: str) -> bool:
     """Drop *name*'s cursor (after the subscriber was removed); True if there was one."""
     with ledger.db.write() as tx:
-        return tx.execute("DELETE FROM notify_cursors WHERE subscriber = :s", {"s": name}) > 0
+        removed: int = tx.execute("DELETE FROM notify_cursors WHERE subscriber = :s",
+                                  {"s": name})
+    return removed > 0
 
 
 def cursors(ledger: Ledger) -> list[dict[str, Any]]:
@@ -320,9 +322,10 @@ def _move(ledger: Ledger, name: str, *, expect: int, to: int, delivered: bool) -
         sets += (", delivered = delivered + 1, delivered_at = :at, attempts = 0, "
                  "failing_event_id = NULL, next_try_at = NULL, last_error = NULL")
     with ledger.db.write() as tx:
-        return tx.execute(f"UPDATE notify_cursors SET {sets} WHERE subscriber = :s AND "
-                          "last_event_id = :expect",
-                          {"to": to, "at": clock.now(), "s": name, "expect": expect}) == 1
+        moved: int = tx.execute(f"UPDATE notify_cursors SET {sets} WHERE subscriber = :s AND "
+                                "last_event_id = :expect",
+                                {"to": to, "at": clock.now(), "s": name, "expect": expect})
+    return moved == 1
 
 
 def _record_failure(ledger: Ledger, sub: Subscriber, out: Outcome, *, expect: int,
