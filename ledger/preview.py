@@ -15,8 +15,9 @@ from ledger import states
 from ledger.api import Ledger
 from ledger.commands import Running
 from ledger.home import Home
+from ledger.jobs import command_env
 from ledger.plan import Component, Plan
-from ledger.runner import command_env, plan_digest
+from ledger.runner import plan_digest
 
 
 def preview(home: Home, ledger: Ledger | None, plan: Plan, *, supersede: bool = False,

@@ -10,6 +10,7 @@ import pytest
 from ledger import plan as plans
 from ledger.api import Ledger
 from ledger.errors import BadInput
+from ledger.tomllines import KeyLines
 from tests.applyplans import tree
 
 GOOD = """\
@@ -197,7 +198,7 @@ def test_key_lines_skip_strings_and_multiline_values() -> None:
         "[[phase.component]]",             # 15
         "dotted.key = 3",                  # 16
     ])
-    lines = plans.KeyLines(text)
+    lines = KeyLines(text)
     assert lines.line_of(("phase", 0, "component", 0, "upgrade")) == 4
     assert lines.line_of(("phase", 0, "component", 0, "to")) == 12
     assert lines.line_of(("phase", 0, "component", 0, "quoted.key")) == 11
