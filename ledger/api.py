@@ -84,6 +84,9 @@ class Ledger:
         # Off by default: it costs each change a metrics read and a file write.
         self.metrics_textfile = (os.environ if env is None else env).get(
             "LEDGER_METRICS_TEXTFILE") or None
+        #: Called after every committed change and lock move (an upgrade run delivers
+        #: notifications this way: ``ledger.notify.delivering``). Must never raise.
+        self.after_change: list[Callable[[], object]] = []
 
     def close(self) -> None:
         """Release the database connection."""
@@ -113,11 +116,14 @@ class Ledger:
         return result
 
     def _changed(self) -> None:
-        """After a change or a lock move: refresh the metrics textfile if one is set."""
+        """After a change or a lock move: refresh the metrics textfile if one is set, and
+        tell the ``after_change`` listeners."""
         if self.metrics_textfile:
             from ledger import metrics  # noqa: PLC0415 (prometheus-client: only when asked)
 
             metrics.refresh_textfile(self, self.metrics_textfile)
+        for listener in list(self.after_change):
+            listener()
 
     def _require_lock(self) -> None:
         status = self.lock.status()

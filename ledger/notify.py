@@ -20,11 +20,13 @@ backend (PostgreSQL included): a cursor never jumps over an event committed late
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -110,6 +112,21 @@ def deliver_pending(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
         return deliver(ledger, budget_s, force=force)
     except Exception as exc:  # by contract nothing reaches the step
         return Report(error=f"notifications not delivered: {exc}")
+
+
+@contextlib.contextmanager
+def delivering(ledger: Ledger, budget_s: float = STEP_BUDGET_S) -> Iterator[None]:
+    """While inside, deliver pending notifications after every change *ledger* makes
+    (how an upgrade run notifies as it goes), each pass within *budget_s*."""
+
+    def after_change() -> None:
+        deliver_pending(ledger, budget_s)
+
+    ledger.after_change.append(after_change)
+    try:
+        yield
+    finally:
+        ledger.after_change.remove(after_change)
 
 
 def deliver(ledger: Ledger, budget_s: float = COMMAND_BUDGET_S, *, force: bool = False,
