@@ -49,7 +49,7 @@ class Console:
 
     def failure(self, text: str, tail: Sequence[str]) -> None:
         self._clear()
-        click.echo(f"{time.strftime('%H:%M:%S')} FAILED {text}", err=True)
+        click.echo(f"{time.strftime('%H:%M:%S')} ERROR {text}", err=True)
         for line in tail:
             click.echo(f"    | {line}", err=True)
         self._draw()
@@ -58,9 +58,9 @@ class Console:
         self._clear()
 
     def _draw(self) -> None:
-        if not self.bar:
-            return
         done, total, label = self.state
+        if not self.bar or not total:
+            return
         width = shutil.get_terminal_size().columns
         cells = 24
         filled = cells * done // total if total else 0
