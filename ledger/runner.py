@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger import backups, clock, states
+from ledger import backups, clock, notify, states
 from ledger.api import Ledger
 from ledger.commands import stop_leftovers
 from ledger.errors import Conflict, LedgerError, StorageError, UpgradeInProgress
@@ -83,7 +83,8 @@ class Run(Jobs):
         """Take the lock, run (or resume) the plan, release the lock."""
         self.ledger.acquire_lock()
         try:
-            with _catching_signals(self.stop):
+            # Subscribers hear of every change as it is made (never failing a step).
+            with _catching_signals(self.stop), notify.delivering(self.ledger):
                 try:
                     return self._execute()
                 except Interrupted as exc:
