@@ -20,6 +20,8 @@ import pytest
 
 from ledger import doctor, notify, subscribers
 from ledger.api import Ledger
+from tests.applyplans import component as plan_component
+from tests.applyplans import write_plan
 from tests.conftest import REPO, child_env
 
 SERVER = REPO / "tests" / "webhook_server.py"
@@ -473,3 +475,26 @@ def test_doctor_reports_a_failing_subscriber(cli, home: Path, webhook) -> None:
     [finding] = doctor.run_checks(home, checks=checks)
     assert finding.status == doctor.WARN
     assert "web (1 attempt(s) at event 1: HTTP 500" in finding.detail
+
+
+def test_apply_notifies_as_it_goes_and_a_dead_subscriber_never_fails_it(
+        cli, home: Path, tmp_path: Path, webhook) -> None:
+    server = webhook(0)
+    hangs = hook_script(tmp_path, "exec sleep 60\n", "hangs.sh")
+    plan = write_plan(tmp_path / "work", [("exporters", 2, [plan_component("node_exporter"),
+                                                            plan_component("blackbox")])])
+    assert cli("init", "setup").code == 0
+    cli("state", "set", "PLANNING")
+    cli("state", "set", "FAILED")
+    assert cli("subscribers", "add", "web", "--url", server.url).code == 0
+    assert cli("subscribers", "add", "dead", "--hook", str(hangs), "--timeout", "0.3",
+               "--retry-initial", "600").code == 0
+    first_id = len(all_events(home)) + 1
+
+    result = cli("apply", str(plan))  # no `notify`: apply delivers after each change
+    assert result.code == 0, result
+    assert json.loads(cli("status", "--json").out)["outcome"] == "COMPLETED"
+    events = [e for e in all_events(home) if e["id"] >= first_id]
+    assert [r["event"] for r in server.requests()] == events
+    dead = cursor(home, "dead")
+    assert dead["attempts"] == 1 and "timed out" in dead["last_error"]
