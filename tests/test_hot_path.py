@@ -1,0 +1,108 @@
+"""The per-step commands never import SQLAlchemy or Alembic.
+
+Shell scripts run ``upgrade-ledger`` once per step, so every import is paid per step;
+SQLAlchemy alone costs several hundred milliseconds. Each command below runs in a
+real process on an existing ledger, and reports, at interpreter exit, which of the two
+packages it had imported. A new ledger (which must be migrated) shows that the probe
+does see Alembic when it is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ledger.api import Ledger
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("sqlalchemy", "alembic")
+#: Runs the command as ``python -m ledger`` does, and on exit prints the heavy
+#: top-level packages found in sys.modules (after everything, even sys.exit, ran).
+PROBE = f"""
+import atexit, runpy, sys
+def report():
+    heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))
+    sys.stderr.write('HEAVY:' + ','.join(heavy) + '\\n')
+atexit.register(report)
+sys.argv = ['upgrade-ledger', *sys.argv[1:]]
+runpy.run_module('ledger', run_name='__main__', alter_sys=True)
+"""
+
+
+def probe(home: Path, *args: str) -> tuple[int, str, str, list[str]]:
+    """Run one command in a new interpreter: (exit code, stdout, stderr, heavy imports)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LEDGER_HOME", "UPGRADE_STATE_DIR", "LEDGER_DB_URL", "LEDGER_PID")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", PROBE, "--home", str(home), *args],
+                          capture_output=True, text=True, check=False, timeout=120, env=env)
+    *lines, last = done.stderr.splitlines() or [""]
+    assert last.startswith("HEAVY:"), done.stderr
+    heavy = [m for m in last.removeprefix("HEAVY:").split(",") if m]
+    return done.returncode, done.stdout, "\n".join(lines), heavy
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An existing ledger mid-upgrade: phase p current, component a upgrading."""
+    home = tmp_path_factory.mktemp("hot") / "home"
+    with Ledger(home) as led:
+        led.init("u1")
+        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
+            led.set_state(state)
+        led.phase_start("p")
+        led.component_start("a", "1.0", "2.0")
+    return home
+
+
+def state_doc(home: Path) -> dict:
+    return json.loads((home / "state.json").read_text())
+
+
+# (command, exit code, a check that the command did its work)
+STEPS = [
+    (["state", "get"], 0, lambda home, out: out == "UPGRADING\n"),
+    (["state", "set", "VALIDATING"], 0,
+     lambda home, out: state_doc(home)["current_state"] == "VALIDATING"),
+    (["phase", "start", "p2"], 0, lambda home, out: state_doc(home)["current_phase"] == "p2"),
+    (["component", "start", "b", "1", "2"], 0,
+     lambda home, out: state_doc(home)["phases"]["p"]["components"]["b"]["state"] ==
+     "UPGRADING"),
+    (["component", "complete", "a"], 0,
+     lambda home, out: state_doc(home)["phases"]["p"]["components"]["a"]["state"] ==
+     "COMPLETED"),
+    (["component", "status", "a"], 0, lambda home, out: json.loads(out)["state"] == "UPGRADING"),
+    (["rollback", "mark", "a", "/backups/a.tgz"], 0,
+     lambda home, out: state_doc(home)["rollback_available"] is True),
+    (["lock", "acquire"], 0, lambda home, out: (home / "upgrade.lock.d" / "lock.info").exists()),
+    (["lock", "status", "--json"], 0, lambda home, out: json.loads(out)["held"] is False),
+    (["component", "is-upgraded", "a"], 1, lambda home, out: out == ""),
+    (["in-progress", "-v"], 0, lambda home, out: out == "yes\n"),
+    (["status"], 0, lambda home, out: "UPGRADING" in out),
+    (["export", "-o", "-"], 0, lambda home, out: json.loads(out)["upgrade_id"] == "u1"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "did"), STEPS, ids=[" ".join(s[0]) for s in STEPS])
+def test_per_step_commands_import_neither_sqlalchemy_nor_alembic(
+        running: Path, home: Path, args: list[str], code: int, did) -> None:
+    shutil.copytree(running, home, symlinks=True)
+    got, out, err, heavy = probe(home, *args)
+    assert (got, err) == (code, ""), (got, err)
+    assert did(home, out)  # the command really ran (not an early usage error)
+    assert heavy == []
+
+
+def test_the_probe_sees_alembic_when_a_new_ledger_is_migrated(tmp_path: Path) -> None:
+    home = tmp_path / "new"
+    got, out, _err, heavy = probe(home, "state", "get")
+    assert (got, out) == (0, "IDLE\n")
+    assert "alembic" in heavy and "sqlalchemy" in heavy
+    # ... and once migrated, the same command is back on the light path.
+    assert probe(home, "state", "get")[3] == []
