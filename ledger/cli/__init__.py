@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import click
 
 #: Every module that holds commands, in registration order.
-MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "apply", "observe")
+MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "apply", "observe",
+           "legacy")
 
 #: Which module defines each command. A name missing here still works (every module
 #: is imported to find it, which is only slower); tests/test_bench.py checks the index
@@ -37,6 +38,7 @@ COMMAND_MODULES = {
     **dict.fromkeys(("snapshot", "snapshots", "restore"), "recovery"),
     "apply": "apply",
     **dict.fromkeys(("metrics", "notify", "subscribers"), "observe"),
+    "legacy": "legacy",
 }
 
 
