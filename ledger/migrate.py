@@ -53,15 +53,18 @@ def upgrade(url: str, revision: str = "head", *, sqlite_path: Path | None = None
     """Migrate the ledger at *url* to *revision*.
 
     For a SQLite file, concurrent first opens are serialised with ``flock`` on the
-    database file itself: it does not interact with SQLite's own POSIX locks, and a
-    second process re-checks the revision after waiting, finding nothing left to do.
+    folder that holds it; a second process re-checks the revision after waiting,
+    finding nothing left to do. Not on the database file itself: closing any
+    descriptor of ledger.db drops every POSIX lock this process holds on it, SQLite's
+    included, and another process would then take this one's WAL connection for gone
+    and delete the WAL under it (later commits would land in an unlinked file).
     """
     engine = make_engine(url)
     try:
         if sqlite_path is None:
             _run(engine, "upgrade", revision)
             return
-        fd = os.open(sqlite_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(sqlite_path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             _run(engine, "upgrade", revision)
