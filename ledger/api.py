@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -885,19 +886,38 @@ class Ledger:
 
 def _create_private(path: Path) -> None:
     """Create the database file 0600 before SQLite does (its -wal and -shm files copy
-    the database file's mode)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
-    except OSError as exc:
-        from ledger.errors import StorageError
+    the database file's mode).
 
-        raise StorageError(f"cannot open {path} ({exc.strerror}); choose another home with "
-                           "--home DIR (or LEDGER_HOME)") from exc
+    An existing file is looked at by path, never opened: closing a descriptor of
+    ledger.db drops every POSIX lock this process holds on it, those of a SQLite
+    connection already open here included, and another process would then take
+    that connection for gone and delete the WAL under it.
+    """
     try:
-        if os.fstat(fd).st_mode & 0o777 != FILE_MODE and os.fstat(fd).st_uid == os.geteuid():
-            os.fchmod(fd, FILE_MODE)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    except FileExistsError:
+        fd = None
+    except OSError as exc:
+        raise _unusable(path, exc.strerror) from exc
+    if fd is not None:  # new, so no connection of this process can have locks on it
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have removed bits
+        finally:
+            os.close(fd)
+        return
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _unusable(path, "not a regular file")
+        if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
+            path.chmod(FILE_MODE)
+    except OSError as exc:
+        raise _unusable(path, exc.strerror) from exc
+
+
+def _unusable(path: Path, why: str | None) -> StorageError:
+    return StorageError(f"cannot open {path} ({why}); choose another home with "
+                        "--home DIR (or LEDGER_HOME)")
 
 
 def _refuse_lost_ledger(home: Home) -> None:
