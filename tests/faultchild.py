@@ -16,7 +16,8 @@ state.json the call left behind. The parent kills this process at will; a line i
 has read is a promise that the step is in the ledger.
 
 Options: ``--components N`` (default 50, split over two phases),
-``--pause-each S`` (sleep S seconds after each report, to widen kill windows).
+``--pause-each S`` (sleep S seconds after each report, to widen kill windows),
+``--stop-after K`` (exit at once, without cleaning up, after step K).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -80,10 +82,12 @@ def canonical_steps(count: int = 50) -> list[tuple[str, str | None, str | None]]
 class Reporter:
     """Prints one flushed line per returned call."""
 
-    def __init__(self, led: Ledger, count: int, pause_s: float) -> None:
+    def __init__(self, led: Ledger, count: int, pause_s: float,
+                 stop_after: int | None = None) -> None:
         self.led = led
         self.index = {step: n for n, step in enumerate(canonical_steps(count), start=1)}
         self.pause_s = pause_s
+        self.stop_after = stop_after
 
     def __call__(self, kind: str, subject: str | None, to: str | None,
                  changed: bool | None = True) -> None:
@@ -100,6 +104,8 @@ class Reporter:
         sys.stdout.flush()
         if self.pause_s:
             time.sleep(self.pause_s)
+        if self.stop_after is not None and (line["step"] or 0) >= self.stop_after:
+            os._exit(0)  # stop dead, as a crash would, but at a chosen step
 
 
 def _saved(led: Ledger) -> bool:
@@ -107,10 +113,11 @@ def _saved(led: Ledger) -> bool:
         return bool(tx.scalar("SELECT saved_at FROM upgrades WHERE id = :u", {"u": RUN_ID}))
 
 
-def drive(home: Path, count: int, pause_s: float) -> None:
-    """Bring the run to COMPLETED and saved to history, from wherever it stands."""
+def drive(home: Path, count: int, pause_s: float = 0.0, stop_after: int | None = None) -> None:
+    """Bring the run to COMPLETED and saved to history, from wherever it stands
+    (or stop dead after step *stop_after*)."""
     with Ledger(home) as led:
-        report = Reporter(led, count, pause_s)
+        report = Reporter(led, count, pause_s, stop_after)
         led.acquire_lock(wait_s=120)
         if led.current_id() != RUN_ID:
             led.init(RUN_ID)
@@ -285,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("home", type=Path)
     parser.add_argument("--components", type=int, default=50)
     parser.add_argument("--pause-each", type=float, default=0.0)
+    parser.add_argument("--stop-after", type=int, default=None)
     args = parser.parse_args(argv)
-    drive(args.home, args.components, args.pause_each)
+    drive(args.home, args.components, args.pause_each, args.stop_after)
 
 
 if __name__ == "__main__":

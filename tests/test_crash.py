@@ -228,3 +228,52 @@ def test_random_kills(tmp_path: Path, template: Path, slow_mode: bool) -> None:
         run.finish()
     report("random", runs)
     assert sum(r.kills for r in runs) >= wanted
+
+
+OTHER_HANDLE_CHILD = """
+import os, sys
+from ledger.api import Ledger
+home, second = sys.argv[1], sys.argv[2] == "second"
+led = Ledger(home)                  # a new ledger: this process runs the migration
+led.init("lock-run")
+if second:
+    Ledger(home).close()            # another handle in the same process, closed again
+print("ready", flush=True)
+sys.stdin.readline()                # meanwhile another process opens and closes it
+led.set_state("PLANNING")
+print("committed", flush=True)
+sys.stdin.readline()                # killed here
+"""
+
+
+@pytest.mark.parametrize("case", ["migrated", "second"])
+def test_a_returned_change_survives_other_processes_closing_the_ledger(
+        tmp_path: Path, case: str) -> None:
+    """Closing any descriptor of ledger.db drops the process's POSIX locks, SQLite's
+    among them; if the migration or a second handle did so, another process closing
+    its connection took the WAL for unused and deleted it, and the next commit went
+    into an unlinked file: acknowledged, invisible to others, lost at the kill."""
+    home = tmp_path / "home"
+    proc = subprocess.Popen([sys.executable, "-c", OTHER_HANDLE_CHILD, str(home), case],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=child_env())
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        other = subprocess.run(
+            [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+             "c.execute('SELECT COUNT(*) FROM events').fetchone(); c.close()",
+             str(home / "ledger.db")], check=True, timeout=60)
+        assert other.returncode == 0
+        assert (home / "ledger.db-wal").exists(), "the WAL was deleted under a live writer"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "committed"
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdin.close()
+        proc.stdout.close()
+    assert fc.integrity(home / "ledger.db") == "ok"
+    with Ledger(home) as led:
+        assert led.state() == "PLANNING"
