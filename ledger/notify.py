@@ -54,6 +54,9 @@ BATCH = 200
 STEP_BUDGET_S = 2.0
 #: Budget of an on-demand ``notify``.
 COMMAND_BUDGET_S = 60.0
+#: How long a pass after a change waits for another deliverer to finish. Short: that
+#: deliverer sends this change's events too, or the next pass does.
+STEP_LOCK_WAIT_S = 0.1
 
 
 @dataclass
@@ -101,7 +104,7 @@ class Report:
 
 
 def deliver_pending(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
-                    force: bool = False) -> Report:
+                    force: bool = False, lock_wait_s: float | None = None) -> Report:
     """Deliver what is pending, within *budget_s*; never raises.
 
     This is what runs after each change an upgrade run makes: every problem (a broken
@@ -109,7 +112,7 @@ def deliver_pending(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
     cursors, never in the caller.
     """
     try:
-        return deliver(ledger, budget_s, force=force)
+        return deliver(ledger, budget_s, force=force, lock_wait_s=lock_wait_s)
     except Exception as exc:  # by contract nothing reaches the step
         return Report(error=f"notifications not delivered: {exc}")
 
@@ -117,24 +120,30 @@ def deliver_pending(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
 @contextlib.contextmanager
 def delivering(ledger: Ledger, budget_s: float = STEP_BUDGET_S) -> Iterator[None]:
     """While inside, deliver pending notifications after every change *ledger* makes
-    (how an upgrade run notifies as it goes), each pass within *budget_s*."""
+    (how an upgrade run notifies as it goes), each pass within *budget_s*; one last
+    pass on the way out catches what a busy moment left behind."""
 
     def after_change() -> None:
-        deliver_pending(ledger, budget_s)
+        # Another deliverer at work (a `notify` from cron) is not waited for: it or
+        # the next pass sends this change's events.
+        deliver_pending(ledger, budget_s, lock_wait_s=STEP_LOCK_WAIT_S)
 
     ledger.after_change.append(after_change)
     try:
         yield
     finally:
         ledger.after_change.remove(after_change)
+        deliver_pending(ledger, budget_s)
 
 
 def deliver(ledger: Ledger, budget_s: float = COMMAND_BUDGET_S, *, force: bool = False,
-            only: str | None = None) -> Report:
+            only: str | None = None, lock_wait_s: float | None = None) -> Report:
     """Deliver pending events to every subscriber (or only the one named *only*).
 
-    *force* ignores the backoff of failing subscribers. Raises BadInput for a broken
-    notify.toml or an unknown *only*; delivery failures are reported, not raised.
+    *force* ignores the backoff of failing subscribers. Another process delivering
+    is waited for up to *lock_wait_s* (default: the whole budget), then the report
+    says ``busy``. Raises BadInput for a broken notify.toml or an unknown *only*;
+    delivery failures are reported, not raised.
     """
     deadline = time.monotonic() + budget_s
     subs = load(ledger.home)
@@ -145,7 +154,8 @@ def deliver(ledger: Ledger, budget_s: float = COMMAND_BUDGET_S, *, force: bool =
     report = Report()
     if not subs:
         return report
-    with region_lock(ledger.home, DELIVERY_REGION, wait_s=budget_s, must=False) as mine:
+    wait_s = budget_s if lock_wait_s is None else min(lock_wait_s, budget_s)
+    with region_lock(ledger.home, DELIVERY_REGION, wait_s=wait_s, must=False) as mine:
         if not mine:
             report.busy = True
             return report
