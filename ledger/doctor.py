@@ -127,6 +127,7 @@ class Context:
             self.database()  # the same refusals as for reading (missing file ...)
             self._ledger = Ledger(self.home.root, db_url=self.db_url, env=self.env,
                                   pid=self.pid, lock_timeout_s=self.lock_timeout_s)
+            self._drop_own_db()  # from now on, read through the ledger's connection
         return self._ledger
 
     def lock(self) -> DirLock:
@@ -135,18 +136,20 @@ class Context:
             return self._ledger.lock
         return DirLock(self.home.lock_dir, timeout_s=self.lock_timeout_s)
 
+    def _drop_own_db(self) -> None:
+        """Close the connection this context opened itself (not the ledger's)."""
+        if self._db is not None and (self._ledger is None or self._db is not self._ledger.db):
+            self._db.close()
+        self._db = None if self._ledger is None else self._ledger.db
+
     def reset(self) -> None:
         """Forget what the last pass learnt, so that re-checks look afresh."""
         self.blocked = None
-        if self._db is not None and (self._ledger is None or self._db is not self._ledger.db):
-            self._db.close()
-        self._db = self._ledger.db if self._ledger is not None else None
+        self._drop_own_db()
 
     def close(self) -> None:
         """Close what this context opened (a ledger given by the caller stays open)."""
-        if self._db is not None and self._db is not (self._given.db if self._given else None) \
-                and (self._ledger is None or self._db is not self._ledger.db):
-            self._db.close()
+        self._drop_own_db()
         if self._ledger is not None and self._ledger is not self._given:
             self._ledger.close()
         self._db = self._ledger = None
@@ -682,10 +685,14 @@ CHECKS: list[Check] = [
 ]
 
 
+#: What a check or a repair may meet on a damaged home; doctor reports it, never a traceback.
+_TROUBLE = (LedgerError, OSError, sqlite3.Error)
+
+
 def _run_one(check: Check, ctx: Context) -> Finding:
     try:
         return check.run(ctx)
-    except LedgerError as exc:  # a check that could not look says so, as its finding
+    except _TROUBLE as exc:  # a check that could not look says so, as its finding
         return Finding(check.name, FAIL, f"could not check: {exc}")
 
 
@@ -727,7 +734,7 @@ def run_checks(
                 continue
             try:
                 action = check.repair(ctx)
-            except LedgerError as exc:
+            except _TROUBLE as exc:
                 action = f"not repaired: {exc}"
             if action:
                 done[check.name] = action

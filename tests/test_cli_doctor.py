@@ -263,6 +263,21 @@ def test_a_stale_lock_is_reported_then_cleared_through_the_ledger(done_run, home
     assert breaks[0]["detail"]["forced"] is False
 
 
+def test_a_stale_lock_stays_when_the_ledger_cannot_record_its_break(
+        done_run, home, cli) -> None:
+    done_run(home)
+    plant_lock(home, dead_pid())
+    (home / "ledger.db").write_bytes(os.urandom(8192))
+    for suffix in ("-wal", "-shm"):
+        (home / f"ledger.db{suffix}").unlink(missing_ok=True)
+    code, found, _ = run_doctor(cli, "--repair")
+    assert code == 1
+    assert found["lock"]["status"] == "warn"
+    assert found["lock"]["repaired"].startswith("not repaired: ")
+    assert (home / "upgrade.lock.d" / "lock.info").exists()
+    assert found["integrity"]["repaired"] is None  # a damaged ledger is never touched
+
+
 def test_a_live_holder_is_never_removed_by_repair(done_run, home, cli, sleeper) -> None:
     done_run(home)
     plant_lock(home, sleeper.pid, start_ticks(sleeper.pid))
