@@ -25,6 +25,8 @@ from ledger.errors import BadInput, CorruptLedger, LedgerError, SchemaTooNew, St
 SCHEMA_REVISION = "0002"
 #: How long a writer waits for another writer's transaction before giving up.
 BUSY_TIMEOUT_S = 60.0
+#: Bytes of WAL kept once it restarts after a checkpoint (docs/operations.md).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 Params = Mapping[str, Any]
 Row = Any  # sqlite3.Row or SQLAlchemy RowMapping: both support row["column"]
@@ -102,7 +104,7 @@ class Database(ABC):
     def table_count(self) -> int:
         """How many tables the database holds (0 for a new one)."""
 
-    def verify(self) -> None:
+    def verify(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
         """Raise ``CorruptLedger`` when the database fails a quick integrity check.
 
         Too slow for every step (it reads the whole file), so it runs where building
@@ -168,6 +170,10 @@ class SqliteDatabase(Database):
             self._conn.execute("PRAGMA synchronous=FULL")
             # Foreign keys are off by default in SQLite; the schema relies on them.
             self._conn.execute("PRAGMA foreign_keys=ON")
+            # The WAL is checkpointed every 1000 pages (SQLite's default), ~4 MiB. A
+            # long reader stops checkpoints from restarting it, and the file keeps its
+            # peak size afterwards unless capped: once the WAL restarts, trim it to this.
+            self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         except sqlite3.Error as exc:
             raise _translate(exc, str(path)) from exc
 
