@@ -20,9 +20,9 @@ RESUME_POINT_KEYS = ["state", "phase", "component", "can_resume"]
 SHA = "ab" * 32
 
 
-def ok(cli, *args: str) -> str:
+def ok(cli, *args: str, env: dict[str, str] | None = None) -> str:
     """Run a command that must succeed silently on stderr; return its stdout."""
-    result = cli(*args)
+    result = cli(*args, env=env)
     assert (result.code, result.err) == (0, ""), (args, result)
     return result.out
 
@@ -308,3 +308,26 @@ def test_a_script_drives_an_upgrade_step_by_step_in_real_processes(run_cli, home
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     pids = {e["pid"] for e in json.loads(run_cli("events", "--json").stdout)}
     assert len(pids) == 1  # every step is attributed to the calling process (this test)
+
+
+@pytest.mark.parametrize(("fmt", "expected"), [
+    ("plain", "state: UPGRADING\nphase: exporters\ncomponent: \ncan_resume: yes\n"),
+    ("csv", "key,value\nstate,UPGRADING\nphase,exporters\ncomponent,\ncan_resume,yes\n"),
+    ("table", None),
+])
+def test_resume_point_in_text_formats(cli, fmt, expected) -> None:
+    upgrading(cli)
+    out = ok(cli, "resume", "point", "-f", fmt)
+    if expected is None:
+        assert [line.split() for line in out.splitlines()] == [
+            ["state", "UPGRADING"], ["phase", "exporters"], ["component"],
+            ["can_resume", "yes"]]
+    else:
+        assert out == expected
+
+
+def test_the_root_format_applies_to_every_command(cli) -> None:
+    upgrading(cli)
+    assert ok(cli, "--format", "plain", "resume", "point").startswith("state: UPGRADING\n")
+    assert ok(cli, "--format", "csv", "resume", "point", "-f", "json").startswith("{")
+    assert ok(cli, "resume", "point", env={"LEDGER_FORMAT": "csv"}).startswith("key,value\n")
