@@ -82,7 +82,7 @@ class Jobs:
     def _backup_job(self, c: Component) -> Callable[[], Job]:
         def job() -> Job:
             if c.probe is not None:
-                version = yield from self._probe(c)
+                version, _ = yield from self._probe(c)
                 if version is None:
                     return False
                 if self._skip_if_done(c, version):
@@ -118,17 +118,14 @@ class Jobs:
                 self._say(c, "UPGRADING", "was interrupted and does not validate: "
                           "upgrading again")
             elif c.probe is not None:
-                version = yield from self._probe(c)
-                error = None
-                if version is None:
-                    error = self.error or "probe failed"
-                elif self._skip_if_done(c, version):
+                version, error = yield from self._probe(c)
+                if version is not None and self._skip_if_done(c, version):
                     return True
-                elif c.from_version is not None and version != c.from_version:
+                if version is not None and c.from_version not in (None, version):
                     error = (f"installed version is {version}, but the plan upgrades from "
                              f"{c.from_version}")
                     self._failed(c, error, None)
-                if error is not None:  # recorded on the component: it never started
+                if error is not None:  # recorded on the component, though it never began
                     led.component_start(c.name, version, c.to_version, phase=c.phase)
                     led.component_fail(c.name, error, phase=c.phase)
                     return False
@@ -192,16 +189,17 @@ class Jobs:
         raise AssertionError("unreachable")
 
     def _probe(self, c: Component) -> Steps:
-        """Run the probe; return the installed version it printed, or None (failed)."""
+        """Run the probe; return (the installed version it printed, None) or, when it
+        failed, (None, why)."""
         result: Result = yield from self._attempts(c, "probe")
         version = result.output.strip().splitlines()[0].strip() if result.output.strip() else ""
         if not result.ok or not version or " " in version or len(version) > 128:
             error = (f"probe {result.describe()}" if not result.ok else
                      f"probe printed {version[:40]!r}, not a version")
             self._failed(c, error, result)
-            return None
+            return None, error
         self.versions[c.key] = version
-        return version
+        return version, None
 
     def _skip_if_done(self, c: Component, version: str) -> bool:
         targets = self.plan.targets_from(c)

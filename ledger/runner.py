@@ -112,6 +112,9 @@ class Run(Jobs):
         doc = self.ledger.document()
         self.done = sum(1 for p in doc["phases"].values() for c in p["components"].values()
                         if c["state"] in (states.COMPLETED, states.SKIPPED))
+        # On resume, the versions the stopped run found installed (its probes).
+        self.versions = {(p, n): c["from_version"] for p, phase in doc["phases"].items()
+                         for n, c in phase["components"].items() if c["from_version"]}
         while (state := self.ledger.state()) not in states.TERMINAL_STATES:
             self.stop.check()
             self.label = state

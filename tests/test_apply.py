@@ -385,3 +385,18 @@ def test_another_plan_in_progress_is_refused_unless_superseded(
     with ledger_of(home) as led:
         assert led.show("manual")["state"] == "FAILED"
         assert led.state() == "COMPLETED"
+
+
+def test_a_probe_that_prints_no_version_stops_before_any_change(
+        tmp_path: Path, home: Path, cli) -> None:
+    work = tmp_path / "w"
+    comp = component("a")
+    comp["probe"] = "echo 'not a version'"
+    plan = write_plan(work, [("one", 1, [comp])])
+    result = cli("apply", str(plan))
+    assert result.code == 12, result
+    assert "one/a: probe printed 'not a version', not a version" in result.err
+    assert lines(work, "backups") == [] and lines(work, "stamps") == []
+    with ledger_of(home) as led:
+        assert led.state() == "FAILED"
+        assert led.component_status("a")["state"] == "PENDING"
