@@ -26,7 +26,10 @@ import argparse
 import hashlib
 import json
 import os
+import resource
+import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,6 +175,44 @@ def _upgrade_all(led: Ledger, report: Reporter, count: int) -> None:
             report("component.completed", name, states.COMPLETED,
                    led.component_complete(name))
         report("phase.completed", phase, states.COMPLETED, led.phase_complete(phase))
+
+
+# -- what the parent uses: the CLI as a real process, and the checks after a fault ----
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(home: Path | None, *args: str, fsize: int | None = None,
+        env: dict[str, str] | None = None, umask: int | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    """``upgrade-ledger [--home HOME] ARGS`` in a real process (this checkout's code),
+    optionally with its file size limited to *fsize* bytes (writes past it fail with
+    EFBIG; SIGXFSZ is ignored) or a given *umask*."""
+
+    def limits() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if umask is not None:
+            os.umask(umask)
+
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("LEDGER_HOME", "UPGRADE_STATE_DIR", "LEDGER_SNAPSHOT_KEEP")}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env.update(env or {})
+    home_args = ["--home", str(home)] if home is not None else []
+    return subprocess.run([sys.executable, "-m", "ledger", *home_args, *args],
+                          capture_output=True, text=True, env=full_env, timeout=120,
+                          preexec_fn=limits, check=False)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single stderr line of a refused command that exited *code*."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("upgrade-ledger: error: "), proc.stderr
+    return lines[0]
 
 
 # -- what the parent checks after each kill ------------------------------------------

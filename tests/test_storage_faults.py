@@ -19,17 +19,13 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faultchild as fc
 import pytest
-from conftest import child_env
 
 from ledger import documents
 from ledger.api import Ledger
@@ -39,24 +35,11 @@ BIG_ERROR = "disk said no; " * 4500  # ~63 KB: makes state.json larger than one 
 
 
 def cli(home: Path, *args: str, fsize: int | None = None) -> subprocess.CompletedProcess[str]:
-    """``upgrade-ledger --home HOME ARGS`` in a real process, optionally with its file
-    size limited to *fsize* bytes."""
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run([sys.executable, "-m", "ledger", "--home", str(home), *args],
-                          capture_output=True, text=True, env=child_env(), timeout=120,
-                          preexec_fn=limit, check=False)
+    return fc.cli(home, *args, fsize=fsize)
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int = EXIT_STORAGE) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("upgrade-ledger: error: "), proc.stderr
-    return lines[0]
+    return fc.one_line_error(proc, code)
 
 
 def prepare(home: Path, components: int = 10) -> str:
