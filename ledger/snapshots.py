@@ -182,8 +182,14 @@ def _backup(source: Path, temp: Path) -> None:
             dst.close()
     finally:
         src.close()
-    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW)
     try:
+        # The copy carries the ledger's WAL mode in its header (bytes 18-19 = 2). A
+        # snapshot is a closed, self-contained file: mark it rollback-journal (1), as
+        # PRAGMA journal_mode=DELETE would, so that opening it (sqlite3 -readonly)
+        # needs no -wal or -shm beside it. It has no WAL content, so nothing is lost.
+        if os.pread(fd, 2, 18) == b"\x02\x02":
+            os.pwrite(fd, b"\x01\x01", 18)
         os.fsync(fd)
     finally:
         os.close(fd)
