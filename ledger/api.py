@@ -907,12 +907,16 @@ def _create_private(path: Path) -> None:
         return
     try:
         st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise _unusable(path, "not a regular file")
-        if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
-            path.chmod(FILE_MODE)
     except OSError as exc:
         raise _unusable(path, exc.strerror) from exc
+    # Outside the try: StorageError is an OSError, and would lose its reason there.
+    if not stat.S_ISREG(st.st_mode):
+        raise _unusable(path, "not a regular file")
+    if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
+        try:
+            path.chmod(FILE_MODE)
+        except OSError as exc:
+            raise _unusable(path, exc.strerror) from exc
 
 
 def _unusable(path: Path, why: str | None) -> StorageError:
