@@ -113,7 +113,7 @@ CASES = [
     ("corrupt-ledger", ["status"], 7, "is corrupt or not a ledger", corrupt),
     ("corrupt-ledger-step", ["state", "set", "VALIDATING"], 7, "is corrupt", corrupt),
     ("corrupt-ledger-sql", ["sql", "SELECT 1"], 7, "is corrupt", corrupt),
-    ("unreadable-ledger", ["state", "get"], 8, "Is a directory", db_is_a_folder),
+    ("unreadable-ledger", ["state", "get"], 8, "not a regular file", db_is_a_folder),
     ("missing-ledger", ["show"], 5, "no upgrade in this ledger yet", empty_home),
     ("home-under-a-file", ["--home", "{file}/home", "status"], 8,
      "cannot create ledger folder"),

@@ -72,9 +72,7 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
     if isinstance(data, Mapping):
         rows = [(k, data[k]) for k in (columns or list(data))]
         if fmt == "table":
-            from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
-
-            return tabulate([(k, _cell(v)) for k, v in rows], tablefmt="plain") + "\n"
+            return _record_table([(k, _cell(v)) for k, v in rows])
         if fmt == "csv":
             return _csv([("key", "value"), *((k, _cell(v)) for k, v in rows)])
         return "".join(f"{k}: {_cell(v)}\n" for k, v in rows)
@@ -93,6 +91,18 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
         return "".join("\t".join(r) + "\n" for r in records)
     text = _cell(data)
     return text + "\n" if text else ""
+
+
+def _record_table(rows: Sequence[tuple[str, str]]) -> str:
+    """One record as aligned ``key  value`` lines.
+
+    Done here rather than by tabulate: a record is two columns, and importing
+    tabulate costs ~20 ms, which ``status`` (a per-step command) should not pay.
+    """
+    width = max((len(key) for key, _ in rows), default=0)
+    indent = "\n" + " " * (width + 2)
+    return "".join(f"{key.ljust(width)}  {value.replace(chr(10), indent)}".rstrip() + "\n"
+                   for key, value in rows)
 
 
 def _csv(rows: Sequence[Sequence[str]]) -> str:
