@@ -17,9 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
 
-from ledger import doctor, notify, subscribers
+from ledger import doctor, migrate, notify, subscribers
 from ledger.api import Ledger
+from ledger.schema import metadata
 from tests.applyplans import component as plan_component
 from tests.applyplans import write_plan
 from tests.conftest import REPO, child_env
@@ -498,3 +502,18 @@ def test_apply_notifies_as_it_goes_and_a_dead_subscriber_never_fails_it(
     assert [r["event"] for r in server.requests()] == events
     dead = cursor(home, "dead")
     assert dead["attempts"] == 1 and "timed out" in dead["last_error"]
+
+
+def test_the_cursor_table_migrates_both_ways_and_matches_the_metadata(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate.upgrade(url)
+    migrate.downgrade(url, "0001")
+    engine = create_engine(url)
+    try:
+        assert "notify_cursors" not in inspect(engine).get_table_names()
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
