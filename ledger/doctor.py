@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ledger import documents, notify, queries
+from ledger import documents, notify, queries, snapshots
 from ledger.api import Ledger
 from ledger.db import SCHEMA_REVISION, Database, SqliteDatabase
 from ledger.errors import CorruptLedger, LedgerError
@@ -682,6 +682,7 @@ CHECKS: list[Check] = [
     Check("stuck", check_stuck),
     Check("temp-files", check_temp_files, repair_temp_files),
     Check("notifications", notify.doctor_check),
+    Check("snapshots", snapshots.doctor_check),
 ]
 
 

@@ -460,3 +460,42 @@ def _same_device(a: Path, b: Path) -> bool:
         return a.stat().st_dev == b.stat().st_dev
     except OSError:
         return False
+
+
+# -- doctor ------------------------------------------------------------------------------
+# ledger.doctor lists this check; it imports this module, so its names are imported
+# inside the function. Restoring is not one of doctor's repairs: it replaces the
+# ledger file, so it stays an explicit step ('upgrade-ledger restore', after stopping
+# upgrade runs), which doctor's hint for a damaged ledger names.
+
+
+def doctor_check(ctx: Any) -> Any:  # noqa: PLR0911 (one return per verdict)
+    """doctor's ``snapshots`` check: is there a snapshot to restore, and is the newest
+    one whole? (Only the newest is read through, unless it is damaged.)"""
+    from ledger.doctor import OK, SKIP, WARN, Finding  # noqa: PLC0415
+
+    name = "snapshots"
+    if ctx.sqlite_path is None:
+        return Finding(name, SKIP, "not a SQLite file: back the database server up with its "
+                                   "own tools")
+    try:
+        found = listing(ctx.home)
+    except StorageError as exc:
+        return Finding(name, WARN, str(exc), "fix the permissions of the snapshots folder")
+    saved = any(ctx.home.history_dir.glob("*.json")) if ctx.home.history_dir.is_dir() else False
+    if not found:
+        if not saved:
+            return Finding(name, OK, "none yet (one is taken at each save to history)")
+        return Finding(name, WARN, f"no snapshot in {folder(ctx.home)} although upgrades were "
+                                   "saved to history", "take one: 'upgrade-ledger snapshot' "
+                                   f"(and check {KEEP_ENV})")
+    for n, snap in enumerate(found):
+        problem = check_file(snap.path)
+        if problem is None:
+            detail = f"{len(found)} snapshot(s), newest good: {snap.name}"
+            if n == 0:
+                return Finding(name, OK, detail)
+            return Finding(name, WARN, f"{detail}; {n} newer one(s) damaged",
+                           "take a new one: 'upgrade-ledger snapshot'")
+    return Finding(name, WARN, f"all {len(found)} snapshot(s) are damaged",
+                   "take a new one: 'upgrade-ledger snapshot' (once the ledger is healthy)")

@@ -20,7 +20,7 @@ from ledger.lock import local_boot_id, local_hostname
 
 FINDING_KEYS = ["check", "status", "detail", "hint", "repaired"]
 CHECK_NAMES = ["integrity", "schema", "lock", "permissions", "state-view", "history-views",
-               "wal", "stuck", "temp-files", "notifications"]
+               "wal", "stuck", "temp-files", "notifications", "snapshots"]
 
 
 def dead_pid() -> int:
