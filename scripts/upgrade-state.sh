@@ -1,0 +1,415 @@
+# shellcheck shell=bash
+#
+# upgrade-state.sh: drop-in replacement for the old bash+jq upgrade state library.
+#
+# Scripts that `source` the old library source this file instead and run unchanged:
+# the 35 functions keep their names, arguments, standard output, exit statuses and
+# one-line `ERROR:` messages, but the work is done by `upgrade-ledger`, whose SQLite
+# ledger (inside UPGRADE_STATE_DIR) is the truth. state.json, history/<id>.json and
+# upgrade.lock.d/lock.info stay where scripts expect them. See docs/bash.md.
+#
+# How it is built, and why:
+# - Each function runs at most ONE `upgrade-ledger` process (the cost that matters);
+#   everything else is bash builtins: no jq, no date, no mkdir, no subshell pipelines.
+# - The calling shell ($BASHPID) is the process every change is attributed to and
+#   the owner of the lock, so a lock taken in a background subshell belongs to it.
+# - Nothing leaks into the caller: no `set`/`shopt` changes, only the documented
+#   UPGRADE_* variables, the functions below, and internal names starting with
+#   `_upgrade_state` / `_UPGRADE_STATE`. It works under `set -euo pipefail`, with
+#   USER and HOSTNAME unset, and when sourced twice.
+
+if [ -z "${BASH_VERSION:-}" ]; then
+    echo "ERROR: upgrade-state.sh needs bash" >&2
+    # shellcheck disable=SC2317
+    return 1 2>/dev/null || exit 1
+fi
+
+# -- environment (read when the file is sourced; defaults as in the old library) -------
+
+: "${UPGRADE_STATE_DIR:=/var/lib/observability-upgrades}"
+: "${UPGRADE_HISTORY_DIR:=$UPGRADE_STATE_DIR/history}"
+: "${UPGRADE_BACKUPS_DIR:=$UPGRADE_STATE_DIR/backups}"
+: "${UPGRADE_STATE_FILE:=$UPGRADE_STATE_DIR/state.json}"
+: "${UPGRADE_LOCK_FILE:=$UPGRADE_STATE_DIR/upgrade.lock}"
+: "${UPGRADE_TEMP_DIR:=$UPGRADE_STATE_DIR/tmp}"
+
+# -- plumbing (internal) -------------------------------------------------------------
+
+# Find the upgrade-ledger command: UPGRADE_LEDGER_BIN, else PATH. Sets the caller's
+# local `_ul_bin` (bash's dynamic scoping); a builtin-only PATH walk, no `command -v`
+# in a subshell and no dependence on the caller's `hash` setting.
+_upgrade_state_find_bin() {
+    local _ul_dir _ul_dirs
+    if [[ -n ${UPGRADE_LEDGER_BIN:-} ]]; then
+        if [[ -f $UPGRADE_LEDGER_BIN && -x $UPGRADE_LEDGER_BIN ]]; then
+            _ul_bin=$UPGRADE_LEDGER_BIN
+            return 0
+        fi
+        printf 'ERROR: UPGRADE_LEDGER_BIN=%s is not an executable file; point it at the upgrade-ledger command\n' \
+            "$UPGRADE_LEDGER_BIN" >&2
+        return 1
+    fi
+    IFS=: read -r -a _ul_dirs <<<"${PATH:-}"
+    for _ul_dir in "${_ul_dirs[@]}"; do
+        if [[ -n $_ul_dir && -f $_ul_dir/upgrade-ledger && -x $_ul_dir/upgrade-ledger ]]; then
+            _ul_bin=$_ul_dir/upgrade-ledger
+            return 0
+        fi
+    done
+    echo "ERROR: the upgrade-ledger command was not found; put it on PATH or set UPGRADE_LEDGER_BIN to its path" >&2
+    return 1
+}
+
+# _upgrade_state_call MODE PID ARG...: run `upgrade-ledger ARG...` once, for PID.
+# Its stdout goes straight to ours; its stderr is captured and rewritten so that a
+# failure is one line starting `ERROR:` (MODE 0), `WARNING:` (MODE 2) or nothing at
+# all (MODE 1); MODE 3 is MODE 0 except that "not found" (exit 5: no upgrade yet) is
+# silent. Returns the command's own exit status (callers map it).
+_upgrade_state_call() {
+    local _ul_mode=$1 _ul_pid=$2 _ul_bin= _ul_err= _ul_rc=0 _ul_line _ul_tag
+    shift 2
+    _upgrade_state_keep_armed
+    _upgrade_state_find_bin || return 1
+    # fd 3 carries our stdout past the command substitution, which captures only the
+    # command's stderr. The UPGRADE_* paths go to the command as one-off environment
+    # assignments: the caller's environment is left as it was. --home and --pid are
+    # explicit so that LEDGER_HOME or LEDGER_PID in the environment cannot redirect us.
+    {
+        _ul_err=$(UPGRADE_STATE_DIR=$UPGRADE_STATE_DIR \
+            UPGRADE_HISTORY_DIR=$UPGRADE_HISTORY_DIR \
+            UPGRADE_BACKUPS_DIR=$UPGRADE_BACKUPS_DIR \
+            UPGRADE_STATE_FILE=$UPGRADE_STATE_FILE \
+            UPGRADE_LOCK_FILE=$UPGRADE_LOCK_FILE \
+            UPGRADE_TEMP_DIR=$UPGRADE_TEMP_DIR \
+            "$_ul_bin" --home "$UPGRADE_STATE_DIR" --pid "$_ul_pid" "$@" 2>&1 1>&3 3>&-)
+    } 3>&1 || _ul_rc=$?
+    if [[ $_ul_mode == 3 && $_ul_rc == 5 ]]; then _ul_mode=1; fi
+    if [[ -n $_ul_err && $_ul_mode != 1 ]]; then
+        _ul_tag=ERROR
+        if [[ $_ul_mode == 2 ]]; then _ul_tag=WARNING; fi
+        while IFS= read -r _ul_line; do
+            case $_ul_line in
+                "upgrade-ledger: error: "*) _ul_line="$_ul_tag: ${_ul_line#upgrade-ledger: error: }" ;;
+                "upgrade-ledger: "*) _ul_line="$_ul_tag: ${_ul_line#upgrade-ledger: }" ;;
+            esac
+            printf '%s\n' "$_ul_line" >&2
+        done <<<"$_ul_err"
+    fi
+    return "$_ul_rc"
+}
+
+# _upgrade_state_do PID ARG...: one command; 0 on success, 1 (after one ERROR: line)
+# on any failure, which is the legacy functions' "0/1".
+_upgrade_state_do() {
+    if _upgrade_state_call 0 "$@"; then return 0; fi
+    return 1
+}
+
+# _upgrade_state_usage MIN USAGE "$@": refuse a call with fewer than MIN arguments.
+_upgrade_state_usage() {
+    local _ul_min=$1 _ul_usage=$2
+    shift 2
+    if (($# >= _ul_min)); then return 0; fi
+    printf 'ERROR: usage: %s\n' "$_ul_usage" >&2
+    return 1
+}
+
+# -- releasing the lock when the shell ends --------------------------------------------
+#
+# A lock taken with upgrade_lock_acquire is released when the shell that took it
+# exits, including when TERM or INT kill it: bash runs the EXIT trap in both cases.
+# The release is chained onto whatever EXIT trap the shell already has (the existing
+# command runs first and keeps its `$?`; ours runs after it), and re-chained on every
+# library call while the lock is held, in case the script replaced the trap since.
+# A script whose own TERM/INT trap keeps the shell running keeps the lock: it still
+# owns it. A shell killed with KILL runs nothing: its lock is stale, and the next
+# acquirer takes it over (the lock records the holder's PID and start time).
+
+# _UPGRADE_STATE_LOCK_PID: the shell that (may) hold the lock; set before asking for
+# it, so that a shell killed mid-acquire still releases on exit.
+# _UPGRADE_STATE_TRAPS_PID: the shell whose EXIT trap carries our release.
+
+_upgrade_state_on_exit() {
+    if [[ ${_UPGRADE_STATE_LOCK_PID:-} == "$BASHPID" ]]; then
+        unset _UPGRADE_STATE_LOCK_PID
+        _upgrade_state_call 1 "$BASHPID" lock release --owner "$BASHPID" >/dev/null || :
+    fi
+    return 0
+}
+
+_upgrade_state_arm_exit_trap() {
+    local _ul_cur _ul_sig _ul_nl=$'\n'
+    local -a _ul_words
+    if [[ ${_UPGRADE_STATE_TRAPS_PID:-} != "$BASHPID" ]] && ((BASHPID != $$)); then
+        # In a subshell bash still *shows* the parent's traps (which will not run
+        # here) until a trap is changed. Reset one that is unused, so that what
+        # `trap -p` shows next is what this shell will really run.
+        for _ul_sig in RETURN XFSZ VTALRM PROF; do
+            if [[ -z $(trap -p "$_ul_sig") ]]; then
+                trap - "$_ul_sig"
+                break
+            fi
+        done
+    fi
+    _ul_cur=$(trap -p EXIT)
+    if [[ $_ul_cur != *_upgrade_state_on_exit* ]]; then
+        if [[ -z $_ul_cur ]]; then
+            trap -- '_upgrade_state_on_exit' EXIT
+        else
+            eval "_ul_words=($_ul_cur)"  # trap -- 'COMMAND' EXIT, quoted by bash itself
+            # `|| :` so that a failing command at the end of the script's own trap
+            # (under set -e) cannot skip the release.
+            trap -- "{ ${_ul_words[2]}${_ul_nl}} || :${_ul_nl}_upgrade_state_on_exit" EXIT
+        fi
+    fi
+    _UPGRADE_STATE_TRAPS_PID=$BASHPID
+}
+
+# Called before every command (in _upgrade_state_call): keep the release armed while
+# this shell holds the lock. One `trap -p` subshell (a fork, no exec) per call, and
+# only while the lock is held.
+_upgrade_state_keep_armed() {
+    if [[ ${_UPGRADE_STATE_LOCK_PID:-} == "$BASHPID" ]]; then _upgrade_state_arm_exit_trap; fi
+    return 0
+}
+
+# -- state --------------------------------------------------------------------------
+
+# Create the state folders (0700) and the ledger database if they do not exist.
+upgrade_state_init_dirs() {
+    _upgrade_state_do "$BASHPID" state get >/dev/null
+}
+
+# Print the current UTC time as YYYY-MM-DDTHH:MM:SSZ (bash builtin, no process).
+upgrade_get_timestamp() {
+    TZ=UTC0 printf '%(%Y-%m-%dT%H:%M:%SZ)T\n' -1
+}
+
+# Print a new upgrade id, upgrade-YYYYMMDD-HHMMSS (UTC; bash builtin, no process).
+upgrade_generate_id() {
+    TZ=UTC0 printf 'upgrade-%(%Y%m%d-%H%M%S)T\n' -1
+}
+
+# Start a new upgrade (IDLE) and print its id. An upgrade still in progress is
+# superseded: it ends FAILED, stays in the ledger, and one WARNING: line says so.
+upgrade_state_init() {
+    _upgrade_state_do "$BASHPID" legacy init ${1:+"$1"}
+}
+
+# Print the current upgrade's state document (exit 1 when there is none).
+upgrade_state_load() {
+    _upgrade_state_do "$BASHPID" export -o -
+}
+
+# Replace the current upgrade with a whole state document (validated first: an
+# invalid one changes nothing and exits 1).
+upgrade_state_save() {
+    _upgrade_state_usage 1 "upgrade_state_save JSON" "$@" || return 1
+    _upgrade_state_do "$BASHPID" import - <<<"$1" >/dev/null
+}
+
+# Same as upgrade_state_save: every write of the ledger is atomic.
+upgrade_state_write_atomic() {
+    _upgrade_state_usage 1 "upgrade_state_write_atomic JSON" "$@" || return 1
+    _upgrade_state_do "$BASHPID" import - <<<"$1" >/dev/null
+}
+
+# Print the current state (IDLE when no upgrade was ever started).
+upgrade_state_get_current() {
+    _upgrade_state_do "$BASHPID" state get
+}
+
+# Exit 0 if FROM -> TO is allowed (the same state again counts as allowed), 1 if not.
+upgrade_state_validate_transition() {
+    _upgrade_state_usage 2 "upgrade_state_validate_transition FROM TO" "$@" || return 1
+    _upgrade_state_do "$BASHPID" state check "$1" "$2"
+}
+
+# Move the upgrade to STATE; the same state again is 0, an invalid transition is 1
+# (with an ERROR: line naming the allowed targets) and changes nothing.
+upgrade_state_set() {
+    _upgrade_state_usage 1 "upgrade_state_set STATE" "$@" || return 1
+    _upgrade_state_do "$BASHPID" state set "$1"
+}
+
+# -- phases ---------------------------------------------------------------------------
+
+upgrade_phase_start() {
+    _upgrade_state_usage 1 "upgrade_phase_start PHASE" "$@" || return 1
+    _upgrade_state_do "$BASHPID" phase start "$1"
+}
+
+upgrade_phase_complete() {
+    _upgrade_state_usage 1 "upgrade_phase_complete PHASE" "$@" || return 1
+    _upgrade_state_do "$BASHPID" phase complete "$1"
+}
+
+upgrade_phase_fail() {
+    _upgrade_state_usage 1 "upgrade_phase_fail PHASE [ERROR]" "$@" || return 1
+    _upgrade_state_do "$BASHPID" phase fail "$1" ${2+"$2"}
+}
+
+# Print the first PENDING phase, or nothing (also when there is no upgrade yet).
+upgrade_phase_get_next() {
+    local _ul_rc=0
+    _upgrade_state_call 3 "$BASHPID" phase next || _ul_rc=$?
+    # 5 is "not found": no upgrade, so no next phase either.
+    if ((_ul_rc == 0 || _ul_rc == 5)); then return 0; fi
+    return 1
+}
+
+# -- components ----------------------------------------------------------------------
+
+# Start upgrading COMPONENT from FROM to TO in the current phase ("" = unknown
+# version); exit 1 when no phase is current.
+upgrade_component_start() {
+    _upgrade_state_usage 1 "upgrade_component_start COMPONENT FROM TO" "$@" || return 1
+    _upgrade_state_do "$BASHPID" legacy component-start "$1" "${2-}" "${3-}"
+}
+
+upgrade_component_complete() {
+    _upgrade_state_usage 1 "upgrade_component_complete COMPONENT" "$@" || return 1
+    _upgrade_state_do "$BASHPID" component complete "$1"
+}
+
+# Mark COMPONENT failed: attempts + 1, last_error set.
+upgrade_component_fail() {
+    _upgrade_state_usage 1 "upgrade_component_fail COMPONENT [ERROR]" "$@" || return 1
+    _upgrade_state_do "$BASHPID" component fail "$1" ${2+"$2"}
+}
+
+# Exit 0 if COMPONENT is COMPLETED in the current upgrade, 1 if not.
+upgrade_component_is_upgraded() {
+    _upgrade_state_usage 1 "upgrade_component_is_upgraded COMPONENT" "$@" || return 1
+    _upgrade_state_do "$BASHPID" component is-upgraded "$1"
+}
+
+# Print COMPONENT's JSON object ({} when unknown).
+upgrade_component_get_status() {
+    _upgrade_state_usage 1 "upgrade_component_get_status COMPONENT" "$@" || return 1
+    _upgrade_state_do "$BASHPID" component status "$1" --format json
+}
+
+# -- resume --------------------------------------------------------------------------
+
+# Exit 0 if the current upgrade stopped mid-run and can be resumed, 1 if not.
+upgrade_can_resume() {
+    _upgrade_state_do "$BASHPID" can-resume
+}
+
+# Print {state, phase, component, can_resume} as JSON.
+upgrade_get_resume_point() {
+    _upgrade_state_do "$BASHPID" resume point --format json
+}
+
+# Record a resume; a note on stderr names each component left mid-upgrade.
+upgrade_resume() {
+    _upgrade_state_do "$BASHPID" resume
+}
+
+# -- rollback points -----------------------------------------------------------------
+
+upgrade_mark_rollback_point() {
+    _upgrade_state_usage 2 "upgrade_mark_rollback_point COMPONENT BACKUP_PATH" "$@" || return 1
+    _upgrade_state_do "$BASHPID" rollback mark "$1" "$2"
+}
+
+# Print {rollback_available, components: [{name, backup_path, from_version, to_version}]}.
+upgrade_get_rollback_info() {
+    _upgrade_state_do "$BASHPID" rollback info --format json
+}
+
+# Clear the rollback points (the ledger keeps them, marked cleared).
+upgrade_clear_rollback_point() {
+    _upgrade_state_do "$BASHPID" rollback clear
+}
+
+# -- utilities -----------------------------------------------------------------------
+
+# Exit 0 while an upgrade runs (PLANNING, BACKING_UP, UPGRADING, VALIDATING,
+# ROLLING_BACK), 1 if not.
+upgrade_is_in_progress() {
+    _upgrade_state_do "$BASHPID" in-progress
+}
+
+# Print the progress as an integer 0..100.
+upgrade_get_progress_percent() {
+    _upgrade_state_do "$BASHPID" progress
+}
+
+upgrade_get_summary() {
+    _upgrade_state_do "$BASHPID" summary
+}
+
+# Print one line per upgrade, newest first: ID | STATE | STARTED → UPDATED.
+# Every upgrade in the ledger is listed (a superseded one too); an upgrade that
+# finished and was reset to IDLE shows how it ended.
+upgrade_list_history() {
+    local _ul_limit=${1:-10} _ul_rows _ul_id _ul_state _ul_started _ul_updated
+    if [[ $_ul_limit == *[!0-9]* || ${#_ul_limit} -gt 7 ]] || ((10#$_ul_limit < 1)); then
+        printf 'ERROR: upgrade_list_history: the limit must be a whole number from 1, not %s\n' \
+            "$_ul_limit" >&2
+        return 1
+    fi
+    _upgrade_state_keep_armed  # (the call below runs in a command substitution)
+    # One read-only reporting query (portable SQL); the lines are formatted here.
+    _ul_rows=$(_upgrade_state_call 0 "$BASHPID" sql --format plain \
+        "SELECT id, CASE WHEN state = 'IDLE' AND outcome IS NOT NULL THEN outcome
+                ELSE state END AS state,
+                substr(started_at, 1, 19) || 'Z' AS started,
+                substr(updated_at, 1, 19) || 'Z' AS updated
+         FROM upgrades ORDER BY started_at DESC, id DESC LIMIT $((10#$_ul_limit))") || return 1
+    if [[ -z $_ul_rows ]]; then return 0; fi
+    while IFS=$'\t' read -r _ul_id _ul_state _ul_started _ul_updated; do
+        printf '%s | %s | %s → %s\n' "$_ul_id" "$_ul_state" "$_ul_started" "$_ul_updated"
+    done <<<"$_ul_rows"
+}
+
+# Write history/<id>.json for the current upgrade.
+upgrade_save_to_history() {
+    _upgrade_state_do "$BASHPID" save-history >/dev/null
+}
+
+# -- the lock ------------------------------------------------------------------------
+
+# Take the exclusive lock for this shell ($BASHPID). A stale lock (its holder is
+# gone) is taken over; one held by another live process gives
+# `ERROR: lock held by PID N ...` and exit 1.
+upgrade_lock_acquire() {
+    _UPGRADE_STATE_LOCK_PID=$BASHPID  # the call arms the EXIT trap for this shell
+    if _upgrade_state_do "$BASHPID" lock acquire --owner "$BASHPID"; then return 0; fi
+    unset _UPGRADE_STATE_LOCK_PID
+    return 1
+}
+
+# Release the lock if this shell holds it; another holder's lock stays (exit 0 with
+# a WARNING: line).
+upgrade_lock_release() {
+    local _ul_rc=0
+    _upgrade_state_call 2 "$BASHPID" lock release --owner "$BASHPID" || _ul_rc=$?
+    if [[ ${_UPGRADE_STATE_LOCK_PID:-} == "$BASHPID" ]]; then unset _UPGRADE_STATE_LOCK_PID; fi
+    # 4: the lock belongs to another process; it stays, as the contract says.
+    if ((_ul_rc == 0 || _ul_rc == 4)); then return 0; fi
+    return 1
+}
+
+# Exit 0 if a live process holds the lock, 1 if not (a stale lock is not held).
+upgrade_lock_is_held() {
+    _upgrade_state_do "$BASHPID" lock held
+}
+
+# Remove the lock if its holder is proven gone (a note on stderr when it does).
+upgrade_lock_check_stale() {
+    _upgrade_state_do "$BASHPID" lock check-stale
+}
+
+# -- cleanup -------------------------------------------------------------------------
+
+# Save the current upgrade to history, release this shell's lock, and reset a
+# finished upgrade to IDLE (one still in progress stays resumable).
+upgrade_cleanup() {
+    local _ul_rc=0
+    _upgrade_state_do "$BASHPID" cleanup --owner "$BASHPID" || _ul_rc=$?
+    if [[ ${_UPGRADE_STATE_LOCK_PID:-} == "$BASHPID" ]]; then unset _UPGRADE_STATE_LOCK_PID; fi
+    return "$_ul_rc"
+}
