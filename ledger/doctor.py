@@ -715,8 +715,8 @@ def run_checks(
     per check. With *repair*, apply the safe fixes, then check everything again; each
     finding's ``repaired`` says what was done for it."""
     ledger = where if isinstance(where, Ledger) else None
-    if ledger is not None:
-        home = ledger.home
+    if isinstance(where, Ledger):
+        home = where.home
     elif isinstance(where, Home):
         home = where
     else:

@@ -97,7 +97,7 @@ def _wants_traceback(args: list[str] | None) -> bool:
 class LedgerGroup(click.Group):
     """The root group: every failure becomes one line on stderr and its exit code."""
 
-    def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
+    def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
         argv = list(args) if args is not None else None
