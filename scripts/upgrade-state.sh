@@ -70,6 +70,7 @@ _upgrade_state_call() {
     shift 2
     _upgrade_state_keep_armed
     _upgrade_state_find_bin || return 1
+    if [[ -z ${_ul_adopting:-} ]]; then _upgrade_state_adopt || return 1; fi
     # fd 3 carries our stdout past the command substitution, which captures only the
     # command's stderr. The UPGRADE_* paths go to the command as one-off environment
     # assignments: the caller's environment is left as it was. --home and --pid are
@@ -96,6 +97,17 @@ _upgrade_state_call() {
         done <<<"$_ul_err"
     fi
     return "$_ul_rc"
+}
+
+# A host switching over from the old library has its files but no ledger yet: load
+# them (history/*.json, then state.json) before the first command, which would
+# otherwise overwrite state.json. One extra process, once per host; afterwards the
+# check is a single stat.
+_upgrade_state_adopt() {
+    if [[ -n ${LEDGER_DB_URL:-} || -e $UPGRADE_STATE_DIR/ledger.db ]]; then return 0; fi
+    if [[ ! -e $UPGRADE_STATE_FILE && ! -d $UPGRADE_HISTORY_DIR ]]; then return 0; fi
+    local _ul_adopting=1
+    _upgrade_state_call 0 "$BASHPID" legacy adopt
 }
 
 # _upgrade_state_do PID ARG...: one command; 0 on success, 1 (after one ERROR: line)

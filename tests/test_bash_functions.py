@@ -562,3 +562,57 @@ def test_seed_example_resume_after_a_crash(tmp_path: Path) -> None:
     assert upgrade["outcome"] == "COMPLETED" and upgrade["completed"] == 2
     assert "upgrade.resume" in events
     assert len(breaks) == 1  # the crashed run's stale lock was taken over, on the record
+
+
+# -- switching a host over ---------------------------------------------------------------
+
+def legacy_document(upgrade_id: str, state: str, components: dict[str, str]) -> dict:
+    """A state document as the old bash library wrote it (no serial, no lineage)."""
+    return {
+        "upgrade_id": upgrade_id, "current_state": state,
+        "started_at": "2025-12-27T10:30:00Z", "updated_at": "2025-12-27T10:42:00Z",
+        "current_phase": "exporters", "current_component": None,
+        "phases": {"exporters": {"state": "IN_PROGRESS", "started_at": "2025-12-27T10:31:00Z",
+                                 "components": {
+                                     name: {"state": cstate, "from_version": "1.0.0",
+                                            "to_version": "2.0.0", "attempts": 0,
+                                            "last_error": None}
+                                     for name, cstate in components.items()}}},
+        "rollback_available": False, "can_resume": state == "UPGRADING",
+        "metadata": {"hostname": "old-host", "user": "ops", "pid": "4242"},
+    }
+
+
+def test_the_old_library_files_are_loaded_on_the_first_call(harness: Harness) -> None:
+    home = harness.home
+    (home / "history").mkdir(parents=True)
+    (home / "history" / "upgrade-20251201-090000.json").write_text(json.dumps(
+        legacy_document("upgrade-20251201-090000", "COMPLETED", {"node_exporter": "COMPLETED"})))
+    (home / "state.json").write_text(json.dumps(legacy_document(
+        "upgrade-20251227-103000", "UPGRADING",
+        {"node_exporter": "COMPLETED", "blackbox_exporter": "UPGRADING"}), indent=2))
+    calls = harness.run("""
+check current upgrade_state_get_current
+check done upgrade_component_is_upgraded node_exporter
+check list upgrade_list_history
+""")
+    current = calls["current"]
+    assert (current.rc, current.out) == (0, "UPGRADING\n")
+    assert current.err.startswith("NOTE: loaded 2 upgrade(s)") and current.err.count("\n") == 1
+    ok(calls["done"])
+    assert [line.split(" | ")[:2] for line in calls["list"].out.splitlines()] == [
+        ["upgrade-20251227-103000", "UPGRADING"], ["upgrade-20251201-090000", "COMPLETED"]]
+    assert current.state["lineage"]  # state.json is now the ledger's view of the same run
+    assert current.state["phases"]["exporters"]["components"]["blackbox_exporter"][
+        "state"] == "UPGRADING"
+
+
+def test_an_unreadable_old_state_file_is_kept_aside(harness: Harness) -> None:
+    home = harness.home
+    home.mkdir()
+    (home / "state.json").write_text('{"upgrade_id": "upgrade-1", "current_st')
+    calls = harness.run("check current upgrade_state_get_current\n")
+    current = calls["current"]
+    assert (current.rc, current.out) == (0, "IDLE\n")
+    assert current.err.startswith("WARNING: ") and "state.json.legacy" in current.err
+    assert (home / "state.json.legacy").read_text().startswith('{"upgrade_id": "upgrade-1"')

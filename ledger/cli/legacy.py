@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from ledger.cli.app import Config, pass_config
+from ledger.errors import LedgerError
 
 
 @click.group()
@@ -55,6 +56,43 @@ def legacy_component_start(cfg: Config, name: str, from_version: str | None,
     yet; the ledger records that as no version (null) rather than refusing it.
     """
     cfg.ledger().component_start(name, from_version or None, to_version or None)
+
+
+@legacy.command("adopt")
+@pass_config
+def legacy_adopt(cfg: Config) -> None:
+    """Load the old library's files into a new ledger: history/*.json, then state.json.
+
+    Run by the drop-in, once, when it finds a state.json or a history folder but no
+    ledger yet (a host switching over), so that nothing the old library recorded is
+    lost: the first change would otherwise overwrite state.json. A ledger that already
+    holds upgrades is left alone. A file that cannot be read is named in a WARNING
+    line and left where it is (an unreadable state.json is renamed state.json.legacy,
+    since the next change rewrites state.json).
+    """
+    ledger = cfg.ledger()
+    if ledger.history(1):
+        return
+    home = ledger.home
+    adopted = []
+    for path in sorted(home.history_dir.glob("*.json")):
+        try:
+            adopted.append(ledger.import_document(path.read_bytes(), make_current=False))
+        except (LedgerError, OSError) as exc:
+            click.echo(f"WARNING: {path} was not loaded into the ledger: {exc}", err=True)
+    for upgrade_id in adopted:
+        ledger.save_to_history(upgrade_id)  # rewritten as this ledger's own files
+    if home.state_file.is_file():
+        try:
+            adopted.append(ledger.import_document(home.state_file.read_bytes()))
+        except (LedgerError, OSError) as exc:
+            aside = home.state_file.with_name(home.state_file.name + ".legacy")
+            home.state_file.replace(aside)
+            click.echo(f"WARNING: {home.state_file} was not loaded into the ledger ({exc}); "
+                       f"it is kept as {aside}", err=True)
+    if adopted:
+        click.echo(f"NOTE: loaded {len(set(adopted))} upgrade(s) from the old "
+                   f"library's files into the ledger in {home.root}", err=True)
 
 
 COMMANDS = [legacy]
