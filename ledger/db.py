@@ -164,8 +164,16 @@ class SqliteDatabase(Database):
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             self._conn.row_factory = sqlite3.Row
-            # WAL: readers never block the writer and a commit is one append.
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            # WAL: readers never block the writer and a commit is one append. The mode
+            # is persistent: switch a new database (or a ledger restored from a
+            # snapshot), never another application's file, which is refused untouched.
+            if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                if _foreign(self._conn):
+                    self._conn.close()
+                    raise CorruptLedger(
+                        f"{self.url} is a database but not a ledger (no schema revision); "
+                        "point --home or --db at a ledger")
+                self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a call that returned is on disk, even after power loss.
             self._conn.execute("PRAGMA synchronous=FULL")
             # Foreign keys are off by default in SQLite; the schema relies on them.
@@ -246,6 +254,12 @@ class SqliteDatabase(Database):
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _foreign(conn: sqlite3.Connection) -> bool:
+    """Whether the database holds tables but no schema revision: not a ledger."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return bool(names) and "alembic_version" not in names
 
 
 def _read_only_authorizer(action: int, arg1: str | None, *_: object) -> int:
