@@ -116,10 +116,13 @@ def listing(home: Home) -> list[Snapshot]:
         match = _NAME.fullmatch(entry.name)
         if not match or not entry.is_file(follow_symlinks=False):
             continue
+        try:
+            size = entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue  # pruned meanwhile by another process
         s = match["stamp"]
         taken = f"{s[:4]}-{s[4:6]}-{s[6:8]}T{s[9:11]}:{s[11:13]}:{s[13:15]}.{s[15:18]}Z"
-        found.append(Snapshot(Path(entry.path), taken, match["upgrade"],
-                              entry.stat(follow_symlinks=False).st_size))
+        found.append(Snapshot(Path(entry.path), taken, match["upgrade"], size))
     return sorted(found, key=lambda snap: snap.name, reverse=True)
 
 
@@ -339,12 +342,12 @@ def restore(home: Home, name: str | None = None, *, force: bool = False,
         home.write_atomic(home.db_path, snap.path.read_bytes())
         with Ledger(home.root, env=env, pid=owner, lock_timeout_s=lock_timeout_s) as led:
             views = _views(led, result)
+            newer = _newest_per_upgrade(led, views)  # judged against the snapshot alone
             _record(led, views, {"snapshot": snap.name, "problem": problem,
                                  "aside": result.aside, "lock_breaks": len(breaks)})
-            for path, data, doc in views:
-                if _newer(led, doc):
-                    led.import_document(data, make_current=path == led.home.state_file)
-                    result.imported.append(f"{path.name} ({doc['upgrade_id']})")
+            for path, data, doc in newer:
+                led.import_document(data, make_current=path == led.home.state_file)
+                result.imported.append(f"{path.name} ({doc['upgrade_id']})")
             led.write_views()
             result.current = led.current_id()
     finally:
@@ -422,6 +425,24 @@ def _record(led: Ledger, views: list[tuple[Path, bytes, dict[str, Any]]],
             {"id": top + 1, "at": clock.now(), "snap": detail["snapshot"], "user": led.user,
              "host": led.hostname, "pid": led.pid,
              "detail": json.dumps(detail, sort_keys=True)})
+
+
+def _newest_per_upgrade(led: Ledger, views: list[tuple[Path, bytes, dict[str, Any]]],
+                        ) -> list[tuple[Path, bytes, dict[str, Any]]]:
+    """Of the views of each upgrade, the newest (state.json on a tie: it names the
+    current upgrade), when it is newer than the restored ledger; state.json last."""
+    best: dict[str, tuple[Path, bytes, dict[str, Any]]] = {}
+    for view in views:  # history files first, state.json last: it wins ties
+        uid = view[2]["upgrade_id"]
+        if uid not in best or _serial(view[2]) >= _serial(best[uid][2]):
+            best[uid] = view
+    chosen = [view for view in best.values() if _newer(led, view[2])]
+    return sorted(chosen, key=lambda view: view[0] == led.home.state_file)
+
+
+def _serial(doc: dict[str, Any]) -> int:
+    serial = doc.get("serial")
+    return serial if isinstance(serial, int) and not isinstance(serial, bool) else -1
 
 
 def _newer(led: Ledger, doc: dict[str, Any]) -> bool:
