@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -422,6 +423,18 @@ def test_environment_defaults_follow_the_state_dir(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[0] == "UPGRADE_STATE_DIR=/var/lib/observability-upgrades"
 
 
+def test_timestamps_and_ids_are_utc_whatever_the_local_zone(tmp_path: Path) -> None:
+    done = run_bash(f"source {LIB}; upgrade_get_timestamp; upgrade_generate_id; echo $TZ",
+                    bash_env(tmp_path / "s", TZ="America/New_York"))
+    stamp, new_id, tz = done.stdout.split()
+    assert done.returncode == 0 and tz == "America/New_York"  # the caller's TZ is kept
+    now = datetime.now(UTC)
+    moment = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((now - moment).total_seconds()) < 600  # UTC, not New York (hours away)
+    made = datetime.strptime(new_id, "upgrade-%Y%m%d-%H%M%S").replace(tzinfo=UTC)
+    assert abs((now - made).total_seconds()) < 600
+
+
 def test_every_path_variable_is_honoured(tmp_path: Path) -> None:
     paths = {"UPGRADE_STATE_FILE": tmp_path / "views" / "current.json",
              "UPGRADE_HISTORY_DIR": tmp_path / "old-runs",
@@ -473,6 +486,8 @@ upgrade_state_get_current
 upgrade_is_in_progress
 upgrade_component_is_upgraded nobody || echo "no: $?"
 upgrade_list_history 1 >/dev/null
+upgrade_get_timestamp >/dev/null
+upgrade_generate_id >/dev/null
 take {tmp_path}/called
 echo "id=$id"
 declare -F | sed 's/^declare -f //' > {tmp_path}/functions
