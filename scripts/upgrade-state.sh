@@ -165,10 +165,13 @@ _upgrade_state_arm_exit_trap() {
     fi
     _ul_cur=$(trap -p EXIT)
     if [[ $_ul_cur != *_upgrade_state_on_exit* ]]; then
-        if [[ -z $_ul_cur ]]; then
+        _ul_words=(trap -- '' EXIT)
+        if [[ -n $_ul_cur ]]; then
+            eval "_ul_words=($_ul_cur)"  # trap -- 'COMMAND' EXIT, quoted by bash itself
+        fi
+        if [[ -z ${_ul_words[2]} ]]; then
             trap -- '_upgrade_state_on_exit' EXIT
         else
-            eval "_ul_words=($_ul_cur)"  # trap -- 'COMMAND' EXIT, quoted by bash itself
             # `|| :` so that a failing command at the end of the script's own trap
             # (under set -e) cannot skip the release.
             trap -- "{ ${_ul_words[2]}${_ul_nl}} || :${_ul_nl}_upgrade_state_on_exit" EXIT
