@@ -111,11 +111,6 @@ class Reporter:
             os._exit(0)  # stop dead, as a crash would, but at a chosen step
 
 
-def _saved(led: Ledger) -> bool:
-    with led.db.read() as tx:
-        return bool(tx.scalar("SELECT saved_at FROM upgrades WHERE id = :u", {"u": RUN_ID}))
-
-
 def drive(home: Path, count: int, pause_s: float = 0.0, stop_after: int | None = None) -> None:
     """Bring the run to COMPLETED and saved to history, from wherever it stands
     (or stop dead after step *stop_after*)."""
@@ -144,9 +139,10 @@ def drive(home: Path, count: int, pause_s: float = 0.0, stop_after: int | None =
             state = _move(led, report, states.COMPLETED)
         if state != states.COMPLETED:
             raise SystemExit(f"faultchild: unexpected state {state}")
-        if not _saved(led):
-            led.save_to_history()
-            report("upgrade.history", None, None)
+        # Saved or not, save again, as a script's cleanup does at every exit: a kill
+        # may have fallen after the save was recorded but before its file and snapshot.
+        led.save_to_history()
+        report("upgrade.history", None, None)
         led.release_lock()
     sys.stdout.write(json.dumps({"done": True}) + "\n")
     sys.stdout.flush()
