@@ -101,6 +101,11 @@ def second(stamp: str | None) -> str | None:
     return None if stamp is None else stamp[:19] + "Z"
 
 
+#: The component columns a document shows, in the order ``component`` reads them.
+COMPONENT_COLUMNS = ("phase, name, state, from_version, to_version, attempts, last_error, "
+                     "note, started_at, completed_at, failed_at, backup_path")
+
+
 def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
     """The state document of *upgrade_id*, read in the caller's transaction."""
     u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
@@ -118,18 +123,28 @@ def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
         phase["components"] = {}
         phases[p["name"]] = phase
     for c in tx.all(
-        "SELECT phase, name, state, from_version, to_version, attempts, last_error, note, "
-        "started_at, completed_at, failed_at, backup_path FROM components "
-        "WHERE upgrade_id = :id ORDER BY position", {"id": upgrade_id},
+        f"SELECT {COMPONENT_COLUMNS} FROM components WHERE upgrade_id = :id ORDER BY position",
+        {"id": upgrade_id},
     ):
-        comp: dict[str, Any] = {"state": c["state"], "from_version": c["from_version"],
-                                "to_version": c["to_version"]}
-        _stamps(comp, c)
-        comp["attempts"] = c["attempts"]
-        for key in ("last_error", "backup_path", "note"):
-            if c[key] is not None:
-                comp[key] = c[key]
-        phases[c["phase"]]["components"][c["name"]] = comp
+        phases[c["phase"]]["components"][c["name"]] = component(c)
+    return frame(tx, u, phases)
+
+
+def component(c: Any) -> dict[str, Any]:
+    """One component's entry in the document, from its row (``COMPONENT_COLUMNS``)."""
+    comp: dict[str, Any] = {"state": c["state"], "from_version": c["from_version"],
+                            "to_version": c["to_version"]}
+    _stamps(comp, c)
+    comp["attempts"] = c["attempts"]
+    for key in ("last_error", "backup_path", "note"):
+        if c[key] is not None:
+            comp[key] = c[key]
+    return comp
+
+
+def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The document of the upgrade row *u* around *phases*: every other field."""
+    upgrade_id = u["id"]
     points = [
         {"component": r["component"], "backup_path": r["backup_path"],
          "size_bytes": r["size_bytes"], "sha256": r["sha256"]}
