@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ledger import clock, documents, queries, states
+from ledger import clock, documents, queries, states, viewpatch
 from ledger.db import Database, Row, Tx, open_database
 from ledger.documents import check_id, check_name, check_path, check_text, check_version
 from ledger.errors import (
@@ -101,14 +101,27 @@ class Ledger:
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _change(self, action: Callable[[Tx], T]) -> T:
-        """Run *action* as one write transaction, then refresh the state.json view."""
+    def _change(self, action: Callable[[Tx], T],
+                touched: list[tuple[str, str, bool]] | None = None) -> T:
+        """Run *action* as one write transaction, then refresh the state.json view.
+
+        An action that changes no component row beyond those it lists in *touched*
+        (``(phase, name, created)``, filled as it runs) lets the view be patched
+        rather than rebuilt whole; see ``ledger.viewpatch``.
+        """
         if self.strict:
             self._require_lock()
+        change = None
         with self.db.write() as tx:
+            upgrade_id = None if touched is None else tx.scalar(
+                "SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            before = None if upgrade_id is None else viewpatch.serial(tx, upgrade_id)
             result = action(tx)
+            if upgrade_id is not None and before is not None and touched is not None:
+                change = viewpatch.Change(upgrade_id, before,
+                                          viewpatch.serial(tx, upgrade_id), touched)
         try:
-            self.write_views()
+            self._write_views(change)
         except StorageError as exc:
             # Committed is committed: say so, or a caller would redo a step that happened.
             raise StorageError(f"the change was recorded in the ledger, but {exc}; then run "
@@ -167,12 +180,25 @@ class Ledger:
         The view is built and renamed into place while holding the database's write
         lock, so of two writers the later view always lands last.
         """
+        self._write_views(None)
+
+    def _write_views(self, change: viewpatch.Change | None) -> None:
+        """Rewrite state.json: patched after *change* when that is provably right,
+        else built whole."""
         with self.db.write() as tx:
             upgrade_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
             if upgrade_id is None:
                 return
-            doc = documents.build(tx, upgrade_id)
-            self.home.write_atomic(self.home.state_file, documents.dumps(doc))
+            data = None
+            if change is not None and change.upgrade_id == upgrade_id:
+                data = viewpatch.patched(self.home, tx, change)
+                serial = change.after
+            if data is None:
+                doc = documents.build(tx, upgrade_id)
+                data = documents.dumps(doc)
+                serial = doc["serial"]
+            self.home.write_atomic(self.home.state_file, data)
+            viewpatch.remember(self.home, upgrade_id, serial)
 
     def _record_lock_break(self, info: Mapping[str, Any]) -> None:
         with self.db.write() as tx:
@@ -472,6 +498,7 @@ class Ledger:
         check_version(to_version, "to version")
         if phase is not None:
             check_name(phase, "phase")
+        touched: list[tuple[str, str, bool]] = []
 
         def action(tx: Tx) -> bool:
             u = self._current(tx)
@@ -505,14 +532,16 @@ class Ledger:
             self._event(tx, "component.upgrading", u["id"], name, old, "UPGRADING", at=at,
                         detail={"phase": target_phase, "from_version": from_version,
                                 "to_version": to_version})
+            touched.append((target_phase, name, row is None))
             return old != states.UPGRADING
 
-        return self._change(action)
+        return self._change(action, touched)
 
     def _component_move(self, name: str, target: str, text: str | None = None,
                         phase: str | None = None) -> bool:
         check_name(name, "component")
         check_text(text, "error" if target == states.FAILED else "note")
+        touched: list[tuple[str, str, bool]] = []
 
         def action(tx: Tx) -> bool:
             u = self._current(tx)
@@ -541,9 +570,10 @@ class Ledger:
             self._event(tx, "component." + target.lower(), u["id"], name, row["state"],
                         target, at=at, detail={"phase": row["phase"],
                                                **({"text": text} if text else {})})
+            touched.append((row["phase"], name, False))
             return True
 
-        return self._change(action)
+        return self._change(action, touched)
 
     def component_complete(self, name: str, *, phase: str | None = None) -> bool:
         """Mark an upgrading component COMPLETED."""
@@ -615,7 +645,7 @@ class Ledger:
                                 "phase": u["current_phase"]})
             return stuck
 
-        return self._change(action)
+        return self._change(action, [])  # no component changes: the view can be patched
 
     #: Event kinds the API writes for its own changes; an annotation never uses them,
     #: so the trail of state changes stays exactly what the state machine did.
@@ -646,7 +676,7 @@ class Ledger:
             u = self._current(tx)
             self._event(tx, kind, u["id"], subject, detail=detail)
 
-        self._change(action)
+        self._change(action, [])  # no component changes: the view can be patched
 
     # -- rollback points -----------------------------------------------------------
 
@@ -668,6 +698,7 @@ class Ledger:
         if sha256 is not None and (len(sha256) != 64 or
                                    any(ch not in "0123456789abcdef" for ch in sha256)):
             raise BadInput("sha256 must be 64 lower-case hex digits")
+        touched: list[tuple[str, str, bool]] = []
 
         def action(tx: Tx) -> None:
             u = self._current(tx)
@@ -685,8 +716,10 @@ class Ledger:
             self._touch(tx, u["id"], at)
             self._event(tx, "rollback.mark", u["id"], component, new=path, at=at,
                         detail={"size_bytes": size_bytes, "sha256": sha256})
+            if row is not None:
+                touched.append((row["phase"], component, False))
 
-        self._change(action)
+        self._change(action, touched)
 
     def rollback_info(self) -> dict[str, Any]:
         """``{rollback_available, components: [{name, backup_path, from_version,
