@@ -399,12 +399,16 @@ check two upgrade_list_history 2
 def test_a_component_left_mid_upgrade_is_named_on_resume(harness: Harness) -> None:
     setup_upgrade(harness.home, None, "PLANNING", "BACKING_UP", "UPGRADING")
     with Ledger(harness.home) as led:
+        led.plan({"exporters": [("node_exporter", "1.7.0", "1.9.1")],
+                  "core": [("prometheus", "2.48.1", "2.55.1")], "logging": []})
         led.phase_start("exporters")
         led.component_start("node_exporter", "1.7.0", "1.9.1")
     calls = harness.run("""
+check next upgrade_phase_get_next
 check point upgrade_get_resume_point
 check resume upgrade_resume
 """)
+    ok(calls["next"], "core\n")  # the first PENDING phase, in planned order
     assert json.loads(calls["point"].out)["component"] == "node_exporter"
     resume = calls["resume"]
     assert resume.rc == 0 and resume.out == ""
