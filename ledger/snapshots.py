@@ -281,7 +281,7 @@ def _check(path: Path, *, live: bool) -> str | None:
 
 def newest_good(home: Home) -> tuple[Snapshot, list[str]]:
     """The newest snapshot that passes ``check_file``, and why newer ones were passed over."""
-    passed_over = []
+    passed_over: list[str] = []
     for snap in listing(home):
         problem = check_file(snap.path)
         if problem is None:
