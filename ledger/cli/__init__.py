@@ -11,6 +11,9 @@ modules. Help, completion and unknown names import them all.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +116,36 @@ cli.commands = LazyCommands(cli.commands)
 
 def main() -> None:
     """Entry point of the ``upgrade-ledger`` command."""
-    cli.main(prog_name="upgrade-ledger")
+    try:
+        cli.main(prog_name="upgrade-ledger")
+    except SystemExit as exc:
+        _leave_now(exc.code)
+        raise
+
+
+def _leave_now(code: object) -> None:
+    """End the process at once with *code* when interpreter shutdown has nothing to do.
+
+    Shutdown frees every module and object one by one: about 8 ms of CPU per call on
+    this machine, a good part of a per-step command. The command has closed the ledger
+    by now (the root context's close), so when no other thread runs and no atexit
+    handler is registered, flushing stdout and stderr is all that is left. Otherwise
+    (or if a flush fails, or *code* is a message) the normal way out is taken.
+    """
+    if code is not None and not isinstance(code, int):
+        return
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() != 1:
+        return
+    handlers = getattr(atexit, "_ncallbacks", None)
+    if handlers is None or handlers() != 0:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code or 0)
 
 
 __all__ = ["COMMAND_MODULES", "MODULES", "LazyCommands", "cli", "main"]
