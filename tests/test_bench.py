@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from ledger.api import Ledger
 from ledger.cli import COMMAND_MODULES, MODULES
 from tests.conftest import REPO, child_env
 
 BENCH = REPO / "scripts" / "bench.py"
-LABELS = ("per-step CLI", "drop-in call", "in-process transition", "lock acquire+release",
-          "resume check", "progress", "state.json export", "history query", "state.json size")
+LABELS = ("CLI step", "drop-in call", "CLI resume check", "transition", "lock acquire+release",
+          "resume check", "progress", "state.json atomic write", "state.json export",
+          "history", "CLI history", "state.json size")
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -111,3 +113,26 @@ def test_help_still_lists_every_command(cli: object) -> None:
     assert result.code == 0
     for name in COMMAND_MODULES:
         assert f"  {name} " in result.out, name
+
+
+def test_the_quick_exit_keeps_output_and_exit_codes(tmp_path: Path) -> None:
+    """A command leaves without interpreter shutdown; its whole output still arrives
+    (a large JSON history through a pipe) and its exit code is kept."""
+    home = tmp_path / "home"
+    with Ledger(home) as led:
+        for i in range(300):
+            led.init(f"up-{i:04d}", supersede=True)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ledger", "--home", str(home), *args],
+                              capture_output=True, text=True, env=child_env(), timeout=120,
+                              check=False)
+
+    done = run("history", "--limit", "1000", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert [u["id"] for u in json.loads(done.stdout)][:2] == ["up-0299", "up-0298"]
+    assert len(json.loads(done.stdout)) == 300
+    assert run("in-progress").returncode == 1
+    refused = run("state", "set", "NOPE")
+    assert refused.returncode == 6
+    assert refused.stderr.startswith("upgrade-ledger: error: unknown upgrade state 'NOPE'")
