@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +89,14 @@ class Home:
         """``history/<id>.json``; ids are validated, so this never leaves the folder."""
         return self.history_dir / f"{upgrade_id}.json"
 
-    def write_atomic(self, target: Path, data: bytes) -> None:
+    def write_atomic(self, target: Path,
+                     data: bytes | Sequence[bytes | memoryview]) -> None:
         """Replace *target* with *data* so that readers see the old or the new file, whole.
 
         A new temp file (exclusive create, no link following, 0600), fsync, rename over
         the target (a symlink planted there is replaced, never followed), fsync the
-        folder so the rename itself is durable.
+        folder so the rename itself is durable. *data* may be a sequence of pieces,
+        written one after the other (a patched state.json is, without a copy of it).
         """
         folder = self.tmp_dir if _same_device(self.tmp_dir, target.parent) else target.parent
         # os.urandom is what secrets.token_hex reads; importing secrets (hashlib,
@@ -107,9 +109,10 @@ class Home:
         try:
             try:
                 os.fchmod(fd, FILE_MODE)  # the umask may have removed bits; never adds any
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                for piece in (data,) if isinstance(data, bytes) else data:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
