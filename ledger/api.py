@@ -189,7 +189,7 @@ class Ledger:
             upgrade_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
             if upgrade_id is None:
                 return
-            data = None
+            data: bytes | list[bytes | memoryview] | None = None
             if change is not None and change.upgrade_id == upgrade_id:
                 data = viewpatch.patched(self.home, tx, change)
                 serial = change.after

@@ -80,16 +80,17 @@ def _find(data: bytes, pattern: bytes, start: int, end: int | None = None) -> in
     return at
 
 
-def patched(home: Home, tx: Tx, change: Change) -> bytes | None:
-    """The new state.json after *change*, read in the view writer's transaction; None
-    when the whole view must be built instead."""
+def patched(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview] | None:
+    """The new state.json after *change*, as pieces to write one after the other (most
+    of it is the old file's bytes, not copied), read in the view writer's transaction;
+    None when the whole view must be built instead."""
     try:
         return _patch(home, tx, change)
     except _Unpatchable:
         return None
 
 
-def _patch(home: Home, tx: Tx, change: Change) -> bytes:
+def _patch(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview]:
     old = _our_view(home, change)
     if serial(tx, change.upgrade_id) != change.after:
         raise _Unpatchable  # another change was committed since
@@ -102,7 +103,7 @@ def _patch(home: Home, tx: Tx, change: Change) -> bytes:
     if old[start:start + 1] == b"}":  # no phases: then none could change
         if change.components:
             raise _Unpatchable
-        return skeleton
+        return [skeleton]
     end = old.rfind(_PHASES_END)
     if end < start:
         raise _Unpatchable
@@ -130,7 +131,7 @@ def _patch(home: Home, tx: Tx, change: Change) -> bytes:
         pieces += [view[pos:first], text]
         pos = last
     pieces += [view[pos:end], b"\n  }", skeleton[at + 1:]]
-    return b"".join(pieces)
+    return pieces
 
 
 def _edit(old: bytes, start: int, end: int, *, phase: str, name: str, created: bool,
@@ -195,14 +196,13 @@ def _our_view(home: Home, change: Change) -> bytes:
                    "mtime_ns": st.st_mtime_ns, "upgrade_id": change.upgrade_id,
                    "serial": change.before}:
             raise _Unpatchable
-        chunks, left = [], st.st_size
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
+        data = os.read(fd, st.st_size)  # one read, one buffer: it may be megabytes
+        while len(data) < st.st_size:
+            more = os.read(fd, st.st_size - len(data))
+            if not more:
                 raise _Unpatchable
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+            data += more
+        return data
     except OSError:
         raise _Unpatchable from None
     finally:

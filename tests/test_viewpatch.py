@@ -29,8 +29,10 @@ def whole(led: Ledger) -> bytes:
 
 
 def patch_of(led: Ledger, change: viewpatch.Change) -> bytes | None:
+    """The patched view's bytes, or None when the patch is refused."""
     with led.db.write() as tx:
-        return viewpatch.patched(led.home, tx, change)
+        pieces = viewpatch.patched(led.home, tx, change)
+        return None if pieces is None else b"".join(pieces)
 
 
 def started(home: Path, plan: dict[str, list[tuple[str, str | None, str | None]]]) -> Ledger:
