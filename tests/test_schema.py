@@ -1,0 +1,226 @@
+"""The schema: code, metadata and migrations agree; migrations go down and up again;
+the reporting views give the right numbers for a known history."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import Engine
+
+from ledger import db, migrate
+from ledger.api import Ledger
+from ledger.schema import metadata
+
+TABLES = {"ledger_meta", "upgrades", "phases", "components", "rollback_points", "events",
+          "notify_cursors"}
+VIEWS = {"upgrade_summary", "component_runs", "phase_runs", "failures"}
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """An engine on the ledger.db of a ledger created the normal way."""
+    Ledger(tmp_path / "home").close()
+    eng = create_engine(f"sqlite:///{tmp_path / 'home' / 'ledger.db'}")
+    yield eng
+    eng.dispose()
+
+
+def drift(eng: Engine) -> list[Any]:
+    with eng.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, metadata))
+
+
+def test_the_code_expects_the_newest_migration() -> None:
+    assert migrate.head_revision() == db.SCHEMA_REVISION
+    assert db.SCHEMA_REVISION in migrate.known_revisions()
+
+
+def test_the_migrated_database_is_exactly_the_declared_metadata(engine: Engine) -> None:
+    assert drift(engine) == []
+    names = set(inspect(engine).get_table_names())
+    assert names == TABLES | {"alembic_version"}
+    assert set(metadata.tables) == TABLES
+    assert set(inspect(engine).get_view_names()) == VIEWS
+
+
+def test_upgrade_downgrade_upgrade_round_trips(engine: Engine, tmp_path: Path) -> None:
+    url = str(engine.url)
+    home = tmp_path / "home"
+    with Ledger(home) as led:  # some data, so the downgrade has rows to drop
+        led.init("before")
+    migrate.downgrade(url, "base")
+    engine.dispose()
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    assert inspect(engine).get_view_names() == []
+    migrate.upgrade(url)
+    engine.dispose()
+    assert drift(engine) == []
+    assert set(inspect(engine).get_view_names()) == VIEWS
+    with Ledger(home) as led:
+        assert led.current_id() is None  # the data went with the downgrade
+        led.init("after")
+        assert led.document()["lineage"]  # a new lineage came with the first revision
+
+
+def test_each_revision_goes_down_one_step_and_back(engine: Engine) -> None:
+    url = str(engine.url)
+    revisions = sorted(migrate.known_revisions())
+    for below in reversed(["base", *revisions[:-1]]):
+        migrate.downgrade(url, below)
+        engine.dispose()
+        with engine.connect() as conn:
+            version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        assert version == ([] if below == "base" else [(below,)])
+    migrate.upgrade(url)
+    engine.dispose()
+    assert drift(engine) == []
+
+
+def test_opening_a_ledger_behind_the_code_migrates_it(engine: Engine, tmp_path: Path) -> None:
+    migrate.downgrade(str(engine.url), "0001")
+    engine.dispose()
+    with Ledger(tmp_path / "home") as led:
+        led.init()
+    with sqlite3.connect(tmp_path / "home" / "ledger.db") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == \
+            (db.SCHEMA_REVISION,)
+    conn.close()
+
+
+# -- the reporting views, on a history whose numbers are known ---------------------------
+
+def doc(uid: str, state: str, started: str, updated: str, phases: dict[str, Any],
+        **extra: Any) -> dict[str, Any]:
+    return {"upgrade_id": uid, "current_state": state, "started_at": started,
+            "updated_at": updated, "current_phase": None, "current_component": None,
+            "phases": phases, "rollback_available": False, "can_resume": False,
+            "metadata": {"hostname": "web1", "user": "ops", "pid": "100"}, **extra}
+
+
+HISTORY = [
+    # Completed in 30 minutes: two phases, three components (one retried, one skipped).
+    doc("u1", "COMPLETED", "2026-01-01T10:00:00Z", "2026-01-01T10:30:00Z", {
+        "backup": {"state": "COMPLETED", "started_at": "2026-01-01T10:00:00Z",
+                   "completed_at": "2026-01-01T10:05:00Z", "components": {}},
+        "exporters": {"state": "COMPLETED", "started_at": "2026-01-01T10:05:00Z",
+                      "completed_at": "2026-01-01T10:25:00Z", "components": {
+                          "a": {"state": "COMPLETED", "from_version": "1", "to_version": "2",
+                                "started_at": "2026-01-01T10:05:00Z",
+                                "completed_at": "2026-01-01T10:10:00Z", "attempts": 0},
+                          "b": {"state": "COMPLETED", "from_version": "1", "to_version": "2",
+                                "started_at": "2026-01-01T10:10:00Z",
+                                "completed_at": "2026-01-01T10:20:30Z", "attempts": 1},
+                          "c": {"state": "SKIPPED", "from_version": "2", "to_version": "2",
+                                "attempts": 0}}}}),
+    # Failed after 10 minutes: its one component failed twice.
+    doc("u2", "FAILED", "2026-01-02T08:00:00Z", "2026-01-02T08:10:00Z", {
+        "exporters": {"state": "FAILED", "started_at": "2026-01-02T08:01:00Z",
+                      "failed_at": "2026-01-02T08:09:00Z", "error": "gave up",
+                      "components": {
+                          "a": {"state": "FAILED", "from_version": "2", "to_version": "3",
+                                "started_at": "2026-01-02T08:01:00Z",
+                                "failed_at": "2026-01-02T08:08:00Z", "attempts": 2,
+                                "last_error": "timeout"}}}}, error="exporters failed"),
+    # Still running: no duration yet.
+    doc("u3", "UPGRADING", "2026-01-03T09:00:00Z", "2026-01-03T09:01:00Z", {
+        "exporters": {"state": "IN_PROGRESS", "started_at": "2026-01-03T09:00:30Z",
+                      "components": {
+                          "a": {"state": "UPGRADING", "from_version": "2", "to_version": "3",
+                                "started_at": "2026-01-03T09:00:30Z", "attempts": 0}}}}),
+]
+
+
+@pytest.fixture
+def history(ledger: Ledger) -> Ledger:
+    for document in HISTORY:
+        ledger.import_document(document)
+    return ledger
+
+
+def rows(led: Ledger, sql: str) -> list[dict[str, Any]]:
+    columns, values = led.query(sql)
+    return [dict(zip(columns, row, strict=True)) for row in values]
+
+
+def test_upgrade_summary_has_durations_and_counts(history: Ledger) -> None:
+    got = rows(history, "SELECT upgrade_id, state, outcome, hostname, duration_s, phases, "
+                        "components, components_completed, components_failed, "
+                        "components_skipped, attempts, error FROM upgrade_summary "
+                        "ORDER BY upgrade_id")
+    assert got == [
+        {"upgrade_id": "u1", "state": "COMPLETED", "outcome": "COMPLETED", "hostname": "web1",
+         "duration_s": 1800.0, "phases": 2, "components": 3, "components_completed": 2,
+         "components_failed": 0, "components_skipped": 1, "attempts": 1, "error": None},
+        {"upgrade_id": "u2", "state": "FAILED", "outcome": "FAILED", "hostname": "web1",
+         "duration_s": 600.0, "phases": 1, "components": 1, "components_completed": 0,
+         "components_failed": 1, "components_skipped": 0, "attempts": 2,
+         "error": "exporters failed"},
+        {"upgrade_id": "u3", "state": "UPGRADING", "outcome": None, "hostname": "web1",
+         "duration_s": None, "phases": 1, "components": 1, "components_completed": 0,
+         "components_failed": 0, "components_skipped": 0, "attempts": 0, "error": None},
+    ]
+
+
+def test_component_runs_have_a_row_and_a_duration_per_run(history: Ledger) -> None:
+    got = rows(history, "SELECT upgrade_id, component, state, from_version, to_version, "
+                        "attempts, duration_s, upgrade_outcome FROM component_runs "
+                        "ORDER BY upgrade_id, component")
+    assert [tuple(r.values()) for r in got] == [
+        ("u1", "a", "COMPLETED", "1", "2", 0, 300.0, "COMPLETED"),
+        ("u1", "b", "COMPLETED", "1", "2", 1, 630.0, "COMPLETED"),
+        ("u1", "c", "SKIPPED", "2", "2", 0, None, "COMPLETED"),
+        ("u2", "a", "FAILED", "2", "3", 2, 420.0, "FAILED"),
+        ("u3", "a", "UPGRADING", "2", "3", 0, None, None),
+    ]
+    # The question the views are for: how long does component a take when it works?
+    assert history.query("SELECT AVG(duration_s) FROM component_runs "
+                         "WHERE component = 'a' AND state = 'COMPLETED'")[1] == [(300.0,)]
+
+
+def test_phase_runs_keep_the_planned_order_and_durations(history: Ledger) -> None:
+    got = rows(history, "SELECT upgrade_id, position, phase, state, duration_s, error "
+                        "FROM phase_runs ORDER BY upgrade_id, position")
+    assert [tuple(r.values()) for r in got] == [
+        ("u1", 1, "backup", "COMPLETED", 300.0, None),
+        ("u1", 2, "exporters", "COMPLETED", 1200.0, None),
+        ("u2", 1, "exporters", "FAILED", 480.0, "gave up"),
+        ("u3", 1, "exporters", "IN_PROGRESS", None, None),
+    ]
+
+
+def test_failures_list_every_level_that_went_wrong(history: Ledger) -> None:
+    got = rows(history, "SELECT level, upgrade_id, phase, component, at, error, attempts "
+                        "FROM failures ORDER BY at, level")
+    assert [tuple(r.values()) for r in got] == [
+        ("component", "u2", "exporters", "a", "2026-01-02T08:08:00.000Z", "timeout", 2),
+        ("phase", "u2", "exporters", None, "2026-01-02T08:09:00.000Z", "gave up", None),
+        ("upgrade", "u2", None, None, "2026-01-02T08:10:00.000Z", "exporters failed", None),
+    ]
+
+
+def test_views_see_a_run_made_through_the_api(ledger: Ledger) -> None:
+    uid = ledger.init()
+    for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
+        ledger.set_state(state)
+    ledger.plan({"p": [("a", "1", "2"), ("b", "1", "2")]})
+    ledger.phase_start("p")
+    ledger.component_start("a")
+    ledger.component_complete("a")
+    ledger.component_start("b")
+    ledger.component_fail("b", "no")
+    ledger.set_state("FAILED")
+    (summary,) = rows(ledger, "SELECT * FROM upgrade_summary")
+    assert summary["upgrade_id"] == uid and summary["outcome"] == "FAILED"
+    assert summary["duration_s"] >= 0
+    assert (summary["components"], summary["components_completed"],
+            summary["components_failed"]) == (2, 1, 1)
+    assert [r["component"] for r in rows(ledger, "SELECT * FROM failures "
+                                                 "WHERE level = 'component'")] == ["b"]
