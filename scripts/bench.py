@@ -135,10 +135,6 @@ class Bench:
     def measure_floors(self) -> None:
         """What the machine costs before any of our code runs."""
         self.log("floors")
-        n = self.proc_repeat
-        self.floors["python -c pass"] = self._process(lambda _: [self.python, "-c", "pass"], n)
-        self.floors["import click, sqlite3, json"] = self._process(
-            lambda _: [self.python, "-c", "import click, sqlite3, json"], n)
         folder = self.work / "floors"
         folder.mkdir()
         conn = sqlite3.connect(folder / "floor.db", isolation_level=None)
@@ -195,64 +191,69 @@ class Bench:
         """The component a step works on: the not-yet-done half, round robin."""
         return _component(n // 2 + (i % (n - n // 2)))
 
-    # per size ---------------------------------------------------------------------------
+    # processes, in rounds ----------------------------------------------------------------
 
-    def measure_size(self, n: int) -> None:
-        self.log(f"{n} components: setting up")
-        home = self.make_ledger(n)
-        self.log(f"{n} components: per-step CLI")
-        self.cli_steps(home, n)
-        self.dropin_steps(home, n)
-        self.log(f"{n} components: in-process")
-        self.in_process(home, n)
+    def measure_processes(self, homes: dict[int, Path]) -> None:
+        """Every process figure, in rounds: each round runs the floors and one step of
+        each size, so a load that comes and goes (a shared machine) hits every column
+        alike, and the "flat as components grow" ratios compare like with like."""
+        self.log(f"processes: {self.proc_repeat} rounds over {len(homes)} ledgers")
+        floors = {"python -c pass": [self.python, "-c", "pass"],
+                  "import click, sqlite3, json": [self.python, "-c",
+                                                  "import click, sqlite3, json"]}
+        samples: dict[tuple[str, int | str], list[tuple[float, float]]] = {}
 
-    def _put(self, key: str, n: int | str, figure: dict[str, Any]) -> None:
-        self.rows.setdefault(key, {})[str(n)] = figure
+        def put(key: str, at: int | str, sample: tuple[float, float], keep: bool) -> None:
+            if keep:
+                samples.setdefault((key, at), []).append(sample)
 
-    def cli_steps(self, home: Path, n: int) -> None:
-        base = [*self.cli, "--home", str(home)]
-        walls: list[float] = []
-        cpus: list[float] = []
-        for i in range(-1, self.proc_repeat):  # one warm-up cycle
-            name = self.step_component(n, i)
-            for argv in ([*base, "component", "start", name, "1.4.2", "1.5.0"],
-                         [*base, "component", "complete", name]):
-                wall, cpu = self._run(argv)
-                if i >= 0:
-                    walls.append(wall)
-                    cpus.append(cpu)
-        self._put("cli_step", n, summarize(walls, cpus))
-        # can-resume answers by exit code (0: yes); the ledger is UPGRADING, so yes.
-        self._put("resume_cli", n, self._process(lambda _: [*base, "can-resume"],
-                                                  self.proc_repeat))
+        for i in range(-1, self.proc_repeat):  # round -1 warms every cache up
+            keep = i >= 0
+            for name, argv in floors.items():
+                put(name, "floor", self._run(argv), keep)
+            for n, home in homes.items():
+                base = [*self.cli, "--home", str(home)]
+                comp = self.step_component(n, i)
+                put("cli_step", n, self._run([*base, "component", "start", comp, "1.4.2",
+                                              "1.5.0"]), keep)
+                put("cli_step", n, self._run([*base, "component", "complete", comp]), keep)
+                # can-resume answers by exit code (0: yes); the ledger is UPGRADING: yes.
+                put("resume_cli", n, self._run([*base, "can-resume"]), keep)
+                for sample in self.dropin_cycle(home, self.step_component(n, i + 7)):
+                    put("dropin_step", n, sample, keep)
+        for (key, at), runs in samples.items():
+            figure = summarize([w for w, _ in runs], [c for _, c in runs if c >= 0])
+            if at == "floor":
+                self.floors[key] = figure
+            else:
+                self._put(key, at, figure)
 
-    def dropin_steps(self, home: Path, n: int) -> None:
+    def dropin_cycle(self, home: Path, name: str) -> list[tuple[float, float]]:
+        """One start and one complete through the drop-in, timed inside one bash (which
+        sources the library first, as scripts do): [(ms, -1), (ms, -1)] (no CPU figure:
+        the calls share their shell). Nothing when the drop-in is not there."""
         if not DROP_IN.exists():
-            return
-        names = [self.step_component(n, i) for i in range(-1, self.proc_repeat)]
+            return []
         script = "\n".join([
             "set -euo pipefail",
             f"source {_sh(str(DROP_IN))}",
-            "for name in " + " ".join(_sh(x) for x in names) + "; do",
-            '  t0=$EPOCHREALTIME; upgrade_component_start "$name" 1.4.2 1.5.0',
-            '  t1=$EPOCHREALTIME; upgrade_component_complete "$name"',
-            '  t2=$EPOCHREALTIME; echo "$t0 $t1 $t2"',
-            "done",
+            f"t0=$EPOCHREALTIME; upgrade_component_start {_sh(name)} 1.4.2 1.5.0",
+            f"t1=$EPOCHREALTIME; upgrade_component_complete {_sh(name)}",
+            't2=$EPOCHREALTIME; echo "$t0 $t1 $t2"',
         ])
-        env = dict(self.env, UPGRADE_STATE_DIR=str(home),
-                   UPGRADE_LEDGER_BIN=" ".join(self.cli) if len(self.cli) == 1 else "")
-        if len(self.cli) > 1:  # python -m ledger: let the drop-in find it on PATH
-            env.pop("UPGRADE_LEDGER_BIN")
+        env = dict(self.env, UPGRADE_STATE_DIR=str(home))
+        if len(self.cli) == 1:
+            env["UPGRADE_LEDGER_BIN"] = self.cli[0]  # else it is found on PATH
         bash = shutil.which("bash") or "/bin/bash"
         done = subprocess.run([bash, "-c", script], env=env, capture_output=True, text=True,
                               check=False, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"drop-in run failed ({done.returncode}): {done.stderr[-2000:]}")
-        samples = []
-        for line in done.stdout.splitlines()[1:]:  # the first cycle is the warm-up
-            t0, t1, t2 = (float(x.replace(",", ".")) for x in line.split())
-            samples += [(t1 - t0) * 1000, (t2 - t1) * 1000]
-        self._put("dropin_step", n, summarize(samples))
+        t0, t1, t2 = (float(x.replace(",", ".")) for x in done.stdout.split()[-3:])
+        return [((t1 - t0) * 1000, -1.0), ((t2 - t1) * 1000, -1.0)]
+
+    def _put(self, key: str, n: int | str, figure: dict[str, Any]) -> None:
+        self.rows.setdefault(key, {})[str(n)] = figure
 
     def in_process(self, home: Path, n: int) -> None:
         r = self.repeat
@@ -329,8 +330,14 @@ class Bench:
 
     def run(self) -> None:
         self.measure_floors()
+        homes = {}
         for n in self.sizes:
-            self.measure_size(n)
+            self.log(f"{n} components: setting up")
+            homes[n] = self.make_ledger(n)
+        self.measure_processes(homes)
+        for n, home in homes.items():
+            self.log(f"{n} components: in-process")
+            self.in_process(home, n)
         self.measure_history()
 
 
