@@ -144,10 +144,14 @@ def make_private_dir(folder: Path) -> None:
     try:
         _mkdirs(folder)
         if folder.is_symlink() or not folder.is_dir():
-            raise StorageError(f"{folder} is not a folder; choose another home with --home DIR")
+            what = "a symbolic link" if folder.is_symlink() else "not a folder"
+            raise StorageError(f"ledger folder {folder} is {what}; choose another home with "
+                               "--home DIR (or LEDGER_HOME)")
         st = folder.stat()
         if st.st_uid == os.geteuid() and st.st_mode & 0o777 != DIR_MODE:
             folder.chmod(DIR_MODE)
+    except StorageError:
+        raise  # already says what is wrong (StorageError is an OSError too)
     except OSError as exc:
         raise StorageError(
             f"cannot create ledger folder {folder} ({exc.strerror or exc}); "
