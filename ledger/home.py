@@ -144,7 +144,7 @@ def make_private_dir(folder: Path) -> None:
     try:
         _mkdirs(folder)
         if folder.is_symlink() or not folder.is_dir():
-            what = "a symbolic link" if folder.is_symlink() else "not a folder"
+            what = "a symbolic link, not a folder" if folder.is_symlink() else "not a folder"
             raise StorageError(f"ledger folder {folder} is {what}; choose another home with "
                                "--home DIR (or LEDGER_HOME)")
         st = folder.stat()
