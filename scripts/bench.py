@@ -55,9 +55,10 @@ _FOREIGN_ENV = ("LEDGER_HOME", "LEDGER_DB_URL", "LEDGER_FORMAT", "LEDGER_PID", "
                 "UPGRADE_BACKUPS_DIR", "UPGRADE_HISTORY_DIR", "UPGRADE_LEDGER_BIN")
 
 try:  # the ledger under test: the installed one, else this checkout's
-    import ledger  # noqa: F401
+    import ledger
 except ImportError:  # pragma: no cover - running from a bare checkout
     sys.path.insert(0, str(REPO))
+    import ledger
 
 from ledger.api import Ledger  # noqa: E402
 from ledger.lock import DirLock  # noqa: E402
@@ -105,6 +106,7 @@ class Bench:
         self.python = python
         self.env = env
         self.log = log
+        self.skip_drop_in = False
         self.floors: dict[str, dict[str, Any]] = {}
         self.rows: dict[str, dict[str, Any]] = {}
 
@@ -232,7 +234,7 @@ class Bench:
         """One start and one complete through the drop-in, timed inside one bash (which
         sources the library first, as scripts do): [(ms, -1), (ms, -1)] (no CPU figure:
         the calls share their shell). Nothing when the drop-in is not there."""
-        if not DROP_IN.exists():
+        if not DROP_IN.exists() or self.skip_drop_in:
             return []
         script = "\n".join([
             "set -euo pipefail",
@@ -584,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measure the CLI installed from a wheel into a temp venv")
     parser.add_argument("--no-bytecode-cache", action="store_true",
                         help="leave PYTHONDONTWRITEBYTECODE as inherited (measures compiling)")
+    parser.add_argument("--no-drop-in", action="store_true",
+                        help="skip the drop-in figure (to measure an older ledger)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON results to FILE")
     parser.add_argument("--show", metavar="FILE", help="print the table of saved results "
@@ -611,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(work, sizes=sizes, repeat=repeat, proc_repeat=proc_repeat,
                       history_upgrades=history, cli=cli, python=python,
                       env=child_env(work, not args.no_bytecode_cache, python), log=log)
+        bench.skip_drop_in = args.no_drop_in
         started = time.perf_counter()
         bench.run()
         result = {
@@ -618,7 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "history_upgrades": history, "quick": args.quick,
                          "install": "wheel" if args.wheel else "running environment",
                          "cli": cli, "bytecode_cache": not args.no_bytecode_cache,
-                         "drop_in": str(DROP_IN) if DROP_IN.exists() else None},
+                         "drop_in": str(DROP_IN) if DROP_IN.exists() and not args.no_drop_in
+                         else None,
+                         "ledger": str(Path(ledger.__file__).parent)},
             "machine": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
                         "platform": platform.platform(), "cpus": os.cpu_count()},
             "floors": bench.floors,
