@@ -8,6 +8,7 @@ is never ahead of the ledger. Read-side queries (history, show, summary) live in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -885,7 +886,10 @@ class Ledger:
             self.save_to_history()
             if self.state() in states.TERMINAL_STATES:
                 self.set_state(states.IDLE)
-        self.release_lock(owner_pid)
+        # Another process's lock is not ours to release, and not a failure of cleanup:
+        # the legacy upgrade_cleanup succeeded there too, leaving that lock alone.
+        with contextlib.suppress(NotLockOwner):
+            self.release_lock(owner_pid)
 
     # -- the lock ------------------------------------------------------------------
 
