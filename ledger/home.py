@@ -4,6 +4,8 @@ Layout (each path can be moved by the legacy ``UPGRADE_*`` variables)::
 
     ledger.db        the ledger (SQLite, WAL), the only source of truth
     state.json       view of the current upgrade
+    views.sig        signature of the last state.json written, so that a step can
+                     patch it (a cache: see ledger/viewpatch.py; safe to delete)
     upgrade.lock.d/  the exclusive lock
     tmp/             temporary files for atomic writes
     backups/         backups that upgrade scripts make
