@@ -218,12 +218,15 @@ def remember(home: Home, upgrade_id: str, view_serial: int) -> None:
         data = json.dumps({"path": str(home.state_file), "ino": st.st_ino,
                            "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                            "upgrade_id": upgrade_id, "serial": view_serial}).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         forget(home)
         return
     try:
-        os.write(fd, data)
+        # Overwritten in place, padded with spaces (JSON allows them) to at least the
+        # old length: truncating costs ~0.15 ms of file-system work per step here. A
+        # torn write cannot match a real file, so it only means a whole build.
+        os.pwrite(fd, data.ljust(max(os.fstat(fd).st_size, len(data))), 0)
     except OSError:
         forget(home)
     finally:

@@ -100,7 +100,7 @@ def test_patches_are_what_the_steps_use(home: Path) -> None:
     led.close()
 
 
-def _stale_change(led: Ledger) -> viewpatch.Change:
+def _note_change(led: Ledger) -> viewpatch.Change:
     with led.db.write() as tx:
         tx.execute("UPDATE components SET note = 'changed' WHERE name = 'c1'")
         before = viewpatch.serial(tx, "up-1")
@@ -114,7 +114,7 @@ def test_a_hand_edited_view_is_rebuilt_whole_not_patched(home: Path) -> None:
     edited = text.replace(b'"from_version": "1"', b'"from_version": "9"', 1)
     assert edited != text and len(edited) == len(text)
     led.home.state_file.write_bytes(edited)  # same size, in place: only mtime tells
-    change = _stale_change(led)
+    change = _note_change(led)
     assert patch_of(led, change) is None
     led.component_start("c2")
     assert led.home.state_file.read_bytes() == whole(led)
@@ -123,7 +123,7 @@ def test_a_hand_edited_view_is_rebuilt_whole_not_patched(home: Path) -> None:
 
 def test_no_signature_or_a_foreign_one_means_a_whole_build(home: Path) -> None:
     led = started(home, {"p": [("c1", "1", "2")]})
-    change = _stale_change(led)
+    change = _note_change(led)
     viewpatch.signature_path(led.home).write_text("{not json")
     assert patch_of(led, change) is None
     viewpatch.forget(led.home)
@@ -134,7 +134,7 @@ def test_no_signature_or_a_foreign_one_means_a_whole_build(home: Path) -> None:
 def test_a_change_committed_in_between_means_a_whole_build(home: Path) -> None:
     led = started(home, {"p": [("c1", "1", "2"), ("c2", "1", "2")]})
     led.write_views()
-    change = _stale_change(led)
+    change = _note_change(led)
     with led.db.write() as tx:  # another writer's change lands before the view is written
         led._event(tx, "runner.other", "up-1")
     assert patch_of(led, change) is None
@@ -145,7 +145,7 @@ def test_a_view_from_before_the_change_started_is_not_patched(home: Path) -> Non
     led = started(home, {"p": [("c1", "1", "2")]})
     with led.db.write() as tx:  # a change whose view was never written (a crash)
         led._event(tx, "runner.lost", "up-1")
-    change = _stale_change(led)
+    change = _note_change(led)
     assert patch_of(led, change) is None
     led.close()
 
@@ -184,4 +184,18 @@ def test_the_signature_is_private(home: Path) -> None:
     finally:
         os.umask(old)
     assert viewpatch.signature_path(led.home).stat().st_mode & 0o777 == 0o600
+    led.close()
+
+
+def test_a_shorter_signature_overwrites_a_longer_one_whole(home: Path) -> None:
+    """The signature is rewritten in place (no truncation): padding keeps it one
+    readable JSON text, so the next step is patched again."""
+    led = started(home, {"p": [("c1", "1", "2"), ("c2", "1", "2")]})
+    sig = viewpatch.signature_path(led.home)
+    sig.write_bytes(b'{"padding": "' + b"x" * 3000 + b'"}')  # longer than any real one
+    led.component_start("c1")  # whole build (no valid signature), then remember
+    assert len(sig.read_bytes()) >= 3000
+    data = patch_of(led, _note_change(led))  # a change the signature allows
+    assert data is not None
+    assert data == whole(led)
     led.close()
