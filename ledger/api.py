@@ -25,6 +25,7 @@ from ledger.errors import (
     BadInput,
     Conflict,
     CorruptLedger,
+    InvalidDocument,
     NoCurrentPhase,
     NotFound,
     NotLockOwner,
@@ -303,7 +304,7 @@ class Ledger:
             try:
                 doc = json.dumps(dict(doc), allow_nan=False)
             except (TypeError, ValueError, RecursionError) as exc:
-                raise documents.InvalidDocument(
+                raise InvalidDocument(
                     f"document is not JSON data ({exc}); use strings, numbers, true, false, "
                     "null, lists and objects") from exc
         data = documents.parse(doc)

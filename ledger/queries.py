@@ -36,7 +36,7 @@ def progress(tx: Tx, upgrade: Row) -> int:
     row = tx.one("SELECT COUNT(*) AS total, SUM(CASE WHEN state IN ('COMPLETED', 'SKIPPED') "
                  "THEN 1 ELSE 0 END) AS done FROM components WHERE upgrade_id = :u",
                  {"u": upgrade["id"]})
-    total, done = (row["total"] or 0), (row["done"] or 0)
+    total, done = (row["total"] or 0, row["done"] or 0) if row is not None else (0, 0)
     if total == 0:
         return 100 if (upgrade["outcome"] or upgrade["state"]) == states.COMPLETED else 0
     return done * 100 // total
@@ -93,7 +93,8 @@ def history(tx: Tx, *, limit: int | None = 10, state: str | None = None,
     upgrades that touched it; *host* matches the hostname."""
     if limit is not None and (isinstance(limit, bool) or not 0 < limit <= 1_000_000):
         raise BadInput("limit must be a whole number from 1 to 1000000")
-    where, params = [], {}
+    where: list[str] = []
+    params: dict[str, Any] = {}
     if state is not None:
         states.check_state("upgrade", state)
         where.append("(u.state = :state OR u.outcome = :state)")
@@ -186,7 +187,8 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
            limit: int | None = 1000) -> list[dict[str, Any]]:
     """The audit trail oldest first, filtered. *kind* matches exactly or as a prefix
     ending in '.' (``component.`` for every component event); *after_id* pages."""
-    where, params = ["e.id > :after"], {"after": int(after_id)}
+    where = ["e.id > :after"]
+    params: dict[str, Any] = {"after": int(after_id)}
     if upgrade_id is not None:
         where.append("e.upgrade_id = :u")
         params["u"] = upgrade_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -178,7 +179,7 @@ def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
               help="Make the imported upgrade the current one (use --no-current for "
                    "history files).")
 @pass_config
-def import_(cfg: Config, source: click.utils.LazyFile, current: bool) -> None:
+def import_(cfg: Config, source: BinaryIO, current: bool) -> None:
     """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger.
 
     The document is validated first; a bad one is refused and changes nothing.
