@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import ledger.errors` (and the CLI's start-up) pays only for what it uses.
     if name == "Ledger":
-        from ledger.api import Ledger
+        from ledger.api import Ledger  # noqa: PLC0415 (lazy: importing ledger stays cheap)
 
         return Ledger
     raise AttributeError(f"module 'ledger' has no attribute {name!r}")

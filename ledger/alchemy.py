@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from ledger.db import BUSY_TIMEOUT_S, Database, Params, Row, Tx
+from ledger.db import BUSY_TIMEOUT_S, Database, Params, Report, Row, Tx
 from ledger.errors import BadInput, CorruptLedger, StorageError
 
 
@@ -117,8 +117,8 @@ class AlchemyDatabase(Database):
                 raise CorruptLedger(f"{self.url} is corrupt or not a ledger ({exc.orig})") from exc
             raise StorageError(f"{self.url}: {exc.orig}") from exc
 
-    def report(self, sql: str, params: Params | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
-        if not sql.lstrip().split(None, 1)[0].upper() in {"SELECT", "WITH", "EXPLAIN", "VALUES"}:
+    def report(self, sql: str, params: Params | None = None) -> Report:
+        if sql.lstrip().split(None, 1)[0].upper() not in {"SELECT", "WITH", "EXPLAIN", "VALUES"}:
             raise BadInput(
                 "sql: only read-only queries are allowed (SELECT, WITH, EXPLAIN); "
                 "the statement was refused before it ran"
@@ -136,7 +136,7 @@ class AlchemyDatabase(Database):
         return columns, rows
 
     def table_count(self) -> int:
-        from sqlalchemy import inspect
+        from sqlalchemy import inspect  # noqa: PLC0415 (rarely used)
 
         return len(inspect(self.engine).get_table_names())
 

@@ -30,6 +30,7 @@ WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 Params = Mapping[str, Any]
 Row = Any  # sqlite3.Row or SQLAlchemy RowMapping: both support row["column"]
+Report = tuple[list[str], list[tuple[Any, ...]]]  # column names, rows
 
 # Reporting connections may only read. The authorizer refuses anything else when
 # the statement is prepared, so a write is refused before it runs.
@@ -77,7 +78,7 @@ class Database(ABC):
         """Context manager: a consistent read-only snapshot."""
 
     @abstractmethod
-    def report(self, sql: str, params: Params | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def report(self, sql: str, params: Params | None = None) -> Report:
         """Run one read-only statement; return (column names, rows). Writes are refused."""
 
     @abstractmethod
@@ -218,7 +219,7 @@ class SqliteDatabase(Database):
                 self._conn.execute("ROLLBACK")
             raise _translate(exc, str(self.path)) from exc
 
-    def report(self, sql: str, params: Params | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def report(self, sql: str, params: Params | None = None) -> Report:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             conn.execute("PRAGMA query_only=ON")  # a second guard behind the authorizer
@@ -278,7 +279,7 @@ def open_database(url: str | None, sqlite_path: Path | None) -> Database:
         assert sqlite_path is not None
         db = SqliteDatabase(sqlite_path)
     else:
-        from ledger.alchemy import AlchemyDatabase  # only non-default URLs pay for SQLAlchemy
+        from ledger.alchemy import AlchemyDatabase  # noqa: PLC0415 (only --db URLs pay for SQLAlchemy)
 
         db = AlchemyDatabase(url)
     try:
@@ -293,7 +294,7 @@ def _ensure_schema(db: Database, sqlite_path: Path | None) -> None:
     current = db.revision()
     if current == SCHEMA_REVISION:
         return
-    from ledger import migrate  # imports Alembic: only for a new or outdated ledger
+    from ledger import migrate  # noqa: PLC0415 (Alembic only for a new or old ledger)
 
     if current is not None and current not in migrate.known_revisions():
         raise SchemaTooNew(

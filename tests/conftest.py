@@ -55,7 +55,7 @@ class Result:
 @pytest.fixture
 def cli(home: Path) -> Callable[..., Result]:
     """Run ``upgrade-ledger --home HOME ARGS...`` in-process (click's runner)."""
-    from ledger.cli import cli as root
+    from ledger.cli import cli as root  # noqa: PLC0415
 
     def invoke(*args: str, input: str | bytes | None = None,
                env: dict[str, str] | None = None) -> Result:
