@@ -78,9 +78,13 @@ class Home:
 
     def ensure(self) -> None:
         """Create the home's folders (0700); one clear error when that is impossible."""
-        for folder in (self.root, self.tmp_dir, self.backups_dir, self.history_dir,
+        # The root itself may be a symbolic link to a folder (a home moved to another
+        # disk): the operator chose that path. Folders inside it may not be links.
+        make_private_dir(self.root, follow=True)
+        for folder in (self.tmp_dir, self.backups_dir, self.history_dir,
                        self.state_file.parent, self.lock_dir.parent):
-            make_private_dir(folder)
+            if folder != self.root:
+                make_private_dir(folder)
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError(
                 f"ledger home {self.root} is not writable; "
@@ -141,11 +145,12 @@ class Home:
         return removed
 
 
-def make_private_dir(folder: Path) -> None:
-    """mkdir -p with mode 0700 for what it creates, whatever the umask."""
+def make_private_dir(folder: Path, *, follow: bool = False) -> None:
+    """mkdir -p with mode 0700 for what it creates, whatever the umask. A symbolic
+    link is refused unless *follow* (then it must lead to a folder)."""
     try:
         _mkdirs(folder)
-        if folder.is_symlink() or not folder.is_dir():
+        if (folder.is_symlink() and not follow) or not folder.is_dir():
             what = "a symbolic link, not a folder" if folder.is_symlink() else "not a folder"
             raise StorageError(f"ledger folder {folder} is {what}; choose another home with "
                                "--home DIR (or LEDGER_HOME)")

@@ -173,3 +173,24 @@ def test_temp_files_of_dead_writers_are_cleaned_when_the_ledger_opens(tmp_path: 
     assert not leftover.exists()
     assert mine.exists()
     mine.unlink()
+
+
+def test_a_home_that_is_a_link_to_a_folder_is_used(tmp_path: Path) -> None:
+    # Operators move /var/lib/observability-upgrades to a bigger disk with a symlink.
+    real = tmp_path / "disk" / "upgrades"
+    real.mkdir(parents=True)
+    link = tmp_path / "home"
+    link.symlink_to(real)
+    with Ledger(link) as led:
+        led.init("u1")
+    assert (real / "ledger.db").is_file()
+    assert json.loads((real / "state.json").read_text())["upgrade_id"] == "u1"
+
+
+def test_a_folder_inside_the_home_may_not_be_a_link(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (home / "history").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StorageError, match="symbolic link"):
+        Ledger(home)
