@@ -607,13 +607,22 @@ class Ledger:
             return {} if row is None else queries.component_dict(row)
 
     def installed_version(self, name: str) -> str | None:
-        """The version this host runs, as far as the ledger knows: the target of the
-        component's latest COMPLETED upgrade, or None."""
+        """The version this host runs, as far as the ledger knows, or None.
+
+        That is the target of the component's latest COMPLETED upgrade, unless that
+        upgrade ended ROLLED_BACK: a rollback restores every changed component, so the
+        version it came from is what runs.
+        """
         check_name(name, "component")
         with self.db.read() as tx:
-            return tx.scalar(  # type: ignore[no-any-return]
-                "SELECT to_version FROM components WHERE name = :n AND state = 'COMPLETED' "
-                "ORDER BY completed_at DESC LIMIT 1", {"n": name})
+            row = tx.one(
+                "SELECT c.from_version, c.to_version, u.outcome FROM components c "
+                "JOIN upgrades u ON u.id = c.upgrade_id WHERE c.name = :n AND "
+                "c.state = 'COMPLETED' ORDER BY c.completed_at DESC LIMIT 1", {"n": name})
+        if row is None:
+            return None
+        restored = row["outcome"] == states.ROLLED_BACK
+        return row["from_version"] if restored else row["to_version"]  # type: ignore[no-any-return]
 
     # -- resume --------------------------------------------------------------------
 

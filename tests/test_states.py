@@ -591,6 +591,21 @@ def test_installed_version_follows_completed_upgrades_only(ledger: Ledger) -> No
     assert ledger.installed_version("node_exporter") == "1.9.1"
 
 
+def test_installed_version_after_a_rollback_is_the_version_restored(ledger: Ledger) -> None:
+    ledger.init()
+    drive_to(ledger, "UPGRADING")
+    ledger.phase_start("p")
+    ledger.component_start("node_exporter", "1.7.0", "1.9.1")
+    ledger.component_complete("node_exporter")
+    assert ledger.installed_version("node_exporter") == "1.9.1"
+    ledger.set_state("ROLLING_BACK")
+    assert ledger.installed_version("node_exporter") == "1.9.1"  # not restored yet
+    ledger.set_state("ROLLED_BACK")
+    assert ledger.installed_version("node_exporter") == "1.7.0"
+    ledger.set_state("IDLE")  # the outcome survives the reset
+    assert ledger.installed_version("node_exporter") == "1.7.0"
+
+
 def drive_to_end(ledger: Ledger) -> None:
     ledger.set_state("VALIDATING")
     ledger.set_state("COMPLETED")
