@@ -13,6 +13,7 @@ only when the ledger is new or behind.
 from __future__ import annotations
 
 import sqlite3
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -174,7 +175,7 @@ class SqliteDatabase(Database):
                     raise CorruptLedger(
                         f"{self.url} is a database but not a ledger (no schema revision); "
                         "point --home or --db at a ledger")
-                self._conn.execute("PRAGMA journal_mode=WAL")
+                _switch_to_wal(self._conn, time.monotonic() + busy_timeout_s)
             # FULL: a call that returned is on disk, even after power loss.
             self._conn.execute("PRAGMA synchronous=FULL")
             # Foreign keys are off by default in SQLite; the schema relies on them.
@@ -261,6 +262,23 @@ def _foreign(conn: sqlite3.Connection) -> bool:
     """Whether the database holds tables but no schema revision: not a ledger."""
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return bool(names) and "alembic_version" not in names
+
+
+def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """Put a new database in WAL mode, waiting out other processes doing the same.
+
+    Changing the journal mode needs the database to itself, and SQLite reports
+    "database is locked" at once instead of calling the busy handler: two processes
+    opening a new ledger together would otherwise fail.
+    """
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _read_only_authorizer(action: int, arg1: str | None, *_: object) -> int:

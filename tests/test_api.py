@@ -14,6 +14,7 @@ import pytest
 
 from ledger import documents
 from ledger.api import Ledger
+from ledger.db import SCHEMA_REVISION
 from ledger.errors import BadInput, Conflict, NotFound, NotLockOwner
 
 
@@ -71,6 +72,37 @@ def test_concurrent_writers_never_lose_an_update(home: Path) -> None:
 
 
 # -- strict mode and attribution ---------------------------------------------------------
+
+def _open_new_ledgers(root: str, rounds: int, barrier: Any, out: Any) -> None:
+    errors = []
+    for n in range(rounds):
+        barrier.wait(timeout=120)
+        try:
+            with Ledger(Path(root) / f"home{n}") as led:
+                led.current_id()
+        except Exception as exc:  # reported to the parent, which fails the test
+            errors.append(f"round {n}: {type(exc).__name__}: {exc}")
+    out.put(errors)
+
+
+def test_processes_opening_a_new_ledger_together_all_succeed(tmp_path: Path) -> None:
+    # Switching a new database to WAL needs it to itself, and SQLite answers "locked"
+    # at once rather than waiting: every opener must wait its turn instead of failing.
+    ctx = multiprocessing.get_context("spawn")
+    workers, rounds = 4, 20
+    barrier, out = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_open_new_ledgers, args=(str(tmp_path), rounds, barrier, out))
+             for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    errors = [e for _ in procs for e in out.get(timeout=300)]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert errors == []
+    for n in range(rounds):
+        with Ledger(tmp_path / f"home{n}") as led:
+            assert led.db.revision() == SCHEMA_REVISION
+
 
 def test_strict_mode_refuses_changes_without_the_lock(home: Path) -> None:
     with Ledger(home, pid=os.getpid(), strict=True) as led:
