@@ -13,18 +13,16 @@ import json
 import os
 import pwd
 import re
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ledger import clock, documents, queries, states, viewpatch
+from ledger import clock, documents, importer, queries, states, viewpatch
 from ledger.db import Database, Row, Tx, open_database
 from ledger.documents import check_id, check_name, check_path, check_text, check_version
 from ledger.errors import (
     BadInput,
     Conflict,
-    CorruptLedger,
     InvalidDocument,
     NoCurrentPhase,
     NotFound,
@@ -32,7 +30,7 @@ from ledger.errors import (
     StorageError,
     UpgradeInProgress,
 )
-from ledger.home import FILE_MODE, Home
+from ledger.home import Home
 from ledger.lock import DirLock, Holder, LockStatus
 
 T = TypeVar("T")
@@ -72,8 +70,7 @@ class Ledger:
         self.home.ensure()
         self.home.clean_tmp()
         if db_url is None:
-            _create_private(self.home.db_path)
-            _refuse_lost_ledger(self.home)
+            self.home.prepare_db_file()
         self.db: Database = open_database(db_url, self.home.db_path)
         self.pid = os.getpid() if pid is None else pid
         self.user = _whoami()
@@ -310,7 +307,7 @@ class Ledger:
         data = documents.parse(doc)
 
         def action(tx: Tx) -> str:
-            upgrade_id = _import(tx, data)
+            upgrade_id = importer.import_upgrade(tx, data)
             if make_current:
                 self._set_current(tx, upgrade_id)
             self._event(tx, "upgrade.import", upgrade_id, new=data["current_state"],
@@ -929,155 +926,6 @@ class Ledger:
         previous = self.lock.break_lock(reason)
         self._changed()
         return previous
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (its -wal and -shm files copy
-    the database file's mode).
-
-    An existing file is looked at by path, never opened: closing a descriptor of
-    ledger.db drops every POSIX lock this process holds on it, those of a SQLite
-    connection already open here included, and another process would then take
-    that connection for gone and delete the WAL under it.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    except FileExistsError:
-        fd = None
-    except OSError as exc:
-        raise _unusable(path, exc.strerror) from exc
-    if fd is not None:  # new, so no connection of this process can have locks on it
-        try:
-            os.fchmod(fd, FILE_MODE)  # the umask may have removed bits
-        finally:
-            os.close(fd)
-        return
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise _unusable(path, exc.strerror) from exc
-    # Outside the try: StorageError is an OSError, and would lose its reason there.
-    if not stat.S_ISREG(st.st_mode):
-        raise _unusable(path, "not a regular file")
-    if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
-        try:
-            path.chmod(FILE_MODE)
-        except OSError as exc:
-            raise _unusable(path, exc.strerror) from exc
-
-
-def _unusable(path: Path, why: str | None) -> StorageError:
-    return StorageError(f"cannot open {path} ({why}); choose another home with "
-                        "--home DIR (or LEDGER_HOME)")
-
-
-def _refuse_lost_ledger(home: Home) -> None:
-    """An empty ledger.db beside a state.json that a ledger wrote (it has a lineage)
-    means the ledger was truncated or deleted: refuse to start a new, empty one over
-    it, which would orphan the views and snapshots. One stat when all is well."""
-    try:
-        if home.db_path.stat().st_size:
-            return
-        lineage = json.loads(home.state_file.read_bytes()).get("lineage")
-    except (OSError, ValueError, AttributeError):
-        return
-    if lineage:
-        raise CorruptLedger(
-            f"{home.db_path} is empty but {home.state_file} was written by ledger {lineage}: "
-            "the ledger was truncated or deleted; run 'upgrade-ledger restore' (see "
-            "docs/operations.md), or move state.json aside to start a new ledger")
-
-
-def _import(tx: Tx, doc: Mapping[str, Any]) -> str:
-    """Replace (or create) the upgrade described by a validated document."""
-    uid = doc["upgrade_id"]
-    meta = doc["metadata"]
-    started = doc["started_at"][:19] + ".000Z"
-    updated = doc["updated_at"][:19] + ".000Z"
-    state = doc["current_state"]
-    # The ledger's own documents carry outcome, error and superseded_by; a legacy one
-    # does not, and then the outcome follows from the state.
-    outcome = doc.get("outcome") or (state if state in states.TERMINAL_STATES else None)
-    tx.execute("DELETE FROM components WHERE upgrade_id = :u", {"u": uid})
-    tx.execute("DELETE FROM phases WHERE upgrade_id = :u", {"u": uid})
-    existing = tx.one("SELECT outcome FROM upgrades WHERE id = :u", {"u": uid})
-    columns = {"u": uid, "s": state, "o": outcome, "st": started, "up": updated,
-               "cp": doc["current_phase"], "cc": doc["current_component"],
-               "h": meta["hostname"], "usr": meta["user"],
-               "pid": int(meta["pid"]) if meta["pid"] else None,
-               "f": updated if outcome else None,
-               "e": doc.get("error"), "sb": doc.get("superseded_by")}
-    if existing is None:
-        tx.execute(
-            "INSERT INTO upgrades (id, state, outcome, started_at, updated_at, finished_at, "
-            "current_phase, current_component, hostname, username, pid, error, superseded_by) "
-            "VALUES (:u, :s, :o, :st, :up, :f, :cp, :cc, :h, :usr, :pid, :e, :sb)", columns)
-    else:
-        # A field the document does not carry (a legacy document) is left as it was.
-        keep = "".join(f", {col} = :{key}" for col, key in
-                       (("error", "e"), ("superseded_by", "sb")) if col in doc)
-        tx.execute(
-            "UPDATE upgrades SET state = :s, outcome = COALESCE(outcome, :o), started_at = :st, "
-            "updated_at = :up, finished_at = COALESCE(finished_at, :f), current_phase = :cp, "
-            "current_component = :cc, hostname = :h, username = :usr, pid = :pid"
-            f"{keep} WHERE id = :u", columns)
-    position = 0
-    for ppos, (pname, phase) in enumerate(doc["phases"].items(), start=1):
-        tx.execute(
-            "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at, "
-            "failed_at, error) VALUES (:u, :n, :pos, :s, :st, :co, :fa, :e)",
-            {"u": uid, "n": pname, "pos": ppos, "s": phase["state"],
-             **_stamps_of(phase), "e": phase.get("error")})
-        for cname, comp in phase.get("components", {}).items():
-            position += 1
-            state_c = states.UPGRADING if comp["state"] == "IN_PROGRESS" else comp["state"]
-            tx.execute(
-                "INSERT INTO components (upgrade_id, phase, name, position, state, "
-                "from_version, to_version, attempts, last_error, started_at, completed_at, "
-                "failed_at, backup_path, note) VALUES (:u, :p, :n, :pos, :s, :fv, :tv, :a, "
-                ":le, :st, :co, :fa, :bp, :note)",
-                {"u": uid, "p": pname, "n": cname, "pos": position, "s": state_c,
-                 "fv": comp.get("from_version"), "tv": comp.get("to_version"),
-                 "a": comp.get("attempts", 0), "le": comp.get("last_error"),
-                 "note": comp.get("note"),
-                 "bp": comp.get("backup_path"), **_stamps_of(comp)})
-    _import_rollback_points(tx, uid, doc)
-    return uid  # type: ignore[no-any-return]
-
-
-def _stamps_of(record: Mapping[str, Any]) -> dict[str, str | None]:
-    return {key: record[name][:19] + ".000Z" if record.get(name) else None
-            for key, name in (("st", "started_at"), ("co", "completed_at"),
-                              ("fa", "failed_at"))}
-
-
-def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
-    """Rollback points follow the document, live only when it says
-    ``rollback_available``: its ``rollback_points`` when it carries them (the ledger's
-    own documents), else its components' backup paths (a legacy document)."""
-    at = clock.now()
-    tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE upgrade_id = :u "
-               "AND cleared_at IS NULL", {"at": at, "u": uid})
-    if not doc["rollback_available"]:
-        return
-    if doc.get("rollback_points"):
-        phase_of = {cname: pname for pname, phase in reversed(doc["phases"].items())
-                    for cname in phase.get("components", {})}
-        for point in doc["rollback_points"]:
-            tx.execute(
-                "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
-                {"u": uid, "p": phase_of.get(point["component"]), "c": point["component"],
-                 "b": point["backup_path"], "s": point.get("size_bytes"),
-                 "h": point.get("sha256"), "at": at})
-        return
-    for pname, phase in doc["phases"].items():
-        for cname, comp in phase.get("components", {}).items():
-            if comp.get("backup_path"):
-                tx.execute(
-                    "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                    "created_at) VALUES (:u, :p, :c, :b, :at)",
-                    {"u": uid, "p": pname, "c": cname, "b": comp["backup_path"], "at": at})
 
 
 __all__ = ["Ledger", "PlannedComponent"]

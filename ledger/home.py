@@ -18,12 +18,14 @@ Folders are 0700 and files 0600 whatever the caller's umask.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ledger.errors import StorageError
+from ledger.errors import CorruptLedger, StorageError
 
 DEFAULT_HOME = "/var/lib/observability-upgrades"
 DIR_MODE = 0o700
@@ -90,6 +92,12 @@ class Home:
                 f"ledger home {self.root} is not writable; "
                 "choose another with --home DIR (or LEDGER_HOME)"
             )
+
+    def prepare_db_file(self) -> None:
+        """Make sure ledger.db is a private regular file before SQLite opens it, and
+        refuse to start a new ledger over one that was truncated or deleted."""
+        _create_private(self.db_path)
+        _refuse_lost_ledger(self)
 
     def history_file(self, upgrade_id: str) -> Path:
         """``history/<id>.json``; ids are validated, so this never leaves the folder."""
@@ -227,3 +235,60 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal and -shm files copy
+    the database file's mode).
+
+    An existing file is looked at by path, never opened: closing a descriptor of
+    ledger.db drops every POSIX lock this process holds on it, those of a SQLite
+    connection already open here included, and another process would then take
+    that connection for gone and delete the WAL under it.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    except FileExistsError:
+        fd = None
+    except OSError as exc:
+        raise _unusable(path, exc.strerror) from exc
+    if fd is not None:  # new, so no connection of this process can have locks on it
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have removed bits
+        finally:
+            os.close(fd)
+        return
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise _unusable(path, exc.strerror) from exc
+    # Outside the try: StorageError is an OSError, and would lose its reason there.
+    if not stat.S_ISREG(st.st_mode):
+        raise _unusable(path, "not a regular file")
+    if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
+        try:
+            path.chmod(FILE_MODE)
+        except OSError as exc:
+            raise _unusable(path, exc.strerror) from exc
+
+
+def _unusable(path: Path, why: str | None) -> StorageError:
+    return StorageError(f"cannot open {path} ({why}); choose another home with "
+                        "--home DIR (or LEDGER_HOME)")
+
+
+def _refuse_lost_ledger(home: Home) -> None:
+    """An empty ledger.db beside a state.json that a ledger wrote (it has a lineage)
+    means the ledger was truncated or deleted: refuse to start a new, empty one over
+    it, which would orphan the views and snapshots. One stat when all is well."""
+    try:
+        if home.db_path.stat().st_size:
+            return
+        lineage = json.loads(home.state_file.read_bytes()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return
+    if lineage:
+        raise CorruptLedger(
+            f"{home.db_path} is empty but {home.state_file} was written by ledger {lineage}: "
+            "the ledger was truncated or deleted; run 'upgrade-ledger restore' (see "
+            "docs/operations.md), or move state.json aside to start a new ledger")
