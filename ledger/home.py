@@ -105,37 +105,10 @@ class Home:
 
     def write_atomic(self, target: Path,
                      data: bytes | Sequence[bytes | memoryview]) -> None:
-        """Replace *target* with *data* so that readers see the old or the new file, whole.
-
-        A new temp file (exclusive create, no link following, 0600), fsync, rename over
-        the target (a symlink planted there is replaced, never followed), fsync the
-        folder so the rename itself is durable. *data* may be a sequence of pieces,
-        written one after the other (a patched state.json is, without a copy of it).
-        """
+        """Replace *target* with *data* atomically (see ``write_file_atomic``), 0600,
+        the temp file in the home's tmp/ when that is on the target's filesystem."""
         folder = self.tmp_dir if _same_device(self.tmp_dir, target.parent) else target.parent
-        # os.urandom is what secrets.token_hex reads; importing secrets (hashlib,
-        # OpenSSL) would cost every per-step CLI call several milliseconds.
-        temp = folder / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-        except OSError as exc:
-            raise _storage_error(target, exc) from exc
-        try:
-            try:
-                os.fchmod(fd, FILE_MODE)  # the umask may have removed bits; never adds any
-                for piece in (data,) if isinstance(data, bytes) else data:
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp, target)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise _storage_error(target, exc) from exc
-        fsync_dir(target.parent)
+        write_file_atomic(target, data, temp_dir=folder)
 
     def clean_tmp(self) -> int:
         """Remove temp files left by writers that died mid-write; return how many."""
@@ -151,6 +124,41 @@ class Home:
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+
+def write_file_atomic(target: Path, data: bytes | Sequence[bytes | memoryview], *,
+                      temp_dir: Path, mode: int = FILE_MODE) -> None:
+    """Replace *target* with *data* so that readers see the old or the new file, whole.
+
+    A new temp file in *temp_dir* (exclusive create, no link following, *mode*),
+    fsync, rename over the target (a symlink planted there is replaced, never
+    followed), fsync the folder so the rename itself is durable. *data* may be a
+    sequence of pieces, written one after the other (a patched state.json is,
+    without a copy of it). *temp_dir* must be on the target's filesystem.
+    """
+    # os.urandom is what secrets.token_hex reads; importing secrets (hashlib,
+    # OpenSSL) would cost every per-step CLI call several milliseconds.
+    temp = temp_dir / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        raise _storage_error(target, exc) from exc
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits
+            for piece in (data,) if isinstance(data, bytes) else data:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise _storage_error(target, exc) from exc
+    fsync_dir(target.parent)
 
 
 def make_private_dir(folder: Path, *, follow: bool = False) -> None:

@@ -13,19 +13,17 @@ lists them all.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ledger import __version__, clock, states
-from ledger.errors import BadInput, LedgerError, StorageError
-from ledger.home import fsync_dir
+from ledger.errors import BadInput, LedgerError
+from ledger.home import write_file_atomic
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -251,25 +249,8 @@ def write_textfile(ledger: Ledger, path: str | os.PathLike[str]) -> Path:
     folder, name = check_textfile(path)
     target = folder / name
     data = exposition(ledger)
-    temp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                     TEXTFILE_MODE)
-        try:
-            os.fchmod(fd, TEXTFILE_MODE)  # whatever the umask: node_exporter must read it
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        temp.rename(target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise StorageError(f"cannot write metrics textfile {target} "
-                           f"({exc.strerror or exc}); check the folder's permissions") from exc
-    fsync_dir(folder)
+    # The same atomic write as the views, but readable by node_exporter (0644).
+    write_file_atomic(target, data, temp_dir=folder, mode=TEXTFILE_MODE)
     return target
 
 
