@@ -208,7 +208,7 @@ upgrade_generate_id() {
 # Start a new upgrade (IDLE) and print its id. An upgrade still in progress is
 # superseded: it ends FAILED, stays in the ledger, and one WARNING: line says so.
 upgrade_state_init() {
-    _upgrade_state_do "$BASHPID" legacy init ${1:+"$1"}
+    _upgrade_state_do "$BASHPID" legacy init -- ${1:+"$1"}
 }
 
 # Print the current upgrade's state document (exit 1 when there is none).
@@ -237,31 +237,31 @@ upgrade_state_get_current() {
 # Exit 0 if FROM -> TO is allowed (the same state again counts as allowed), 1 if not.
 upgrade_state_validate_transition() {
     _upgrade_state_usage 2 "upgrade_state_validate_transition FROM TO" "$@" || return 1
-    _upgrade_state_do "$BASHPID" state check "$1" "$2"
+    _upgrade_state_do "$BASHPID" state check -- "$1" "$2"
 }
 
 # Move the upgrade to STATE; the same state again is 0, an invalid transition is 1
 # (with an ERROR: line naming the allowed targets) and changes nothing.
 upgrade_state_set() {
     _upgrade_state_usage 1 "upgrade_state_set STATE" "$@" || return 1
-    _upgrade_state_do "$BASHPID" state set "$1"
+    _upgrade_state_do "$BASHPID" state set -- "$1"
 }
 
 # -- phases ---------------------------------------------------------------------------
 
 upgrade_phase_start() {
     _upgrade_state_usage 1 "upgrade_phase_start PHASE" "$@" || return 1
-    _upgrade_state_do "$BASHPID" phase start "$1"
+    _upgrade_state_do "$BASHPID" phase start -- "$1"
 }
 
 upgrade_phase_complete() {
     _upgrade_state_usage 1 "upgrade_phase_complete PHASE" "$@" || return 1
-    _upgrade_state_do "$BASHPID" phase complete "$1"
+    _upgrade_state_do "$BASHPID" phase complete -- "$1"
 }
 
 upgrade_phase_fail() {
     _upgrade_state_usage 1 "upgrade_phase_fail PHASE [ERROR]" "$@" || return 1
-    _upgrade_state_do "$BASHPID" phase fail "$1" ${2+"$2"}
+    _upgrade_state_do "$BASHPID" phase fail -- "$1" ${2+"$2"}
 }
 
 # Print the first PENDING phase, or nothing (also when there is no upgrade yet).
@@ -279,30 +279,30 @@ upgrade_phase_get_next() {
 # version); exit 1 when no phase is current.
 upgrade_component_start() {
     _upgrade_state_usage 1 "upgrade_component_start COMPONENT FROM TO" "$@" || return 1
-    _upgrade_state_do "$BASHPID" legacy component-start "$1" "${2-}" "${3-}"
+    _upgrade_state_do "$BASHPID" legacy component-start -- "$1" "${2-}" "${3-}"
 }
 
 upgrade_component_complete() {
     _upgrade_state_usage 1 "upgrade_component_complete COMPONENT" "$@" || return 1
-    _upgrade_state_do "$BASHPID" component complete "$1"
+    _upgrade_state_do "$BASHPID" component complete -- "$1"
 }
 
 # Mark COMPONENT failed: attempts + 1, last_error set.
 upgrade_component_fail() {
     _upgrade_state_usage 1 "upgrade_component_fail COMPONENT [ERROR]" "$@" || return 1
-    _upgrade_state_do "$BASHPID" component fail "$1" ${2+"$2"}
+    _upgrade_state_do "$BASHPID" component fail -- "$1" ${2+"$2"}
 }
 
 # Exit 0 if COMPONENT is COMPLETED in the current upgrade, 1 if not.
 upgrade_component_is_upgraded() {
     _upgrade_state_usage 1 "upgrade_component_is_upgraded COMPONENT" "$@" || return 1
-    _upgrade_state_do "$BASHPID" component is-upgraded "$1"
+    _upgrade_state_do "$BASHPID" component is-upgraded -- "$1"
 }
 
 # Print COMPONENT's JSON object ({} when unknown).
 upgrade_component_get_status() {
     _upgrade_state_usage 1 "upgrade_component_get_status COMPONENT" "$@" || return 1
-    _upgrade_state_do "$BASHPID" component status "$1" --format json
+    _upgrade_state_do "$BASHPID" component status --format json -- "$1"
 }
 
 # -- resume --------------------------------------------------------------------------
@@ -326,7 +326,7 @@ upgrade_resume() {
 
 upgrade_mark_rollback_point() {
     _upgrade_state_usage 2 "upgrade_mark_rollback_point COMPONENT BACKUP_PATH" "$@" || return 1
-    _upgrade_state_do "$BASHPID" rollback mark "$1" "$2"
+    _upgrade_state_do "$BASHPID" rollback mark -- "$1" "$2"
 }
 
 # Print {rollback_available, components: [{name, backup_path, from_version, to_version}]}.

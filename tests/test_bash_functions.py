@@ -635,3 +635,29 @@ def test_an_unreadable_old_state_file_is_kept_aside(harness: Harness) -> None:
     assert (current.rc, current.out) == (0, "IDLE\n")
     assert current.err.startswith("WARNING: ") and "state.json.legacy" in current.err
     assert (home / "state.json.legacy").read_text().startswith('{"upgrade_id": "upgrade-1"')
+
+
+def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> None:
+    # Error texts and names are passed after '--': "--config: unknown flag" is a
+    # failure message to record, not an option of the command.
+    home = tmp_path / "home"
+    script = """
+        set -euo pipefail
+        source "$LIB"
+        upgrade_state_init run-1 >/dev/null
+        upgrade_state_set PLANNING
+        upgrade_state_set BACKING_UP
+        upgrade_state_set UPGRADING
+        upgrade_phase_start p1
+        upgrade_component_start c1 1.0 2.0
+        upgrade_component_fail c1 "--config: unknown flag"
+        upgrade_mark_rollback_point c1 -backup.tar
+        upgrade_phase_fail p1 "-1 exit"
+    """
+    done = run_bash(script, bash_env(home))
+    assert done.returncode == 0, done.stderr
+    with Ledger(home) as led:
+        comp = led.component_status("c1")
+        assert (comp["state"], comp["last_error"]) == ("FAILED", "--config: unknown flag")
+        assert led.rollback_info()["components"][0]["backup_path"] == "-backup.tar"
+        assert led.show()["phases"][0]["error"] == "-1 exit"
