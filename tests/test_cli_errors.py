@@ -83,6 +83,10 @@ CASES = [
     ("unknown-format", ["history", "-f", "xml"], USAGE, "'xml' is not one of"),
     ("missing-argument", ["phase", "start"], USAGE, "Missing argument 'NAME'"),
     ("bad-global-pid", ["--pid", "0", "status"], USAGE, "must be a positive process id"),
+    ("negative-lock-timeout", ["--lock-timeout", "-1", "status"], USAGE,
+     "must be a number of seconds from 0"),
+    ("nan-lock-timeout", ["--lock-timeout", "nan", "status"], USAGE,
+     "must be a number of seconds from 0"),
     # unknown states
     ("unknown-state", ["state", "set", "DONE"], 6, "unknown upgrade state 'DONE'"),
     ("unknown-from-state", ["state", "check", "NOPE", "IDLE"], 6, "unknown upgrade state"),

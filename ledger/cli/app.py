@@ -132,6 +132,13 @@ class LedgerGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _seconds_in_range(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    # Refused here, before the home is opened (or created), like every usage error.
+    if not 0 <= value <= 30 * 86400:  # also false for NaN
+        raise click.BadParameter("must be a number of seconds from 0 to 2592000 (30 days)")
+    return value
+
+
 def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | None:
     if value is None:
         return None
@@ -153,6 +160,7 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
 @click.option("--strict", is_flag=True, envvar="LEDGER_STRICT", show_envvar=True,
               help="Refuse changes unless --pid holds the lock.")
 @click.option("--lock-timeout", "lock_timeout_s", type=float, default=4 * 3600.0,
+              callback=_seconds_in_range,
               envvar="LEDGER_LOCK_TIMEOUT", show_envvar=True, show_default=True,
               metavar="SECONDS",
               help="Age after which a lock whose holder cannot be checked counts as stale.")
