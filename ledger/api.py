@@ -294,7 +294,8 @@ class Ledger:
 
         The document is validated first; a bad one changes nothing. An upgrade with the
         same id is replaced by the document's content (one ``upgrade.import`` event
-        records it), which is how the legacy ``upgrade_state_save`` is honoured.
+        records it), which is how the legacy ``upgrade_state_save`` is honoured. With
+        *make_current*, another upgrade still in progress is superseded, not orphaned.
         """
         if not isinstance(doc, str | bytes):
             # A mapping must hold what a file could: no NaN, no sets, no objects.
@@ -307,8 +308,15 @@ class Ledger:
         data = documents.parse(doc)
 
         def action(tx: Tx) -> str:
+            current = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            old = None if current in (None, data["upgrade_id"]) or not make_current else \
+                tx.one("SELECT id, state FROM upgrades WHERE id = :id", {"id": current})
             upgrade_id = importer.import_upgrade(tx, data)
             if make_current:
+                # Replacing the current upgrade never orphans a run in progress: it
+                # is superseded, as init(supersede=True) does.
+                if old is not None and states.is_in_progress(old["state"]):
+                    self._supersede(tx, old["id"], old["state"], upgrade_id, clock.now())
                 self._set_current(tx, upgrade_id)
             self._event(tx, "upgrade.import", upgrade_id, new=data["current_state"],
                         detail={"phases": len(data["phases"])})
@@ -913,6 +921,13 @@ class Ledger:
         released = self.lock.release(self.pid if owner_pid is None else owner_pid)
         self._changed()
         return released
+
+    def check_stale_lock(self) -> bool:
+        """Remove the lock if it is proven stale (a ``lock.break`` event); True if so."""
+        removed = self.lock.check_stale()
+        if removed:
+            self._changed()
+        return removed
 
     def lock_status(self) -> LockStatus:
         """Who holds the lock, since when, from where, and whether it looks stale."""

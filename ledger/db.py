@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ledger.errors import BadInput, CorruptLedger, LedgerError, SchemaTooNew, StorageError
+from ledger.errors import BadInput, Conflict, CorruptLedger, LedgerError, SchemaTooNew, StorageError
 
 #: The Alembic revision this code expects; a test checks it equals the migrations' head.
 SCHEMA_REVISION = "0002"
@@ -207,9 +207,12 @@ class SqliteDatabase(Database):
         except BaseException as exc:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.IntegrityError):
+                # A constraint caught what validation should have: refuse, changed nothing.
+                raise Conflict(f"the ledger refused the change ({exc}); nothing was "
+                               "changed") from exc
             if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not (
-                isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
-                or _is_missing_table(exc)
+                isinstance(exc, sqlite3.ProgrammingError) or _is_missing_table(exc)
             ):
                 raise _translate(exc, str(self.path)) from exc
             raise

@@ -280,6 +280,9 @@ def _validate(doc: Any) -> None:
     for name, phase in phases.items():
         check_name(name, "phase")
         _validate_phase(name, phase, seen_components)
+    if doc["current_phase"] is not None and doc["current_phase"] not in phases:
+        raise InvalidDocument(f"current_phase {doc['current_phase']!r} is not one of the "
+                              "document's phases")
     _validate_additions(doc)
 
 

@@ -358,3 +358,36 @@ def test_export_views_rewrites_deleted_views(ledger: Ledger) -> None:
     assert written == [ledger.home.state_file, ledger.home.history_file("u1")]
     assert json.loads(ledger.home.state_file.read_text())["upgrade_id"] == "u2"
     assert json.loads(ledger.home.history_file("u1").read_text())["upgrade_id"] == "u1"
+
+
+def _doc_for(ledger: Ledger, upgrade_id: str) -> dict[str, Any]:
+    doc = ledger.document()
+    doc = json.loads(json.dumps(doc))
+    doc["upgrade_id"] = upgrade_id
+    return doc
+
+
+def test_importing_over_a_running_upgrade_supersedes_it(ledger: Ledger) -> None:
+    running = ledger.init("run-1")
+    ledger.set_state("PLANNING")
+    ledger.set_state("BACKING_UP")
+    doc = _doc_for(ledger, "other")
+    doc["current_state"] = "IDLE"
+    ledger.import_document(doc)
+    assert ledger.current_id() == "other"
+    old = ledger.show(running)
+    assert (old["state"], old["superseded_by"]) == ("FAILED", "other")
+    kinds = [e["kind"] for e in ledger.events(upgrade_id=running)]
+    assert kinds[-1] == "upgrade.superseded"
+
+
+def test_an_imported_current_phase_must_be_one_of_its_phases(ledger: Ledger) -> None:
+    ledger.init("run-1")
+    ledger.set_state("PLANNING")
+    ledger.phase_start("p1")
+    doc = _doc_for(ledger, "run-2")
+    doc["current_phase"] = "ghost"
+    before = ledger.events(limit=None)
+    with pytest.raises(documents.InvalidDocument, match="current_phase 'ghost'"):
+        ledger.import_document(doc)
+    assert ledger.events(limit=None) == before

@@ -68,7 +68,7 @@ def lock_status(cfg: Config, fmt: str, as_json: bool) -> None:
 @pass_config
 def lock_check_stale(cfg: Config) -> None:
     """Remove the lock if it is proven stale (recorded as a lock.break event)."""
-    if cfg.ledger().lock.check_stale():
+    if cfg.ledger().check_stale_lock():
         click.echo("removed a stale lock", err=True)
 
 
