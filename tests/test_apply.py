@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ledger import doctor
 from ledger.api import Ledger
 from tests.applyplans import (
     component,
@@ -86,6 +87,11 @@ def test_the_example_plan_completes_and_a_second_apply_does_nothing(tmp_path: Pa
     assert again.returncode == 0
     assert f"upgrade {uid} already applied this plan" in again.stdout
     assert (sim / "changes.log").read_text() == changes  # nothing ran again
+
+    # The README's tour runs doctor on this very home: it must find it healthy
+    # (the simulated service keeps its files private like the rest of the home).
+    findings = doctor.run_checks(home)
+    assert [f.check for f in findings if f.status == "fail"] == []
 
 
 def test_commands_get_the_documented_environment(tmp_path: Path, home: Path, cli) -> None:

@@ -11,6 +11,8 @@
 # SIM_FAIL=name[,name...] makes those components fail their health check, to
 # watch an automatic rollback; SIM_DELAY=seconds slows every install down.
 set -eu
+# Everything in the ledger home is private (folders 0700, files 0600): doctor checks it.
+umask 077
 
 action=${1:?usage: service.sh version|backup|install|check|restore}
 name=${LEDGER_COMPONENT:?run me from upgrade-ledger apply}
