@@ -4,7 +4,7 @@ Every failure the library reports is a ``LedgerError``. Subclasses carry the dat
 caller needs to react (the allowed targets of a transition, the holder of a lock)
 and mix in the stdlib base that fits, so ``except ValueError`` still works.
 The CLI turns each class into a documented exit code in one place
-(``ledger.cli.errors``); library code never raises click errors.
+(``EXIT_CODES`` in ``ledger.cli.app``); library code never raises click errors.
 """
 
 from __future__ import annotations

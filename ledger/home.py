@@ -107,7 +107,7 @@ class Home:
                      data: bytes | Sequence[bytes | memoryview]) -> None:
         """Replace *target* with *data* atomically (see ``write_file_atomic``), 0600,
         the temp file in the home's tmp/ when that is on the target's filesystem."""
-        folder = self.tmp_dir if _same_device(self.tmp_dir, target.parent) else target.parent
+        folder = self.tmp_dir if same_device(self.tmp_dir, target.parent) else target.parent
         write_file_atomic(target, data, temp_dir=folder)
 
     def clean_tmp(self) -> int:
@@ -220,7 +220,8 @@ def _storage_error(path: Path, exc: OSError) -> StorageError:
                         "check free space and permissions")
 
 
-def _same_device(a: Path, b: Path) -> bool:
+def same_device(a: Path, b: Path) -> bool:
+    """Whether two existing paths are on one filesystem (a rename between them works)."""
     try:
         return a.stat().st_dev == b.stat().st_dev
     except OSError:

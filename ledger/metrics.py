@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,12 +267,6 @@ def check_textfile(path: str | os.PathLike[str]) -> tuple[Path, str]:
         raise BadInput(f"metrics textfile {target} is a folder; give a file name ending in "
                        ".prom")
     return folder, target.name
-
-
-def textfile_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """The textfile to refresh after every change (``LEDGER_METRICS_TEXTFILE``), if any."""
-    value = (os.environ if env is None else env).get(TEXTFILE_ENV, "").strip()
-    return value or None
 
 
 def refresh_textfile(ledger: Ledger, path: str) -> bool:

@@ -43,7 +43,7 @@ from ledger.errors import (
     NotFound,
     StorageError,
 )
-from ledger.home import FILE_MODE, Home, fsync_dir, make_private_dir
+from ledger.home import FILE_MODE, Home, fsync_dir, make_private_dir, same_device
 from ledger.lock import DirLock
 
 #: How many snapshots are kept when LEDGER_SNAPSHOT_KEEP is not set.
@@ -147,7 +147,7 @@ def take(home: Home, db: Database, upgrade_id: str | None, *,
     label = documents.check_id(upgrade_id) if upgrade_id else "ledger"
     target_dir = folder(home)
     make_private_dir(target_dir)
-    same_fs = _same_device(home.tmp_dir, target_dir)
+    same_fs = same_device(home.tmp_dir, target_dir)
     temp = (home.tmp_dir if same_fs else target_dir) / \
         f".snapshot.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
@@ -474,13 +474,6 @@ def _translate(exc: sqlite3.Error, path: Path) -> LedgerError:
         return CorruptLedger(f"{path} is corrupt ({text}); no snapshot was taken; see "
                              "'upgrade-ledger doctor' and docs/operations.md")
     return StorageError(f"cannot snapshot {path} ({text}); check free space and permissions")
-
-
-def _same_device(a: Path, b: Path) -> bool:
-    try:
-        return a.stat().st_dev == b.stat().st_dev
-    except OSError:
-        return False
 
 
 # -- doctor ------------------------------------------------------------------------------
