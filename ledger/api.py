@@ -385,6 +385,10 @@ class Ledger:
             u = self._current(tx)
             at = clock.now()
             added = 0
+            # Positions counted here, not looked up per component: planning n
+            # components stays O(n log n), not O(n^2).
+            position = tx.scalar("SELECT COALESCE(MAX(position), 0) FROM components "
+                                 "WHERE upgrade_id = :u", {"u": u["id"]})
             for phase, comps in checked:
                 if self._ensure_phase(tx, u["id"], phase):
                     added += 1
@@ -393,7 +397,9 @@ class Ledger:
                                  "phase = :p AND name = :n", {"u": u["id"], "p": phase,
                                                               "n": name}):
                         continue
-                    self._insert_component(tx, u["id"], phase, name, "PENDING", frm, to)
+                    position += 1
+                    self._insert_component(tx, u["id"], phase, name, "PENDING", frm, to,
+                                           position)
                     added += 1
             self._touch(tx, u["id"], at)
             self._event(tx, "upgrade.plan", u["id"], at=at,
@@ -414,9 +420,12 @@ class Ledger:
 
     @staticmethod
     def _insert_component(tx: Tx, upgrade_id: str, phase: str, name: str, state: str,
-                          frm: str | None, to: str | None) -> None:
-        position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM components "
-                             "WHERE upgrade_id = :u", {"u": upgrade_id})
+                          frm: str | None, to: str | None, position: int | None = None,
+                          ) -> None:
+        """Insert a component at *position* (default: after every other one)."""
+        if position is None:
+            position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM components "
+                                 "WHERE upgrade_id = :u", {"u": upgrade_id})
         tx.execute(
             "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
             "to_version, attempts) VALUES (:u, :p, :n, :pos, :s, :f, :t, 0)",
