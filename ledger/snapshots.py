@@ -345,6 +345,10 @@ def restore(home: Home, name: str | None = None, *, force: bool = False,
             newer = _newest_per_upgrade(led, views)  # judged against the snapshot alone
             _record(led, views, {"snapshot": snap.name, "problem": problem,
                                  "aside": result.aside, "lock_breaks": len(breaks)})
+            # A stale lock taken over on the way is recorded like every break, now
+            # that there is a ledger to record it in.
+            for info in breaks:
+                led._record_lock_break(info)
             for path, data, doc in newer:
                 led.import_document(data, make_current=path == led.home.state_file)
                 result.imported.append(f"{path.name} ({doc['upgrade_id']})")

@@ -405,3 +405,21 @@ def test_runbook_no_snapshot(finished: Path, tmp_path: Path) -> None:
         doc = led.document()
         assert doc["phases"] == view["phases"] and doc["lineage"] != view["lineage"]
     assert list(finished.glob("ledger.db.corrupt"))
+
+
+def test_restore_records_the_stale_lock_it_takes_over(finished: Path) -> None:
+    # A run killed mid-upgrade leaves its lock behind; restore takes it over, and the
+    # break is an audit event like every other.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock_dir = finished / "upgrade.lock.d"
+    lock_dir.mkdir(mode=0o700)
+    (lock_dir / "lock.info").write_text(
+        f"{gone.pid}|2026-01-01T00:00:00Z|{os.uname().nodename}|root\n")
+    truncated(finished / "ledger.db")
+    restored = cli(finished, "restore")
+    assert restored.returncode == 0, restored.stderr
+    with Ledger(finished) as led:
+        breaks = led.events(kind="lock.break")
+        assert len(breaks) == 1
+        assert breaks[0]["detail"]["previous"]["pid"] == gone.pid
