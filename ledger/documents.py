@@ -15,7 +15,7 @@ from typing import Any
 
 from ledger import states
 from ledger.db import Tx
-from ledger.errors import BadInput, InvalidDocument
+from ledger.errors import BadInput, InvalidDocument, NotFound
 
 MAX_NAME = 128
 MAX_TEXT = 64 * 1024
@@ -110,7 +110,7 @@ def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
     """The state document of *upgrade_id*, read in the caller's transaction."""
     u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
     if u is None:
-        raise BadInput(f"no upgrade {upgrade_id!r}")
+        raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
     phases: dict[str, dict[str, Any]] = {}
     for p in tx.all(
         "SELECT name, state, started_at, completed_at, failed_at, error FROM phases "
