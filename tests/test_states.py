@@ -262,18 +262,23 @@ CRASHING_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_run_killed_mid_upgrade_resumes_at_the_interrupted_component(home: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, str(home)],
+def kill_after_line(script: str, home: Path, line: str) -> None:
+    """Run *script* on *home* in a child, SIGKILL it once it printed *line*."""
+    child = subprocess.Popen([sys.executable, "-c", script, str(home)],
                              stdout=subprocess.PIPE, text=True, env=child_env())
     try:
         assert child.stdout is not None
-        assert child.stdout.readline() == "upgrading b\n"
+        assert child.stdout.readline() == line + "\n"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
         if child.stdout:
             child.stdout.close()
     assert child.returncode == -signal.SIGKILL
+
+
+def test_a_run_killed_mid_upgrade_resumes_at_the_interrupted_component(home: Path) -> None:
+    kill_after_line(CRASHING_RUN, home, "upgrading b")
     with Ledger(home) as led:
         assert led.can_resume() and led.in_progress()
         assert led.resume_point() == {"state": "UPGRADING", "phase": "exporters",
@@ -312,17 +317,7 @@ HAMMERING_RUN = textwrap.dedent("""
 
 
 def test_a_run_killed_while_writing_leaves_a_consistent_ledger(home: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", HAMMERING_RUN, str(home)],
-                             stdout=subprocess.PIPE, text=True, env=child_env())
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline() == "busy\n"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-        if child.stdout:
-            child.stdout.close()
-    assert child.returncode == -signal.SIGKILL
+    kill_after_line(HAMMERING_RUN, home, "busy")
     with sqlite3.connect(home / "ledger.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     view = state_json_of(home)  # written atomically: always whole
