@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from ledger import clock, documents, importer, queries, states, viewpatch
-from ledger.db import Database, Row, Tx, open_database
-from ledger.documents import check_id, check_name, check_path, check_text, check_version
+from ledger import queries
+from ledger.core import clock, host, states
+from ledger.core.validate import check_id, check_name, check_path, check_text, check_version
 from ledger.errors import (
     BadInput,
     Conflict,
@@ -30,8 +30,12 @@ from ledger.errors import (
     StorageError,
     UpgradeInProgress,
 )
-from ledger.home import Home
 from ledger.lock import DirLock, Holder, LockStatus
+from ledger.store import meta
+from ledger.store.connect import open_database
+from ledger.store.database import Database, Row, Tx
+from ledger.store.home import Home
+from ledger.views import document, importer, patch
 
 T = TypeVar("T")
 
@@ -41,20 +45,23 @@ _ANNOTATION_KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 PlannedComponent = tuple[str, str | None, str | None]
 
 
-def _whoami() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return os.environ.get("USER") or str(os.geteuid())
-
-
 class Ledger:
     """A durable ledger of upgrades in a home folder (or behind a SQLAlchemy URL).
 
     *pid* is the process the changes are attributed to and that owns the lock
     (default: this process; the CLI passes its caller's). With *strict*, every
     change is refused unless *pid* holds the lock.
+
+    Effects beyond the ledger (the metrics textfile, snapshots, notifications) are
+    listeners: callables in ``after_change``, ``after_save``, ``during_run`` and
+    ``status_sections``, which the ledger calls without knowing what they do. Every
+    new ``Ledger`` is handed to each function in ``default_wiring`` first
+    (``ledger.wiring`` registers the documented defaults there); ``wired=False``
+    gives a bare ledger.
     """
+
+    #: Functions that register the default listeners on each new Ledger.
+    default_wiring: ClassVar[list[Callable[[Ledger], None]]] = []
 
     def __init__(
         self,
@@ -65,7 +72,10 @@ class Ledger:
         pid: int | None = None,
         strict: bool = False,
         lock_timeout_s: float = 4 * 3600,
+        wired: bool = True,
     ) -> None:
+        #: The environment the ledger's settings are read from (default: os.environ).
+        self.env: Mapping[str, str] = os.environ if env is None else env
         self.home = Home.at(home, env)
         self.home.ensure()
         self.home.clean_tmp()
@@ -73,20 +83,24 @@ class Ledger:
             self.home.prepare_db_file()
         self.db: Database = open_database(db_url, self.home.db_path)
         self.pid = os.getpid() if pid is None else pid
-        self.user = _whoami()
-        # uname's nodename is what socket.gethostname() returns on Linux; importing
-        # socket would cost a per-step CLI call several milliseconds.
-        self.hostname = os.uname().nodename
+        self.user = host.user_name() or str(os.geteuid())
+        self.hostname = host.hostname()
         self.strict = strict
         self.lock = DirLock(self.home.lock_dir, timeout_s=lock_timeout_s,
-                            on_break=self._record_lock_break)
-        # LEDGER_METRICS_TEXTFILE: a Prometheus textfile refreshed after every change.
-        # Off by default: it costs each change a metrics read and a file write.
-        self.metrics_textfile = (os.environ if env is None else env).get(
-            "LEDGER_METRICS_TEXTFILE") or None
-        #: Called after every committed change and lock move (an upgrade run delivers
-        #: notifications this way: ``ledger.notify.delivering``). Must never raise.
+                            on_break=self.record_lock_break)
+        #: Called after every committed change and lock move. Must never raise: the
+        #: change is committed and must not look failed.
         self.after_change: list[Callable[[], object]] = []
+        #: Called with the upgrade id after ``save_to_history`` wrote its file.
+        self.after_save: list[Callable[[str], object]] = []
+        #: Context managers entered around an ``apply`` run, given this ledger
+        #: (notifications are delivered as the run goes this way).
+        self.during_run: list[Callable[[Ledger], AbstractContextManager[object]]] = []
+        #: Extra sections of ``status()``: name -> function returning its data.
+        self.status_sections: dict[str, Callable[[], object]] = {}
+        if wired:
+            for wire in Ledger.default_wiring:
+                wire(self)
 
     def close(self) -> None:
         """Release the database connection."""
@@ -112,13 +126,12 @@ class Ledger:
             self._require_lock()
         change = None
         with self.db.write() as tx:
-            upgrade_id = None if touched is None else tx.scalar(
-                "SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
-            before = None if upgrade_id is None else viewpatch.serial(tx, upgrade_id)
+            upgrade_id = None if touched is None else meta.current_upgrade(tx)
+            before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
             result = action(tx)
             if upgrade_id is not None and before is not None and touched is not None:
-                change = viewpatch.Change(upgrade_id, before,
-                                          viewpatch.serial(tx, upgrade_id), touched)
+                change = patch.Change(upgrade_id, before,
+                                          patch.serial(tx, upgrade_id), touched)
         try:
             self._write_views(change)
         except StorageError as exc:
@@ -129,12 +142,7 @@ class Ledger:
         return result
 
     def _changed(self) -> None:
-        """After a change or a lock move: refresh the metrics textfile if one is set, and
-        tell the ``after_change`` listeners."""
-        if self.metrics_textfile:
-            from ledger import metrics  # noqa: PLC0415 (prometheus-client: only when asked)
-
-            metrics.refresh_textfile(self, self.metrics_textfile)
+        """After a change or a lock move: tell the ``after_change`` listeners."""
         for listener in list(self.after_change):
             listener()
 
@@ -161,7 +169,7 @@ class Ledger:
         )
 
     def _current(self, tx: Tx) -> Row:
-        upgrade_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+        upgrade_id = meta.current_upgrade(tx)
         row = None if upgrade_id is None else tx.one(
             "SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
         if row is None:
@@ -181,25 +189,27 @@ class Ledger:
         """
         self._write_views(None)
 
-    def _write_views(self, change: viewpatch.Change | None) -> None:
+    def _write_views(self, change: patch.Change | None) -> None:
         """Rewrite state.json: patched after *change* when that is provably right,
         else built whole."""
         with self.db.write() as tx:
-            upgrade_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            upgrade_id = meta.current_upgrade(tx)
             if upgrade_id is None:
                 return
             data: bytes | list[bytes | memoryview] | None = None
             if change is not None and change.upgrade_id == upgrade_id:
-                data = viewpatch.patched(self.home, tx, change)
+                data = patch.patched(self.home, tx, change)
                 serial = change.after
             if data is None:
-                doc = documents.build(tx, upgrade_id)
-                data = documents.dumps(doc)
+                doc = document.build(tx, upgrade_id)
+                data = document.dumps(doc)
                 serial = doc["serial"]
             self.home.write_atomic(self.home.state_file, data)
-            viewpatch.remember(self.home, upgrade_id, serial)
+            patch.remember(self.home, upgrade_id, serial)
 
-    def _record_lock_break(self, info: Mapping[str, Any]) -> None:
+    def record_lock_break(self, info: Mapping[str, Any]) -> None:
+        """Append a ``lock.break`` event for a lock taken over or broken (*info* as
+        ``DirLock``'s ``on_break`` gives it)."""
         with self.db.write() as tx:
             previous = info.get("previous") or {}
             self._event(tx, "lock.break", None, "lock",
@@ -223,7 +233,7 @@ class Ledger:
             new_id = upgrade_id or self._free_id(tx, at)
             if tx.scalar("SELECT 1 FROM upgrades WHERE id = :id", {"id": new_id}):
                 raise Conflict(f"upgrade {new_id} exists already; choose another id")
-            old_id = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            old_id = meta.current_upgrade(tx)
             old = old_id and tx.one("SELECT id, state FROM upgrades WHERE id = :id",
                                     {"id": old_id})
             if old and states.is_in_progress(old["state"]):
@@ -236,7 +246,7 @@ class Ledger:
                 {"id": new_id, "at": at, "host": self.hostname, "user": self.user,
                  "pid": self.pid},
             )
-            self._set_current(tx, new_id)
+            meta.set_current_upgrade(tx, new_id)
             self._event(tx, "upgrade.init", new_id, new="IDLE", at=at,
                         detail={"superseded": old["id"]} if old and supersede and
                         states.is_in_progress(old["state"]) else None)
@@ -256,6 +266,20 @@ class Ledger:
             n += 1
         return f"{base}-{n}"
 
+    def superseded(self, upgrade_id: str) -> tuple[str, str] | None:
+        """``(old id, the state it was in)`` when *upgrade_id* superseded an upgrade still
+        in progress as it started (``init(supersede=True)``), else None.
+
+        Read from the events that the init wrote in its own transaction, so it is
+        race-free, unlike looking at the state before the init.
+        """
+        started = self.events(upgrade_id=check_id(upgrade_id), kind="upgrade.init")
+        old_id = ((started[-1]["detail"] or {}) if started else {}).get("superseded")
+        if not old_id:
+            return None
+        ended = self.events(upgrade_id=old_id, kind="upgrade.superseded")
+        return old_id, ended[-1]["from"] if ended else "in progress"
+
     def _supersede(self, tx: Tx, old_id: str, old_state: str, new_id: str, at: str) -> None:
         error = f"superseded by {new_id}"
         tx.execute(
@@ -265,18 +289,10 @@ class Ledger:
         self._event(tx, "upgrade.superseded", old_id, old=old_state, new="FAILED", at=at,
                     detail={"superseded_by": new_id})
 
-    @staticmethod
-    def _set_current(tx: Tx, upgrade_id: str) -> None:
-        if not tx.execute("UPDATE ledger_meta SET value = :id WHERE key = 'current_upgrade'",
-                          {"id": upgrade_id}):
-            tx.execute("INSERT INTO ledger_meta (key, value) VALUES ('current_upgrade', :id)",
-                       {"id": upgrade_id})
-
     def current_id(self) -> str | None:
         """The id of the current upgrade, or None before the first."""
         with self.db.read() as tx:
-            return tx.scalar(  # type: ignore[no-any-return]
-                "SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            return meta.current_upgrade(tx)
 
     def document(self, upgrade_id: str | None = None) -> dict[str, Any]:
         """The state document of an upgrade (default: the current one), built fresh."""
@@ -286,7 +302,7 @@ class Ledger:
             elif not tx.scalar("SELECT 1 FROM upgrades WHERE id = :id",
                                {"id": check_id(upgrade_id)}):
                 raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
-            return documents.build(tx, upgrade_id)
+            return document.build(tx, upgrade_id)
 
     def import_document(self, doc: str | bytes | Mapping[str, Any], *,
                         make_current: bool = True) -> str:
@@ -305,10 +321,10 @@ class Ledger:
                 raise InvalidDocument(
                     f"document is not JSON data ({exc}); use strings, numbers, true, false, "
                     "null, lists and objects") from exc
-        data = documents.parse(doc)
+        data = document.parse(doc)
 
         def action(tx: Tx) -> str:
-            current = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            current = meta.current_upgrade(tx)
             old = None if current in (None, data["upgrade_id"]) or not make_current else \
                 tx.one("SELECT id, state FROM upgrades WHERE id = :id", {"id": current})
             upgrade_id = importer.import_upgrade(tx, data)
@@ -317,7 +333,7 @@ class Ledger:
                 # is superseded, as init(supersede=True) does.
                 if old is not None and states.is_in_progress(old["state"]):
                     self._supersede(tx, old["id"], old["state"], upgrade_id, clock.now())
-                self._set_current(tx, upgrade_id)
+                meta.set_current_upgrade(tx, upgrade_id)
             self._event(tx, "upgrade.import", upgrade_id, new=data["current_state"],
                         detail={"phases": len(data["phases"])})
             return upgrade_id
@@ -837,8 +853,8 @@ class Ledger:
                     upgrade_id=u["id"], state=u["state"], outcome=u["outcome"],
                     phase=u["current_phase"], component=u["current_component"],
                     progress_percent=queries.progress(tx, u),
-                    started_at=documents.second(u["started_at"]),
-                    updated_at=documents.second(u["updated_at"]),
+                    started_at=document.second(u["started_at"]),
+                    updated_at=document.second(u["updated_at"]),
                     components={r["state"]: r["n"] for r in tx.all(
                         "SELECT state, COUNT(*) AS n FROM components WHERE upgrade_id = :u "
                         "GROUP BY state ORDER BY state", {"u": u["id"]})},
@@ -850,9 +866,8 @@ class Ledger:
                                       threshold_s=stuck_after_s)
         data["lock"] = lock.as_dict()
         data["stuck"] = stuck
-        from ledger import notify  # noqa: PLC0415 (not on the per-step import path)
-
-        data["notify"] = notify.status(self)
+        for name, section in self.status_sections.items():
+            data[name] = section()
         return data
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None,
@@ -864,7 +879,7 @@ class Ledger:
 
     def export_document(self, upgrade_id: str | None = None) -> bytes:
         """The state document of an upgrade (default: the current one), as file bytes."""
-        return documents.dumps(self.document(upgrade_id))
+        return document.dumps(self.document(upgrade_id))
 
     def export_views(self) -> list[Path]:
         """Rewrite state.json and every history file from the ledger; return the paths."""
@@ -895,11 +910,10 @@ class Ledger:
         uid = self._change(action)
         target = self.home.history_file(uid)
         with self.db.read() as tx:
-            doc = documents.build(tx, uid)
-        self.home.write_atomic(target, documents.dumps(doc))
-        from ledger import snapshots  # noqa: PLC0415 (imports this module)
-
-        snapshots.take(self.home, self.db, uid)  # an online backup at each save
+            doc = document.build(tx, uid)
+        self.home.write_atomic(target, document.dumps(doc))
+        for listener in list(self.after_save):
+            listener(uid)
         return target
 
     def cleanup(self, owner_pid: int | None = None) -> None:
@@ -938,16 +952,17 @@ class Ledger:
             self._changed()
         return removed
 
+    def lock_held(self) -> bool:
+        """Whether a live process holds the lock (a stale lock is not held)."""
+        return self.lock.is_held()
+
     def lock_status(self) -> LockStatus:
         """Who holds the lock, since when, from where, and whether it looks stale."""
         return self.lock.status()
 
     def break_lock(self, reason: str) -> Holder | None:
         """Remove the lock whoever holds it (recorded as a forced break with *reason*)."""
-        if not reason or not reason.strip():
-            raise BadInput("a forced lock break needs a reason (--reason TEXT)")
-        check_text(reason, "reason", 1024)
-        previous = self.lock.break_lock(reason)
+        previous = self.lock.break_lock(reason)  # which checks the reason first
         self._changed()
         return previous
 

@@ -106,3 +106,4 @@ class CorruptLedger(LedgerError):
 
 class SchemaTooNew(LedgerError):
     """The ledger was migrated by a newer upgrade-ledger than this one."""
+

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ledger import clock, states
-from ledger.db import Row, Tx
-from ledger.documents import check_name, second
+from ledger.core import clock, states
+from ledger.core.validate import check_name
 from ledger.errors import BadInput, NotFound
+from ledger.store.database import Row, Tx
+from ledger.views.document import second
 
 _COMPONENT_KEYS = ("phase", "name", "state", "from_version", "to_version", "attempts",
                    "last_error", "note", "started_at", "completed_at", "failed_at",

@@ -1,6 +1,6 @@
 """Alembic environment for the ledger.
 
-upgrade-ledger configures Alembic from code (``ledger.migrate``) and hands over a
+upgrade-ledger configures Alembic from code (``ledger.store.migrate``) and hands over a
 live connection in ``config.attributes["connection"]``; running ``alembic`` by hand
 with a ``sqlalchemy.url`` works too.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from ledger.schema import metadata
+from ledger.store.schema import metadata
 
 config = context.config
 

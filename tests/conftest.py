@@ -30,6 +30,33 @@ def slow_mode(request: pytest.FixtureRequest) -> bool:
         os.environ.get("LEDGER_SLOW_TESTS", "") not in ("", "0")
 
 
+def walk_to_upgrading(led: Ledger, upgrade_id: str | None = None) -> str:
+    """Start an upgrade and move it IDLE -> PLANNING -> BACKING_UP -> UPGRADING."""
+    uid = led.init(upgrade_id)
+    for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
+        led.set_state(state)
+    return uid
+
+
+def run_ledger(*args: str | os.PathLike[str], input: str | None = None,
+               env: dict[str, str] | None = None, timeout: float = 120,
+               cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``upgrade-ledger ARGS...`` as a real process (``python -m ledger``) with the
+    environment of ``child_env`` unless *env* is given; never raises on failure."""
+    return subprocess.run([sys.executable, "-m", "ledger", *map(str, args)], input=input,
+                          capture_output=True, text=True, check=False, env=env or child_env(),
+                          timeout=timeout, cwd=cwd)
+
+
+def ledger_process(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+                   **popen: object) -> subprocess.Popen[str]:
+    """Start ``upgrade-ledger ARGS...`` as a real process without waiting for it."""
+    options: dict[str, object] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+                                  "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "ledger", *map(str, args)],
+                            env=env or child_env(), **options)  # type: ignore[call-overload]
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A ledger home that does not exist yet."""
@@ -83,10 +110,9 @@ def run_cli(home: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 
     def run(*args: str, input: str | None = None, check: bool = False,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ledger", "--home", str(home), *args],
-            input=input, capture_output=True, text=True, check=check,
-            env=env or child_env(), timeout=120,
-        )
+        done = run_ledger("--home", home, *args, input=input, env=env)
+        if check:
+            done.check_returncode()
+        return done
 
     return run

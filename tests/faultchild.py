@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ledger import documents, snapshots, states
 from ledger.api import Ledger
+from ledger.core import states
+from ledger.ops import snapshots
+from ledger.views import document
 
 RUN_ID = "crash-run"
 PHASES = ("p1", "p2")
@@ -270,13 +272,13 @@ def check_view(led: Ledger, known: dict[int, set[str]]) -> None:
     with led.db.read() as tx:
         serials = [r[0] for r in tx.all("SELECT id FROM events WHERE upgrade_id = :u "
                                         "ORDER BY id DESC LIMIT 2", {"u": RUN_ID})]
-        current = documents.dumps(documents.build(tx, RUN_ID)) if serials else None
+        current = document.dumps(document.build(tx, RUN_ID)) if serials else None
     if not path.exists():
         assert not known, "state.json vanished after a view had been written"
         assert len(serials) <= 1, "two changes committed and still no view"
         return
     data = path.read_bytes()
-    doc = documents.parse(data)  # never partial: a whole, valid document
+    doc = document.parse(data)  # never partial: a whole, valid document
     assert doc["lineage"] is not None
     serial = doc["serial"]
     assert serials and serial <= serials[0], f"view serial {serial} ahead of the ledger"

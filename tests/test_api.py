@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import walk_to_upgrading
 
-from ledger import documents
 from ledger.api import Ledger
-from ledger.db import SCHEMA_REVISION
 from ledger.errors import BadInput, Conflict, NotFound, NotLockOwner
-
-
-def run_to_upgrading(led: Ledger, uid: str | None = None) -> str:
-    uid = led.init(uid)
-    for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-        led.set_state(state)
-    return uid
-
+from ledger.store.database import SCHEMA_REVISION
+from ledger.views import document
 
 # -- concurrent writers (real processes) -------------------------------------------------
 
@@ -41,7 +34,7 @@ def _worker(home: str, name: str, rounds: int, barrier: Any) -> None:
 def test_concurrent_writers_never_lose_an_update(home: Path) -> None:
     workers, rounds = 4, 12
     with Ledger(home) as led:
-        run_to_upgrading(led, "shared")
+        walk_to_upgrading(led, "shared")
         led.phase_start("p")
         first_event = led.events(limit=None)[-1]["id"]
     ctx = multiprocessing.get_context("spawn")
@@ -67,7 +60,7 @@ def test_concurrent_writers_never_lose_an_update(home: Path) -> None:
         positions = led.query("SELECT position FROM components WHERE upgrade_id = 'shared'")[1]
         assert len(set(positions)) == workers
         # The view written last is the ledger's latest: no writer's view overtook another.
-        assert led.home.state_file.read_bytes() == documents.dumps(doc)
+        assert led.home.state_file.read_bytes() == document.dumps(doc)
         assert led.progress_percent() == 100
 
 
@@ -156,7 +149,7 @@ def test_legacy_variables_move_the_state_file_and_history(tmp_path: Path) -> Non
 @pytest.fixture
 def two_runs(ledger: Ledger) -> Ledger:
     """u1 completed (node 1.7 -> 1.8), then u2 mid-run (node failed once, then upgrading)."""
-    run_to_upgrading(ledger, "u1")
+    walk_to_upgrading(ledger, "u1")
     ledger.plan({"exporters": [("node", "1.7", "1.8"), ("snmp", "0.1", "0.2")]})
     ledger.phase_start("exporters")
     ledger.component_start("node")
@@ -166,7 +159,7 @@ def two_runs(ledger: Ledger) -> Ledger:
     ledger.set_state("VALIDATING")
     ledger.set_state("COMPLETED")
     ledger.cleanup()
-    run_to_upgrading(ledger, "u2")
+    walk_to_upgrading(ledger, "u2")
     ledger.plan({"exporters": [("node", "1.8", "1.9")], "server": [("prom", "2", "3")]})
     ledger.phase_start("exporters")
     ledger.mark_rollback_point("node", "/b/node-1.8.tgz")
@@ -277,7 +270,7 @@ def test_queries_take_parameters_and_refuse_writes(two_runs: Ledger) -> None:
 # -- the same component in several phases ----------------------------------------------
 
 def test_a_component_in_two_phases_is_tracked_per_phase(ledger: Ledger) -> None:
-    run_to_upgrading(ledger)
+    walk_to_upgrading(ledger)
     ledger.plan({"stage1": [("db", "1", "2")], "stage2": [("db", "2", "3")]})
     ledger.phase_start("stage1")
     ledger.component_start("db")
@@ -304,7 +297,7 @@ def test_things_that_do_not_exist_are_not_found(ledger: Ledger) -> None:
     with pytest.raises(NotFound):
         ledger.summary()
     assert ledger.component_status("a") == {}
-    run_to_upgrading(ledger, "u1")
+    walk_to_upgrading(ledger, "u1")
     ledger.phase_start("p")
     with pytest.raises(NotFound, match="no upgrade 'u9'"):
         ledger.document("u9")
@@ -388,6 +381,6 @@ def test_an_imported_current_phase_must_be_one_of_its_phases(ledger: Ledger) -> 
     doc = _doc_for(ledger, "run-2")
     doc["current_phase"] = "ghost"
     before = ledger.events(limit=None)
-    with pytest.raises(documents.InvalidDocument, match="current_phase 'ghost'"):
+    with pytest.raises(document.InvalidDocument, match="current_phase 'ghost'"):
         ledger.import_document(doc)
     assert ledger.events(limit=None) == before

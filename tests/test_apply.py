@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ledger import doctor
+from conftest import run_ledger
+
 from ledger.api import Ledger
+from ledger.ops import doctor
 from tests.applyplans import (
     component,
     lines,
@@ -24,7 +26,7 @@ from tests.applyplans import (
     upgrades,
     write_plan,
 )
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO
 
 EXAMPLE = REPO / "examples" / "observability-stack.toml"
 
@@ -43,10 +45,7 @@ def rollback_events(led: Ledger) -> list[dict]:
 def test_the_example_plan_completes_and_a_second_apply_does_nothing(tmp_path: Path) -> None:
     # As in the README: a relative home, from another folder than the plan's.
     def apply() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ledger", "--home", "demo", "apply", str(EXAMPLE)],
-            cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120,
-            check=False)
+        return run_ledger("--home", "demo", "apply", EXAMPLE, cwd=tmp_path)
 
     home = tmp_path / "demo"
     result = apply()

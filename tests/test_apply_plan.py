@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger import plan as plans
 from ledger.api import Ledger
+from ledger.apply import plan as plans
+from ledger.apply.tomllines import KeyLines
 from ledger.errors import BadInput
-from ledger.tomllines import KeyLines
 from tests.applyplans import tree
 
 GOOD = """\

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ledger_process, run_ledger
 
 from ledger.api import Ledger
 from tests.applyplans import component, process_gone, tree, upgrades, wait_for, write_plan
@@ -32,9 +33,8 @@ PLAN = [
 
 def start_apply(home: Path, plan: Path, out: Path) -> subprocess.Popen[bytes]:
     with open(out, "wb") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ledger", "--home", str(home), "apply", "--plain", str(plan)],
-            stdout=fh, stderr=subprocess.STDOUT, env=child_env())
+        return ledger_process("--home", home, "apply", "--plain", plan, stdout=fh,
+                              stderr=subprocess.STDOUT, text=False)
 
 
 def apply_again(home: Path, plan: Path) -> subprocess.CompletedProcess[str]:
@@ -84,9 +84,8 @@ def test_sigkill_mid_run_then_apply_again_completes_without_upgrading_twice(
 
     # A dry run now describes the resume and changes nothing.
     before = tree(home)
-    dry = subprocess.run([sys.executable, "-m", "ledger", "--home", str(home), "apply",
-                          "--dry-run", "--json", str(plan)], capture_output=True, text=True,
-                         env=child_env(), timeout=120, check=True)
+    dry = run_ledger("--home", home, "apply", "--dry-run", "--json", plan)
+    dry.check_returncode()
     preview = json.loads(dry.stdout)
     assert preview["action"] == f"resume {doc['upgrade_id']} (UPGRADING)"
     actions = {r["component"]: r["action"] for r in preview["components"]}

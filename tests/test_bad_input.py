@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from test_states import EXPECTED_TRANSITIONS, drive_to
 
-from ledger import states
 from ledger.api import Ledger
+from ledger.core import states
 from ledger.errors import (
     BadInput,
     InvalidDocument,

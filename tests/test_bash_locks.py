@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
+from conftest import REPO, child_env, walk_to_upgrading
 
 from ledger.api import Ledger
 
@@ -114,9 +114,7 @@ wait
 
 def test_background_workers_changing_components_lose_nothing(home: Path) -> None:
     with Ledger(home) as led:
-        led.init("parallel")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "parallel")
         led.phase_start("exporters")
     workers, per_worker = 3, 4
     done = run_bash(f"""

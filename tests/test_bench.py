@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_ledger
 
 from ledger.api import Ledger
 from ledger.cli import COMMAND_MODULES, MODULES
@@ -124,9 +125,7 @@ def test_the_quick_exit_keeps_output_and_exit_codes(tmp_path: Path) -> None:
             led.init(f"up-{i:04d}", supersede=True)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ledger", "--home", str(home), *args],
-                              capture_output=True, text=True, env=child_env(), timeout=120,
-                              check=False)
+        return run_ledger("--home", home, *args)
 
     done = run("history", "--limit", "1000", "--format", "json")
     assert done.returncode == 0, done.stderr

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import walk_to_upgrading
 
-from ledger import doctor
 from ledger.api import Ledger
-from ledger.lock import local_boot_id, local_hostname
+from ledger.core.host import boot_id as local_boot_id
+from ledger.lock.record import local_hostname
+from ledger.ops import doctor
 
 FINDING_KEYS = ["check", "status", "detail", "hint", "repaired"]
 CHECK_NAMES = ["integrity", "schema", "lock", "permissions", "state-view", "history-views",
@@ -58,9 +60,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished upgrade, saved to history, with one run still going after it."""
     home = tmp_path_factory.mktemp("doctor") / "home"
     with Ledger(home) as led:
-        led.init("u-done")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "u-done")
         led.phase_start("p")
         led.component_start("alpha", "1", "2")
         led.component_complete("alpha")

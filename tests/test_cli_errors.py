@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 import pytest
+from conftest import walk_to_upgrading
 
 from ledger.api import Ledger
 from ledger.cli import cli as root
@@ -27,9 +28,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run mid-upgrade (phase p current, component a upgrading), saved to history."""
     home = tmp_path_factory.mktemp("errors") / "home"
     with Ledger(home) as led:
-        led.init("u1")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "u1")
         led.phase_start("p")
         led.component_start("a", "1", "2")
         led.save_to_history()
@@ -226,10 +225,14 @@ def test_traceback_on_request_in_a_real_process(run_cli, home: Path, template: P
 # -- help everywhere --------------------------------------------------------------------
 
 def walk(command: click.Command, path: tuple[str, ...] = ()):
+    """Every command under *command*, through click's own listing (lazy groups load)."""
     yield path, command
     if isinstance(command, click.Group):
-        for name in sorted(command.commands):
-            yield from walk(command.commands[name], (*path, name))
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None, name
+            yield from walk(sub, (*path, name))
 
 
 ALL = [path for path, _ in walk(root)]

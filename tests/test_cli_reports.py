@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import walk_to_upgrading
 
 from ledger.api import Ledger
 from ledger.cli.reports import EVENT_COLUMNS, HISTORY_COLUMNS
@@ -68,9 +69,7 @@ def fleet_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         led.import_document(legacy(
             "u-2026-03", "ROLLED_BACK", "2026-03-01T08:00:00Z", "2026-03-01T09:00:00Z", "alpha",
             {}), make_current=False)
-        led.init("u-live")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "u-live")
         led.phase_start("exporters")
         led.component_start("prometheus", "2.45", "2.53")
         led.mark_rollback_point("prometheus", "/backups/prom.tgz", size_bytes=10)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import walk_to_upgrading
 
 from ledger.api import Ledger
 
@@ -89,9 +90,7 @@ def reports_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with Ledger(home) as led:
         for doc in RUNS:
             led.import_document(doc, make_current=False)
-        led.init("live")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "live")
         led.phase_start("exporters")
         led.component_start("node_exporter", "1.10.0", "1.11.0")
     return home

@@ -26,9 +26,10 @@ import faultchild as fc
 import pytest
 from conftest import REPO, child_env
 
-from ledger import documents, snapshots
 from ledger.api import Ledger
-from ledger.home import Home
+from ledger.ops import snapshots
+from ledger.store.home import Home
+from ledger.views import document
 
 CHILD = Path(fc.__file__).resolve()
 EXIT_CORRUPT, EXIT_NOT_FOUND, EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_LOCK = 7, 5, 6, 9, 4
@@ -254,7 +255,7 @@ def test_restore_rebuilds_the_current_upgrade_from_a_newer_state_json(tmp_path: 
     assert "state.json (crash-run)" in out.stdout
     with Ledger(home) as led:
         doc = led.document()
-        before = documents.parse(view)
+        before = document.parse(view)
         assert doc["phases"] == before["phases"]
         assert doc["current_state"] == before["current_state"]
         assert len(led.events(kind="upgrade.import")) == 1
@@ -389,14 +390,14 @@ def test_runbook_damaged_ledger(tmp_path: Path) -> None:
     outputs = follow("damaged-ledger", home, tmp_path)
     assert any("restored snapshot" in out for out in outputs)
     with Ledger(home) as led:
-        assert led.document()["phases"] == documents.parse(view)["phases"]
+        assert led.document()["phases"] == document.parse(view)["phases"]
     drive(home)  # the resumed run finishes
     with Ledger(home) as led:
         assert led.state() == "COMPLETED"
 
 
 def test_runbook_no_snapshot(finished: Path, tmp_path: Path) -> None:
-    view = documents.parse((finished / "state.json").read_bytes())
+    view = document.parse((finished / "state.json").read_bytes())
     shutil.rmtree(finished / "snapshots")
     garbled(finished / "ledger.db")
     fc.one_line_error(cli(finished, "restore"), EXIT_NOT_FOUND)

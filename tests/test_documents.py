@@ -15,9 +15,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from ledger import documents
 from ledger.api import Ledger
 from ledger.errors import InvalidDocument
+from ledger.views import document
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads(resources.files("ledger").joinpath("state.schema.json").read_text())
@@ -76,16 +76,16 @@ def test_every_view_the_ledger_writes_conforms_and_matches_the_ledger(ledger: Le
             doc = json.loads(data)
             errors = [e.message for e in VALIDATOR.iter_errors(doc)]
             assert errors == [], (name, path.name, errors)
-            assert documents.parse(data) == doc  # our own validator agrees
+            assert document.parse(data) == doc  # our own validator agrees
             seen += 1
         # state.json is byte for byte what the ledger builds now: never stale, never
         # patched wrong. A history file is the upgrade as it was when saved.
         current = ledger.home.state_file.read_bytes()
-        assert current == documents.dumps(ledger.document()), name
+        assert current == document.dumps(ledger.document()), name
         if name.startswith("save"):
             uid = ledger.events(limit=None)[-1]["upgrade_id"]
             assert ledger.home.history_file(uid).read_bytes() == \
-                documents.dumps(ledger.document(uid)), name
+                document.dumps(ledger.document(uid)), name
     assert seen >= len(STEPS) + 3
     # The serial is the upgrade's newest event; the lineage is the ledger's.
     doc = json.loads(ledger.home.state_file.read_text())
@@ -245,7 +245,7 @@ REFUSED = [
     ("deep-objects", '{"a":' * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
     ("deep-inside", spoilt(lambda d: d.__setitem__("x", json.loads("[" * 20 + "]" * 20))),
      "nested deeper than 16 levels"),
-    ("huge", '{"pad": "' + "x" * documents.MAX_DOCUMENT + '"}', "at most 33554432 allowed"),
+    ("huge", '{"pad": "' + "x" * document.MAX_DOCUMENT + '"}', "at most 33554432 allowed"),
     ("state-unknown", spoilt(lambda d: d.__setitem__("current_state", "RUNNING")),
      "unknown upgrade state 'RUNNING'"),
     ("state-null", spoilt(lambda d: d.__setitem__("current_state", None)),
@@ -288,13 +288,13 @@ REFUSED = [
                          ids=[r[0] for r in REFUSED])
 def test_parse_refuses_what_is_not_a_valid_document(text: str | bytes, message: str) -> None:
     with pytest.raises(InvalidDocument) as caught:
-        documents.parse(text)
+        document.parse(text)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
 
 
 def test_the_refused_documents_are_each_one_change_from_a_good_one() -> None:
-    assert documents.parse(GOOD) == LEGACY
+    assert document.parse(GOOD) == LEGACY
 
 
 # -- the documentation's example is a real document -----------------------------------
@@ -303,7 +303,7 @@ def test_the_documented_example_is_a_valid_document() -> None:
     text = (REPO / "docs" / "state-json.md").read_text()
     blocks = re.findall(r"```json\n(.*?)```", text, re.DOTALL)
     assert blocks, "docs/state-json.md has no json example"
-    example = documents.parse(blocks[0])
+    example = document.parse(blocks[0])
     VALIDATOR.validate(example)
     for field in ("serial", "lineage", "outcome", "rollback_points"):
         assert field in example

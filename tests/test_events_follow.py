@@ -7,26 +7,22 @@ import json
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ledger_process, run_ledger
 
 from ledger.api import Ledger
-from tests.conftest import child_env
 
 
 class Follower:
     """``upgrade-ledger events --follow ...`` as a real process, read line by line."""
 
     def __init__(self, home: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ledger", "--home", str(home), "events", "--follow",
-             "--interval", "0.05", *args],
-            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = ledger_process("--home", home, "events", "--follow", "--interval", "0.05",
+                                   *args, text=False)
         self._buffer = b""
 
     def lines(self, count: int, timeout: float = 60.0) -> list[str]:
@@ -72,8 +68,7 @@ def follow(home: Path) -> Iterator[type[Follower]]:
 
 def change(home: Path, *args: str) -> None:
     """A change made by another process: the CLI, as a shell script would."""
-    subprocess.run([sys.executable, "-m", "ledger", "--home", str(home), *args],
-                   env=child_env(), check=True, capture_output=True, timeout=120)
+    run_ledger("--home", home, *args).check_returncode()
 
 
 def test_a_follower_sees_what_another_process_records(home: Path, follow) -> None:

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import child_env, walk_to_upgrading
 
 from ledger.api import Ledger
-from ledger.db import WAL_SIZE_LIMIT
+from ledger.store.database import WAL_SIZE_LIMIT
 
 READER = """
 import sqlite3, sys
@@ -43,9 +43,7 @@ def wal_size(home: Path) -> int:
 def running(home: Path) -> Iterator[Ledger]:
     """A ledger with an upgrade in UPGRADING and phase p current."""
     with Ledger(home) as led:
-        led.init("growth")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "growth")
         led.phase_start("p")
         yield led
 

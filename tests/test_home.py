@@ -12,11 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import child_env, run_ledger
 
 from ledger.api import Ledger
 from ledger.errors import StorageError
-from ledger.home import Home
+from ledger.store.home import Home
 
 #: Run in a child with umask 000: a whole small run, then the mode of everything under
 #: the given root, reported while the ledger is still open (so -wal and -shm exist).
@@ -105,9 +105,7 @@ def test_an_unusable_home_is_one_line_naming_the_path_and_the_fix(a_file: Path,
 
 
 def test_the_cli_says_it_in_one_line_with_the_storage_exit_code(a_file: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "ledger", "--home", str(a_file / "sub"),
-                           "init"], capture_output=True, text=True, env=child_env(),
-                          timeout=120, check=False)
+    done = run_ledger("--home", a_file / "sub", "init")
     assert done.returncode == 8
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr

@@ -32,13 +32,15 @@ from typing import Any
 import faultchild as fc
 import pytest
 from click.testing import CliRunner
+from conftest import walk_to_upgrading
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import snapshots, states
 from ledger.api import Ledger
 from ledger.cli import cli as root
+from ledger.core import states
 from ledger.errors import LedgerError
+from ledger.ops import snapshots
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -59,9 +61,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A home with an upgrade in UPGRADING, phase p1 current, c1 upgrading."""
     home = tmp_path_factory.mktemp("hostile") / "home"
     with Ledger(home) as led:
-        led.init("target")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "target")
         led.plan({"p1": [("c1", "1.0", "2.0"), ("c2", "1.0", "2.0")]})
         led.phase_start("p1")
         led.component_start("c1")

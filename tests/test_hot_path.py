@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import walk_to_upgrading
 
 from ledger.api import Ledger
 
@@ -53,9 +54,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An existing ledger mid-upgrade: phase p current, component a upgrading."""
     home = tmp_path_factory.mktemp("hot") / "home"
     with Ledger(home) as led:
-        led.init("u1")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "u1")
         led.phase_start("p")
         led.component_start("a", "1.0", "2.0")
     return home

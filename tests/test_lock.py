@@ -22,16 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from ledger.core.host import boot_id as local_boot_id
 from ledger.errors import BadInput, LockHeld, LockTimeout, NotLockOwner, StorageError
-from ledger.lock import (
-    DirLock,
-    Holder,
-    LockStatus,
-    _LockMoved,
-    _snapshot,
-    local_boot_id,
-    local_hostname,
-)
+from ledger.lock import DirLock, Holder, LockStatus
+from ledger.lock.dirlock import _LockMoved, _snapshot
+from ledger.lock.record import local_hostname
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).resolve().with_name("lockhelpers.py")

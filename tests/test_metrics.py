@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_ledger, walk_to_upgrading
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from ledger import clock, metrics
 from ledger.api import Ledger
+from ledger.core import clock
+from ledger.observe import metrics
 from tests.conftest import child_env
 
 ODD_NAME = 'exporter "quoted" {a="b"} \u00fc'
@@ -45,17 +47,13 @@ def unix(stamp: str) -> float:
 def busy(home: Path) -> Iterator[Ledger]:
     """A ledger with one finished upgrade in history and one upgrading now."""
     with Ledger(home) as led:
-        led.init("old-1")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "old-1")
         led.phase_start("exporters")
         led.component_start("node_exporter", "1.6.0", "1.7.0")
         led.component_complete("node_exporter")
         led.set_state("FAILED", error="validation failed")
         led.set_state("IDLE")
-        led.init("new-2")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        walk_to_upgrading(led, "new-2")
         led.plan({"exporters": [("node_exporter", "1.7.0", "1.9.1"), (ODD_NAME, None, "2"),
                                 ("blackbox_exporter", None, "0.25.0")]})
         led.phase_start("exporters")
@@ -233,8 +231,7 @@ def test_prometheus_client_is_imported_only_when_a_textfile_is_asked_for(
     env.pop("LEDGER_METRICS_TEXTFILE", None)
     if textfile:
         env["LEDGER_METRICS_TEXTFILE"] = str(tmp_path / "m.prom")
-    subprocess.run([sys.executable, "-m", "ledger", "--home", str(home), "init", "u1"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    run_ledger("--home", home, "init", "u1", env=env).check_returncode()
     probe = subprocess.run([sys.executable, "-c", "import json\n" + PROBE, "--home", str(home),
                             "state", "set", "PLANNING"], env=env, capture_output=True,
                            text=True, timeout=120, check=False)

@@ -21,19 +21,21 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from ledger import doctor, migrate, notify, subscribers
 from ledger.api import Ledger
-from ledger.schema import metadata
+from ledger.observe import notify, subscribers
+from ledger.ops import doctor
+from ledger.store import migrate
+from ledger.store.schema import metadata
 from tests.applyplans import component as plan_component
 from tests.applyplans import write_plan
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, ledger_process
 
 SERVER = REPO / "tests" / "webhook_server.py"
 
 #: An upgrade run as `apply` drives one: every change is followed by a delivery pass.
 RUN = """
 import sys
-from ledger import notify
+from ledger.observe import notify
 from ledger.api import Ledger
 
 def step(ledger, change, *args):
@@ -292,9 +294,8 @@ echo "done $id" >> {log}
     assert cli("subscribers", "add", "slow", "--hook", str(hook), "--start", "all",
                "--timeout", "120").code == 0
     block.touch()
-    proc = subprocess.Popen([sys.executable, "-m", "ledger", "--home", str(home), "notify"],
-                            env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = ledger_process("--home", home, "notify", stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
     wait_for(lambda: log.exists() and "start 1" in log.read_text(), "the hook to start")
     proc.send_signal(signal.SIGKILL)  # the deliverer dies while the hook holds event 1
     proc.wait(timeout=30)
@@ -460,9 +461,8 @@ def test_two_deliverers_at_once_send_each_event_once(cli, home: Path, tmp_path: 
     for state in ("PLANNING", "BACKING_UP", "UPGRADING", "VALIDATING", "COMPLETED", "IDLE"):
         cli("state", "set", state)
     cli("subscribers", "add", "h", "--hook", str(hook), "--start", "all")
-    procs = [subprocess.Popen([sys.executable, "-m", "ledger", "--home", str(home), "notify"],
-                              env=child_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [ledger_process("--home", home, "notify", stdout=subprocess.DEVNULL)
+             for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err

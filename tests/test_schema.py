@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import walk_to_upgrading
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
 
-from ledger import db, migrate
 from ledger.api import Ledger
-from ledger.schema import metadata
+from ledger.store import migrate
+from ledger.store.database import SCHEMA_REVISION
+from ledger.store.schema import metadata
 
 TABLES = {"ledger_meta", "upgrades", "phases", "components", "rollback_points", "events",
           "notify_cursors"}
@@ -39,8 +41,8 @@ def drift(eng: Engine) -> list[Any]:
 
 
 def test_the_code_expects_the_newest_migration() -> None:
-    assert migrate.head_revision() == db.SCHEMA_REVISION
-    assert db.SCHEMA_REVISION in migrate.known_revisions()
+    assert migrate.head_revision() == SCHEMA_REVISION
+    assert SCHEMA_REVISION in migrate.known_revisions()
 
 
 def test_the_migrated_database_is_exactly_the_declared_metadata(engine: Engine) -> None:
@@ -91,7 +93,7 @@ def test_opening_a_ledger_behind_the_code_migrates_it(engine: Engine, tmp_path: 
         led.init()
     with sqlite3.connect(tmp_path / "home" / "ledger.db") as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == \
-            (db.SCHEMA_REVISION,)
+            (SCHEMA_REVISION,)
     conn.close()
 
 
@@ -207,9 +209,7 @@ def test_failures_list_every_level_that_went_wrong(history: Ledger) -> None:
 
 
 def test_views_see_a_run_made_through_the_api(ledger: Ledger) -> None:
-    uid = ledger.init()
-    for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-        ledger.set_state(state)
+    uid = walk_to_upgrading(ledger)
     ledger.plan({"p": [("a", "1", "2"), ("b", "1", "2")]})
     ledger.phase_start("p")
     ledger.component_start("a")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
+from conftest import walk_to_upgrading
+
 from ledger.api import Ledger
 
 
 def test_a_whole_upgrade_through_the_api(ledger: Ledger) -> None:
-    uid = ledger.init()
-    for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-        ledger.set_state(state)
+    uid = walk_to_upgrading(ledger)
     ledger.phase_start("exporters")
     ledger.component_start("node_exporter", "1.7.0", "1.9.1")
     ledger.component_complete("node_exporter")

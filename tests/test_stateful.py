@@ -29,8 +29,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from ledger import documents, states
 from ledger.api import Ledger
+from ledger.core import states
 from ledger.errors import (
     InvalidTransition,
     LedgerError,
@@ -38,6 +38,7 @@ from ledger.errors import (
     NotFound,
     UpgradeInProgress,
 )
+from ledger.views import document
 
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "ledger" /
                      "state.schema.json").read_text())
@@ -363,7 +364,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert led.progress_percent() == m.progress()
         assert led.in_progress() is states.is_in_progress(m.state)
         data = led.home.state_file.read_bytes()
-        assert data == documents.dumps(doc)  # byte for byte, whether patched or rebuilt
+        assert data == document.dumps(doc)  # byte for byte, whether patched or rebuilt
         VALIDATOR.validate(json.loads(data))
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from conftest import child_env
 
-from ledger import states
 from ledger.api import Ledger
+from ledger.core import states
 from ledger.errors import Conflict, InvalidTransition, NotFound, UpgradeInProgress
 
 ID = re.compile(r"upgrade-\d{8}-\d{6}(-\d+)?")

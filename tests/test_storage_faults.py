@@ -26,9 +26,10 @@ from pathlib import Path
 
 import faultchild as fc
 import pytest
+from conftest import walk_to_upgrading
 
-from ledger import documents
 from ledger.api import Ledger
+from ledger.views import document
 
 EXIT_STORAGE = 8
 BIG_ERROR = "disk said no; " * 4500  # ~63 KB: makes state.json larger than one WAL commit
@@ -46,9 +47,7 @@ def prepare(home: Path, components: int = 10) -> str:
     """An upgrade in UPGRADING with phase p1 current and components c1..cN planned;
     c1 failed with a large error, so that state.json is larger than a commit."""
     with Ledger(home) as led:
-        uid = led.init("disk-run")
-        for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
-            led.set_state(state)
+        uid = walk_to_upgrading(led, "disk-run")
         led.plan({"p1": [(f"c{i}", "1.0", "2.0") for i in range(1, components + 1)]})
         led.phase_start("p1")
         led.component_start("c1")
@@ -85,7 +84,7 @@ def consistent(home: Path, copy_to: Path | None = None) -> dict[str, str]:
                 comps[row["name"]] = row["state"]
             top = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :u", {"u": u["id"]})
         if led.home.state_file.is_file():
-            doc = documents.parse(led.home.state_file.read_bytes())  # whole, valid
+            doc = document.parse(led.home.state_file.read_bytes())  # whole, valid
             assert doc["serial"] <= top, "state.json is ahead of the ledger"
             for name, comp in doc["phases"]["p1"]["components"].items():
                 # the view may be behind, never claiming what the ledger does not hold

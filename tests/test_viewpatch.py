@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from ledger import documents, viewpatch
 from ledger.api import Ledger
 from ledger.errors import LedgerError
+from ledger.views import document, patch
 
 PHASES = ["backup", "exporters", 'odd "phase" {x}: [y]']
 NAMES = ["node_exporter", "prometheus", "ü-名前", 'q"uote', "x{y}: {", "back\\slash"]
@@ -25,13 +25,13 @@ def whole(led: Ledger) -> bytes:
     upgrade_id = led.current_id()
     assert upgrade_id is not None
     with led.db.read() as tx:
-        return documents.dumps(documents.build(tx, upgrade_id))
+        return document.dumps(document.build(tx, upgrade_id))
 
 
-def patch_of(led: Ledger, change: viewpatch.Change) -> bytes | None:
+def patch_of(led: Ledger, change: patch.Change) -> bytes | None:
     """The patched view's bytes, or None when the patch is refused."""
     with led.db.write() as tx:
-        pieces = viewpatch.patched(led.home, tx, change)
+        pieces = patch.patched(led.home, tx, change)
         return None if pieces is None else b"".join(pieces)
 
 
@@ -79,7 +79,7 @@ def test_a_created_component_lands_at_the_end_of_its_phase(home: Path, phase: st
                          PHASES[2]: [("c", None, None)]})
     led.component_start(name, "1", "2", phase=phase)
     assert led.home.state_file.read_bytes() == whole(led)
-    doc = documents.parse(led.home.state_file.read_bytes())
+    doc = document.parse(led.home.state_file.read_bytes())
     assert list(doc["phases"][phase]["components"])[-1] == name
     led.close()
 
@@ -91,21 +91,21 @@ def test_patches_are_what_the_steps_use(home: Path) -> None:
     with led.db.write() as tx:
         tx.execute("UPDATE components SET state = 'COMPLETED', completed_at = "
                    "'2026-01-01T00:00:00.000Z' WHERE name = 'c7'")
-        before = viewpatch.serial(tx, "up-1")
+        before = patch.serial(tx, "up-1")
         led._event(tx, "component.completed", "up-1", "c7")
-        after = viewpatch.serial(tx, "up-1")
-    data = patch_of(led, viewpatch.Change("up-1", before, after, [("p", "c7", False)]))
+        after = patch.serial(tx, "up-1")
+    data = patch_of(led, patch.Change("up-1", before, after, [("p", "c7", False)]))
     assert data is not None
     assert data == whole(led)
     led.close()
 
 
-def _note_change(led: Ledger) -> viewpatch.Change:
+def _note_change(led: Ledger) -> patch.Change:
     with led.db.write() as tx:
         tx.execute("UPDATE components SET note = 'changed' WHERE name = 'c1'")
-        before = viewpatch.serial(tx, "up-1")
+        before = patch.serial(tx, "up-1")
         led._event(tx, "component.note", "up-1", "c1")
-        return viewpatch.Change("up-1", before, viewpatch.serial(tx, "up-1"), [("p", "c1", False)])
+        return patch.Change("up-1", before, patch.serial(tx, "up-1"), [("p", "c1", False)])
 
 
 def test_a_hand_edited_view_is_rebuilt_whole_not_patched(home: Path) -> None:
@@ -124,9 +124,9 @@ def test_a_hand_edited_view_is_rebuilt_whole_not_patched(home: Path) -> None:
 def test_no_signature_or_a_foreign_one_means_a_whole_build(home: Path) -> None:
     led = started(home, {"p": [("c1", "1", "2")]})
     change = _note_change(led)
-    viewpatch.signature_path(led.home).write_text("{not json")
+    patch.signature_path(led.home).write_text("{not json")
     assert patch_of(led, change) is None
-    viewpatch.forget(led.home)
+    patch.forget(led.home)
     assert patch_of(led, change) is None
     led.close()
 
@@ -171,7 +171,7 @@ def test_concurrent_writers_leave_the_whole_view(home: Path) -> None:
         w.join(timeout=300)
         assert w.exitcode == 0
     assert led.home.state_file.read_bytes() == whole(led)
-    doc = documents.parse(led.home.state_file.read_bytes())
+    doc = document.parse(led.home.state_file.read_bytes())
     assert all(c["state"] == "COMPLETED" for c in doc["phases"]["p"]["components"].values())
     assert len(doc["phases"]["p"]["components"]) == len(names)
     led.close()
@@ -183,7 +183,7 @@ def test_the_signature_is_private(home: Path) -> None:
         led = started(home, {"p": [("c1", "1", "2")]})
     finally:
         os.umask(old)
-    assert viewpatch.signature_path(led.home).stat().st_mode & 0o777 == 0o600
+    assert patch.signature_path(led.home).stat().st_mode & 0o777 == 0o600
     led.close()
 
 
@@ -191,7 +191,7 @@ def test_a_shorter_signature_overwrites_a_longer_one_whole(home: Path) -> None:
     """The signature is rewritten in place (no truncation): padding keeps it one
     readable JSON text, so the next step is patched again."""
     led = started(home, {"p": [("c1", "1", "2"), ("c2", "1", "2")]})
-    sig = viewpatch.signature_path(led.home)
+    sig = patch.signature_path(led.home)
     sig.write_bytes(b'{"padding": "' + b"x" * 3000 + b'"}')  # longer than any real one
     led.component_start("c1")  # whole build (no valid signature), then remember
     assert len(sig.read_bytes()) >= 3000

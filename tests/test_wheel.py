@@ -83,7 +83,7 @@ def test_the_installed_command_creates_a_ledger_outside_the_repo(venv: Path,
 SNIPPET = textwrap.dedent("""
     import json, sys
     import ledger
-    from ledger import migrate
+    from ledger.store import migrate
     from ledger.api import Ledger
     with Ledger(sys.argv[1]) as led:
         led.init("from-the-wheel")

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from ledger import __version__
 from ledger import errors as e
+from ledger.cli.lazy import LazyGroup
 from ledger.cli.output import FORMATS
+from ledger.core.version import __version__
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -94,8 +95,9 @@ def _wants_traceback(args: list[str] | None) -> bool:
         "--traceback" in (args if args is not None else sys.argv[1:])
 
 
-class LedgerGroup(click.Group):
-    """The root group: every failure becomes one line on stderr and its exit code."""
+class LedgerGroup(LazyGroup):
+    """The root group: commands loaded lazily; every failure becomes one line on stderr
+    and its exit code."""
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,

@@ -21,7 +21,7 @@ from ledger.cli.app import Config, fail, pass_config
 from ledger.cli.output import output_option, pick, render
 
 if TYPE_CHECKING:
-    from ledger.plan import Plan
+    from ledger.apply.plan import Plan
 
 #: Exit codes of ``apply`` beyond the common ones (docs/apply.md).
 EXIT_ROLLED_BACK = 11
@@ -103,15 +103,15 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
     format and every rule: docs/apply.md.
     """
     # Imported here, not at the top: every per-step command loads this module.
-    from ledger import plan as plans  # noqa: PLC0415
+    from ledger.apply import plan as plans  # noqa: PLC0415
 
     plan = plans.load(plan_file)
     if dry_run:
         _dry_run(cfg, plan, supersede=supersede, again=again, fmt=pick(fmt, as_json))
         return
 
-    from ledger import runner  # noqa: PLC0415
     from ledger.api import Ledger  # noqa: PLC0415
+    from ledger.apply import runner  # noqa: PLC0415
 
     # The run itself owns the lock (not the calling shell, as per-step commands do).
     ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(), strict=cfg.strict,
@@ -136,22 +136,10 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
 
 
 def _dry_run(cfg: Config, plan: Plan, *, supersede: bool, again: bool, fmt: str) -> None:
-    from ledger.home import Home  # noqa: PLC0415
-    from ledger.preview import preview  # noqa: PLC0415
+    from ledger.apply.preview import preview_home  # noqa: PLC0415
 
-    home = Home.at(cfg.home)
-    ledger = None
-    # A home without a ledger stays untouched: opening one would create it.
-    if cfg.db_url is not None or home.db_path.exists():
-        from ledger.api import Ledger  # noqa: PLC0415
-
-        ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(),
-                        lock_timeout_s=cfg.lock_timeout_s)
-    try:
-        data = preview(home, ledger, plan, supersede=supersede, again=again)
-    finally:
-        if ledger is not None:
-            ledger.close()
+    data = preview_home(cfg.home, plan, db_url=cfg.db_url, lock_timeout_s=cfg.lock_timeout_s,
+                        supersede=supersede, again=again)
     if fmt == "json":
         render(data, fmt)
         return

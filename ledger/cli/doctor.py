@@ -44,7 +44,7 @@ def doctor(ctx: click.Context, cfg: Config, *, repair: bool, stuck_after_s: floa
     one did. Checking changes nothing; --repair applies only the safe fixes.
     """
     # Imported here: the per-step commands never pay for the checks.
-    from ledger import doctor as checks  # noqa: PLC0415
+    from ledger.ops import doctor as checks  # noqa: PLC0415
 
     findings = checks.run_checks(cfg.home, db_url=cfg.db_url, pid=cfg.pid,
                                  lock_timeout_s=cfg.lock_timeout_s, stuck_after_s=stuck_after_s,

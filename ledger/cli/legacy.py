@@ -9,7 +9,6 @@ from __future__ import annotations
 import click
 
 from ledger.cli.app import Config, pass_config
-from ledger.errors import LedgerError
 
 
 @click.group()
@@ -30,15 +29,9 @@ def legacy_init(cfg: Config, upgrade_id: str | None) -> None:
     """
     ledger = cfg.ledger()
     new_id = ledger.init(upgrade_id or None, supersede=True)
-    # The init event records, in the same transaction, which upgrade it superseded:
-    # reading it back is race-free, unlike looking at the state before the init.
-    init_events = ledger.events(upgrade_id=new_id, kind="upgrade.init")
-    detail = (init_events[-1]["detail"] or {}) if init_events else {}
-    old_id = detail.get("superseded")
-    if old_id:
-        ended = ledger.events(upgrade_id=old_id, kind="upgrade.superseded")
-        was = ended[-1]["from"] if ended else "in progress"
-        click.echo(f"WARNING: upgrade {old_id} was still in progress ({was}); it is "
+    old = ledger.superseded(new_id)
+    if old is not None:
+        click.echo(f"WARNING: upgrade {old[0]} was still in progress ({old[1]}); it is "
                    f"superseded by {new_id} and kept in the ledger as FAILED", err=True)
     click.echo(new_id)
 
@@ -70,29 +63,14 @@ def legacy_adopt(cfg: Config) -> None:
     line and left where it is (an unreadable state.json is renamed state.json.legacy,
     since the next change rewrites state.json).
     """
-    ledger = cfg.ledger()
-    if ledger.history(1):
-        return
-    home = ledger.home
-    adopted = []
-    for path in sorted(home.history_dir.glob("*.json")):
-        try:
-            adopted.append(ledger.import_document(path.read_bytes(), make_current=False))
-        except (LedgerError, OSError) as exc:
-            click.echo(f"WARNING: {path} was not loaded into the ledger: {exc}", err=True)
-    for upgrade_id in adopted:
-        ledger.save_to_history(upgrade_id)  # rewritten as this ledger's own files
-    if home.state_file.is_file():
-        try:
-            adopted.append(ledger.import_document(home.state_file.read_bytes()))
-        except (LedgerError, OSError) as exc:
-            aside = home.state_file.with_name(home.state_file.name + ".legacy")
-            home.state_file.replace(aside)
-            click.echo(f"WARNING: {home.state_file} was not loaded into the ledger ({exc}); "
-                       f"it is kept as {aside}", err=True)
-    if adopted:
-        click.echo(f"NOTE: loaded {len(set(adopted))} upgrade(s) from the old "
-                   f"library's files into the ledger in {home.root}", err=True)
+    from ledger.ops.adopt import adopt_legacy_files  # noqa: PLC0415 (once per host)
+
+    adoption = adopt_legacy_files(cfg.ledger())
+    for warning in adoption.warnings:
+        click.echo(f"WARNING: {warning}", err=True)
+    if adoption.loaded:
+        click.echo(f"NOTE: loaded {len(adoption.loaded)} upgrade(s) from the old "
+                   f"library's files into the ledger in {adoption.home}", err=True)
 
 
 COMMANDS = [legacy]

@@ -49,7 +49,7 @@ def lock_release(cfg: Config, owner_pid: int | None) -> None:
 @click.pass_context
 def lock_held(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 if a live process holds the lock, 1 if not (a stale lock is not held)."""
-    answer(ctx, cfg.ledger().lock.is_held(), verbose)
+    answer(ctx, cfg.ledger().lock_held(), verbose)
 
 
 @lock.command("status")

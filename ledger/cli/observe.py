@@ -42,7 +42,7 @@ def metrics(cfg: Config, textfile: str | None) -> None:
     """Print the ledger's Prometheus metrics (text format): the current upgrade's state
     and progress, components by state, attempts and failures, durations, the lock, the
     audit trail and notifications. docs/observability.md lists every metric."""
-    from ledger import metrics as exporter  # noqa: PLC0415 (keeps start-up light)
+    from ledger.observe import metrics as exporter  # noqa: PLC0415 (keeps start-up light)
 
     if textfile is None:
         sys.stdout.buffer.write(exporter.exposition(cfg.ledger()))
@@ -71,7 +71,7 @@ def notify(cfg: Config, *, force: bool, only: str | None, budget_s: float, fmt: 
     Exit status 0 when every subscriber is caught up (or the time budget ran out),
     1 when one is failing: the failure is recorded and retried with backoff.
     """
-    from ledger import notify as delivery  # noqa: PLC0415
+    from ledger.observe import notify as delivery  # noqa: PLC0415
 
     report = delivery.deliver(cfg.ledger(), budget_s, force=force, only=only)
     out = pick(fmt, as_json)
@@ -105,7 +105,7 @@ def subscribers() -> None:
 def subscribers_list(cfg: Config, fmt: str, as_json: bool) -> None:
     """Every subscriber with its delivery state: cursor (last event served), events
     behind, deliveries, failures, and the current error and next try if failing."""
-    from ledger import notify as delivery  # noqa: PLC0415
+    from ledger.observe import notify as delivery  # noqa: PLC0415
 
     rows = delivery.cursors(cfg.ledger())
     out = pick(fmt, as_json)
@@ -136,9 +136,9 @@ def subscribers_add(cfg: Config, *, name: str, url: str | None, hook: str | None
                     retry_initial_s: float | None, retry_max_s: float | None,
                     start: str) -> None:
     """Add subscriber NAME: a webhook (--url) or a hook (--hook)."""
-    from ledger import notify as delivery  # noqa: PLC0415
-    from ledger import subscribers as config  # noqa: PLC0415
     from ledger.errors import BadInput  # noqa: PLC0415
+    from ledger.observe import notify as delivery  # noqa: PLC0415
+    from ledger.observe.subscribers import check  # noqa: PLC0415
 
     body: dict[str, Any] = {"kinds": list(kinds), "start": start}
     for key, value in (("url", url), ("hook", hook), ("timeout_s", timeout_s),
@@ -152,10 +152,8 @@ def subscribers_add(cfg: Config, *, name: str, url: str | None, hook: str | None
             if not sep:
                 raise BadInput(f"--header {item[:80]!r} is not NAME=VALUE")
             body["headers"][key.strip()] = value.strip()
-    sub = config.check(name, body, where=None)  # refused before anything is touched
-    ledger = cfg.ledger()
-    config.add(ledger.home, sub)
-    cursor = delivery.register(ledger, sub)
+    sub = check(name, body, where=None)  # refused before anything is touched
+    cursor = delivery.add_subscriber(cfg.ledger(), sub)
     click.echo(f"subscriber {sub.name} added ({sub.kind} {sub.target}); it is sent the "
                f"events after #{cursor}", err=True)
 
@@ -165,12 +163,9 @@ def subscribers_add(cfg: Config, *, name: str, url: str | None, hook: str | None
 @pass_config
 def subscribers_remove(cfg: Config, name: str) -> None:
     """Remove subscriber NAME and forget its delivery cursor."""
-    from ledger import notify as delivery  # noqa: PLC0415
-    from ledger import subscribers as config  # noqa: PLC0415
+    from ledger.observe import notify as delivery  # noqa: PLC0415
 
-    ledger = cfg.ledger()
-    config.remove(ledger.home, name)
-    delivery.forget(ledger, name)
+    delivery.remove_subscriber(cfg.ledger(), name)
     click.echo(f"subscriber {name} removed", err=True)
 
 
@@ -182,7 +177,7 @@ def follow_events(cfg: Config, *, fmt: str, interval_s: float, upgrade_id: str |
                   after_id: int) -> None:
     """Print matching events, then new ones as other processes record them, until
     SIGINT or SIGTERM (a clean stop: exit status 0) or until stdout is closed."""
-    from ledger.follow import follow  # noqa: PLC0415
+    from ledger.observe.follow import follow  # noqa: PLC0415
 
     ledger = cfg.ledger()
     stopping: list[int] = []

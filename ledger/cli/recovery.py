@@ -15,7 +15,7 @@ from ledger.cli.app import Config, pass_config
 from ledger.cli.output import output_option, pick, render
 
 if TYPE_CHECKING:
-    from ledger.home import Home
+    from ledger.store.home import Home
 
 SNAPSHOT_COLUMNS = ["name", "taken_at", "upgrade_id", "size_bytes"]
 
@@ -23,7 +23,7 @@ SNAPSHOT_COLUMNS = ["name", "taken_at", "upgrade_id", "size_bytes"]
 def _home(cfg: Config) -> Home:
     """The SQLite ledger's home (Home is imported here, off the per-step path)."""
     from ledger.errors import BadInput  # noqa: PLC0415
-    from ledger.home import Home  # noqa: PLC0415
+    from ledger.store.home import Home  # noqa: PLC0415
 
     if cfg.db_url:
         raise BadInput("snapshots and restore are for a SQLite ledger file (--home); back up "
@@ -43,12 +43,10 @@ def snapshot(cfg: Config, keep: int | None, fmt: str, as_json: bool) -> None:
     The ledger stays usable meanwhile. A snapshot is also taken at every save to
     history (save-history, cleanup); older ones beyond the limit are removed.
     """
-    from ledger import snapshots  # noqa: PLC0415
+    from ledger.ops import snapshots  # noqa: PLC0415
 
     _home(cfg)
-    led = cfg.ledger()
-    snap = snapshots.take(led.home, led.db, led.current_id(), keep=keep, manual=True)
-    assert snap is not None  # a manual snapshot of a SQLite ledger is always taken
+    snap = snapshots.take_now(cfg.ledger(), keep)
     out = pick(fmt, as_json)
     if out == "plain":
         click.echo(snap.path)
@@ -63,7 +61,7 @@ def snapshot(cfg: Config, keep: int | None, fmt: str, as_json: bool) -> None:
 @pass_config
 def list_snapshots(cfg: Config, check: bool, fmt: str, as_json: bool) -> None:
     """List the snapshots, newest first (works even when ledger.db is damaged)."""
-    from ledger import snapshots  # noqa: PLC0415
+    from ledger.ops import snapshots  # noqa: PLC0415
 
     rows = []
     for snap in snapshots.listing(_home(cfg)):
@@ -89,10 +87,10 @@ def restore(cfg: Config, name: str | None, force: bool, fmt: str, as_json: bool)
     current upgrade is as its last view showed it. Refused while a live process
     holds the upgrade lock, and when ledger.db is healthy (unless --force).
     """
-    from ledger import snapshots  # noqa: PLC0415
+    from ledger.ops.restore import restore as restore_snapshot  # noqa: PLC0415
 
-    result = snapshots.restore(_home(cfg), name, force=force, pid=cfg.pid,
-                               lock_timeout_s=cfg.lock_timeout_s)
+    result = restore_snapshot(_home(cfg), name, force=force, pid=cfg.pid,
+                              lock_timeout_s=cfg.lock_timeout_s)
     out = pick(fmt, as_json)
     if out != "plain":
         render(result.as_dict(), out)

@@ -22,20 +22,26 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ledger import documents, notify, queries, snapshots
+from ledger import queries
 from ledger.api import Ledger
-from ledger.db import SCHEMA_REVISION, Database, SqliteDatabase
+from ledger.core import host
 from ledger.errors import CorruptLedger, LedgerError
-from ledger.home import DIR_MODE, FILE_MODE, Home, _pid_alive, _writer_pid
-from ledger.lock import DEFAULT_TIMEOUT_S, DirLock
+from ledger.lock import DEFAULT_TIMEOUT_S
+from ledger.observe import notify
+from ledger.ops import snapshots
+from ledger.ops.findings import FAIL, OK, SKIP, WARN, Check, Context, Finding, Unavailable
+from ledger.store import meta
+from ledger.store.database import SCHEMA_REVISION
+from ledger.store.files import DIR_MODE, FILE_MODE, temp_writer_pid
+from ledger.store.home import Home
+from ledger.views import document
 
-OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 #: A WAL file larger than this is reported: SQLite's automatic checkpoints keep it
 #: near 4 MiB, so a large one means a reader that never lets go blocks them.
 WAL_WARN_BYTES = 64 * 1024 * 1024
@@ -48,121 +54,6 @@ _RESTORE_HINT = ("stop upgrade runs, copy the home aside (cp -a), then run 'upgr
                  "restore' (the latest snapshot; see docs/operations.md); without a snapshot, "
                  "the last state.json can be loaded into a new ledger with "
                  "'upgrade-ledger import'")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What one check found. ``hint`` says what to do; ``repaired`` what --repair did."""
-
-    check: str
-    status: str
-    detail: str
-    hint: str | None = None
-    repaired: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The stable JSON shape: check, status, detail, hint, repaired."""
-        return {"check": self.check, "status": self.status, "detail": self.detail,
-                "hint": self.hint, "repaired": self.repaired}
-
-
-class Unavailable(LedgerError):
-    """The database cannot be used by a check (the reason is the message)."""
-
-
-class Context:
-    """What the checks share: the home, the settings, and the database opened lazily.
-
-    Checks only read; ``ledger()`` (a full ``Ledger``, which may create folders and
-    fix modes as any command does) is opened only by repairs.
-    """
-
-    def __init__(self, home: Home, *, db_url: str | None, env: Any, pid: int | None,
-                 lock_timeout_s: float, stuck_after_s: float, wal_warn_bytes: int,
-                 quick: bool, ledger: Ledger | None = None) -> None:
-        self.home = home
-        self.db_url = db_url
-        self.env = env
-        self.pid = pid
-        self.lock_timeout_s = lock_timeout_s
-        self.stuck_after_s = stuck_after_s
-        self.wal_warn_bytes = wal_warn_bytes
-        self.quick = quick
-        #: Why the database must not be used (set by the integrity and schema checks).
-        self.blocked: str | None = None
-        self._given = ledger
-        self._ledger = ledger
-        self._db: Database | None = ledger.db if ledger is not None else None
-
-    @property
-    def sqlite_path(self) -> Path | None:
-        """The SQLite file of the ledger, or None for a ``--db URL`` ledger."""
-        if self._given is not None:
-            db = self._given.db
-            return db.path if isinstance(db, SqliteDatabase) else None
-        return None if self.db_url else self.home.db_path
-
-    def database(self) -> Database:
-        """The ledger database for reading; never created, never migrated."""
-        if self.blocked:
-            raise Unavailable(self.blocked)
-        if self._db is None:
-            path = self.sqlite_path
-            if path is None:
-                # SQLAlchemy is imported only for a --db URL ledger.
-                from ledger.alchemy import AlchemyDatabase  # noqa: PLC0415
-
-                self._db = AlchemyDatabase(self.db_url or "")
-            elif not path.is_file():
-                raise Unavailable(f"there is no ledger at {path}")
-            else:
-                self._db = SqliteDatabase(path)
-        return self._db
-
-    def ledger(self) -> Ledger:
-        """The full ledger, for repairs (changes go through it and are events)."""
-        if self.blocked:
-            raise Unavailable(self.blocked)
-        if self._ledger is None:
-            self.database()  # the same refusals as for reading (missing file ...)
-            self._ledger = Ledger(self.home.root, db_url=self.db_url, env=self.env,
-                                  pid=self.pid, lock_timeout_s=self.lock_timeout_s)
-            self._drop_own_db()  # from now on, read through the ledger's connection
-        return self._ledger
-
-    def lock(self) -> DirLock:
-        """The lock; the ledger's own when it is open (so a break is an event)."""
-        if self._ledger is not None:
-            return self._ledger.lock
-        return DirLock(self.home.lock_dir, timeout_s=self.lock_timeout_s)
-
-    def _drop_own_db(self) -> None:
-        """Close the connection this context opened itself (not the ledger's)."""
-        if self._db is not None and (self._ledger is None or self._db is not self._ledger.db):
-            self._db.close()
-        self._db = None if self._ledger is None else self._ledger.db
-
-    def reset(self) -> None:
-        """Forget what the last pass learnt, so that re-checks look afresh."""
-        self.blocked = None
-        self._drop_own_db()
-
-    def close(self) -> None:
-        """Close what this context opened (a ledger given by the caller stays open)."""
-        self._drop_own_db()
-        if self._ledger is not None and self._ledger is not self._given:
-            self._ledger.close()
-        self._db = self._ledger = None
-
-
-@dataclass(frozen=True)
-class Check:
-    """One check: ``run`` looks, ``repair`` (if any) applies the safe fix and says what
-    it did (None when there was nothing it could safely do)."""
-
-    name: str
-    run: Callable[[Context], Finding]
-    repair: Callable[[Context], str | None] | None = None
 
 
 # -- integrity and schema --------------------------------------------------------------
@@ -242,7 +133,7 @@ def check_schema(ctx: Context) -> Finding:  # noqa: PLR0911 (one return per verd
                        "any upgrade-ledger command creates the schema")
     ctx.blocked = f"the schema is at revision {current}, not {SCHEMA_REVISION}"
     # Alembic is imported only when the revision is not the expected one.
-    from ledger import migrate  # noqa: PLC0415
+    from ledger.store import migrate  # noqa: PLC0415
 
     if current in migrate.known_revisions():
         return Finding(name, WARN, f"revision {current}, behind {SCHEMA_REVISION}",
@@ -435,9 +326,9 @@ def _state_view(ctx: Context) -> tuple[str, str, str | None]:
     kind, words, uid = "ok", "", None
     for attempt in range(_VIEW_RETRIES):
         with ctx.database().read() as tx:
-            uid = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
-            lineage = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'")
-            fresh = None if uid is None else documents.build(tx, uid)
+            uid = meta.current_upgrade(tx)
+            lineage = meta.lineage(tx)
+            fresh = None if uid is None else document.build(tx, uid)
         raw, doc, problem = _read_view(ctx.home.state_file)
         if raw is None:
             return ("ok", "no current upgrade and no state.json", None) if uid is None else \
@@ -497,7 +388,7 @@ def _history_problems(ctx: Context) -> tuple[list[str], list[str], list[str]]:
     an unknown upgrade, every history file name)."""
     with ctx.database().read() as tx:
         saved = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE saved_at IS NOT NULL")}
-        lineage = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'")
+        lineage = meta.lineage(tx)
         known = {r[0] for r in tx.all("SELECT id FROM upgrades")} if \
             ctx.home.history_dir.is_dir() else set()
     broken, foreign, names = [], [], []
@@ -599,7 +490,7 @@ def check_stuck(ctx: Context) -> Finding:
     lock = ctx.lock().status()
     try:
         with ctx.database().read() as tx:
-            uid = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+            uid = meta.current_upgrade(tx)
             stuck = [] if uid is None else queries.stuck(
                 tx, uid, lock_live=lock.held and not lock.stale, threshold_s=ctx.stuck_after_s)
     except Unavailable as exc:
@@ -627,16 +518,16 @@ def _leftovers(home: Home) -> tuple[list[Path], list[Path]]:
     unknown: list[Path] = []
     folders, files = _home_entries(home)
     for path in files:
-        pid = _writer_pid(path.name)
+        pid = temp_writer_pid(path.name)
         if pid is not None and path.name.startswith("."):
-            if not _pid_alive(pid):
+            if not host.pid_alive(pid):
                 dead.append(path)
         elif path.parent == home.tmp_dir:
             unknown.append(path)
     for path in folders:
         pid = _aside_pid(path.name, home.lock_dir.name) \
             if path.parent == home.lock_dir.parent else None
-        if pid is not None and not _pid_alive(pid):
+        if pid is not None and not host.pid_alive(pid):
             dead.append(path)
     return sorted(set(dead)), unknown
 
@@ -671,6 +562,33 @@ def repair_temp_files(ctx: Context) -> str | None:
     return f"removed {removed} leftover file(s)" if removed else None
 
 
+# -- notifications -------------------------------------------------------------------
+
+
+def check_notifications(ctx: Context) -> Finding:
+    """doctor's ``notifications`` check: notify.toml readable, no subscriber failing."""
+    name = "notifications"
+    try:
+        data = notify.summary(ctx.home, ctx.database())
+    except Unavailable as exc:
+        return Finding(name, SKIP, f"not checked: {exc}")
+    except LedgerError as exc:  # e.g. a ledger older than the cursors table
+        return Finding(name, SKIP, f"not checked: {exc}")
+    if data["error"]:
+        return Finding(name, FAIL, data["error"], "fix notify.toml (docs/observability.md); "
+                       "until then no notification is delivered")
+    if not data["failing"]:
+        return Finding(name, OK, f"{data['subscribers']} subscriber(s), none failing"
+                       + (f", {data['pending_events']} event(s) not yet delivered"
+                          if data["pending_events"] else ""))
+    items = [f"{f['name']} ({f['attempts']} attempt(s) at event {f['failing_event_id']}: "
+             f"{f['last_error']})" for f in data["failing"]]
+    return Finding(name, WARN, f"{len(items)} subscriber(s) failing: " + "; ".join(items[:3]),
+                   "fix the subscriber; deliveries retry with backoff, or now with "
+                   "'upgrade-ledger notify --force'")
+
+
+
 CHECKS: list[Check] = [
     Check("integrity", check_integrity),
     Check("schema", check_schema),
@@ -681,8 +599,8 @@ CHECKS: list[Check] = [
     Check("wal", check_wal, repair_wal),
     Check("stuck", check_stuck),
     Check("temp-files", check_temp_files, repair_temp_files),
-    Check("notifications", notify.doctor_check),
-    Check("snapshots", snapshots.doctor_check),
+    Check("notifications", check_notifications),
+    Check("snapshots", snapshots.check_snapshots),
 ]
 
 

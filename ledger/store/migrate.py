@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from ledger.alchemy import make_engine
+from ledger.store.alchemy import make_engine
 
 
 def script_location() -> str:

@@ -13,7 +13,7 @@ old file with three kinds of edit:
   so it is the last of its phase);
 - every other byte is kept.
 
-The result is byte for byte what ``documents.dumps(documents.build(...))`` gives (the
+The result is byte for byte what ``document.dumps(document.build(...))`` gives (the
 tests check it). It is only done when the old file is provably the view this ledger
 wrote at the serial just before the change: ``views.sig`` in the home records the
 state file's path, inode, size and modification time, the upgrade and the serial of
@@ -29,13 +29,13 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ledger import documents
+from ledger.views import document
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ledger.db import Tx
-    from ledger.home import Home
+    from ledger.store.database import Tx
+    from ledger.store.home import Home
 
 SIGNATURE_NAME = "views.sig"
 
@@ -97,7 +97,7 @@ def _patch(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview]:
     u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": change.upgrade_id})
     if u is None:
         raise _Unpatchable
-    skeleton = documents.dumps(documents.frame(tx, u, {}))
+    skeleton = document.dumps(document.frame(tx, u, {}))
     at = _find(skeleton, _PHASES + b"}", 0) + len(_PHASES)
     start = _find(old, _PHASES, 0) + len(_PHASES)
     if old[start:start + 1] == b"}":  # no phases: then none could change
@@ -109,7 +109,7 @@ def _patch(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview]:
         raise _Unpatchable
     edits = []
     for phase, name, created in change.components:
-        row = tx.one(f"SELECT {documents.COMPONENT_COLUMNS} FROM components "
+        row = tx.one(f"SELECT {document.COMPONENT_COLUMNS} FROM components "
                      "WHERE upgrade_id = :u AND phase = :p AND name = :n",
                      {"u": change.upgrade_id, "p": phase, "n": name})
         if row is None:
@@ -120,7 +120,7 @@ def _patch(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview]:
             "ORDER BY position LIMIT 1", {"u": change.upgrade_id, "p": phase}
         ) if created else None
         edits.append(_edit(old, start, end, phase=phase, name=name, created=created,
-                           next_phase=after, comp=documents.component(row)))
+                           next_phase=after, comp=document.component(row)))
     # Assemble once: the new head, the old body with the edits, the new tail.
     view = memoryview(old)
     pieces: list[bytes | memoryview] = [skeleton[:at]]

@@ -20,8 +20,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ledger.commands import Result, Running
-from ledger.plan import Component
+from ledger.apply.plan import Component
+from ledger.apply.shell import Result, Running
 
 POLL_S = 0.01
 

@@ -13,85 +13,24 @@ import re
 from datetime import datetime
 from typing import Any
 
-from ledger import states
-from ledger.db import Tx
+from ledger.core import states
+from ledger.core.validate import (
+    MAX_NAME,
+    check_id,
+    check_name,
+    check_path,
+    check_text,
+    check_version,
+)
 from ledger.errors import BadInput, InvalidDocument, NotFound
+from ledger.store import meta
+from ledger.store.database import Tx
 
-MAX_NAME = 128
-MAX_TEXT = 64 * 1024
-MAX_PATH = 4096
 MAX_DOCUMENT = 32 * 1024 * 1024
 MAX_DEPTH = 16
 
-_ID = re.compile(r"[A-Za-z0-9._-]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
-
-
-# -- input rules shared by the API and the importer ---------------------------------
-
-def check_id(value: object, what: str = "upgrade id") -> str:
-    """An id that is safe as a file name: ``[A-Za-z0-9._-]``, no ``..``, 1-128 chars."""
-    if not isinstance(value, str) or not value:
-        raise BadInput(f"{what} must be a non-empty string")
-    if len(value) > MAX_NAME:
-        raise BadInput(f"{what} is {len(value)} characters long; at most {MAX_NAME} allowed")
-    if not _ID.fullmatch(value) or ".." in value or value.startswith(("-", ".")):
-        raise BadInput(
-            f"{what} {value!r} is not allowed; use letters, digits, '.', '_' and '-' "
-            "(not starting with '-' or '.', no '..')"
-        )
-    return value
-
-
-def check_name(value: object, what: str) -> str:
-    """A phase or component name: 1-128 printable characters, no '/', not '.'/'..'."""
-    if not isinstance(value, str) or not value:
-        raise BadInput(f"{what} name must be a non-empty string")
-    if len(value) > MAX_NAME:
-        raise BadInput(f"{what} name is {len(value)} characters long; at most {MAX_NAME} allowed")
-    if _CONTROL.search(value):
-        raise BadInput(f"{what} name {value!r} contains control characters")
-    if "/" in value or "\\" in value or value in {".", ".."} or value.startswith("-"):
-        raise BadInput(
-            f"{what} name {value!r} is not allowed (no '/', '\\', leading '-', '.' or '..')"
-        )
-    return value
-
-
-def check_version(value: object, what: str = "version") -> str | None:
-    """A version string (or None): 1-128 printable characters, no spaces."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME or _CONTROL.search(value) \
-            or " " in value:
-        raise BadInput(f"{what} {value!r} is not a version (1-{MAX_NAME} printable "
-                       "characters, no spaces)")
-    return value
-
-
-def check_text(value: object, what: str, limit: int = MAX_TEXT) -> str | None:
-    """Free text (an error message, a reason): newlines and tabs allowed, other controls not."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadInput(f"{what} must be a string")
-    if len(value) > limit:
-        raise BadInput(f"{what} is {len(value)} characters long; at most {limit} allowed")
-    if _CONTROL_BUT_WHITESPACE.search(value):
-        raise BadInput(f"{what} contains control characters")
-    return value
-
-
-def check_path(value: object, what: str = "path") -> str:
-    """A file path: non-empty, at most 4096 characters, no control characters."""
-    if not isinstance(value, str) or not value:
-        raise BadInput(f"{what} must be a non-empty string")
-    if len(value) > MAX_PATH or _CONTROL.search(value):
-        raise BadInput(f"{what} is too long or contains control characters")
-    return value
 
 
 # -- building -----------------------------------------------------------------------
@@ -153,7 +92,7 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "WHERE upgrade_id = :id AND cleared_at IS NULL ORDER BY id", {"id": upgrade_id},
         )
     ]
-    lineage = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'")
+    lineage = meta.lineage(tx)
     # The serial is the id of the upgrade's last event: a view whose serial is behind
     # the ledger's is stale (doctor reports it).
     serial = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :id", {"id": upgrade_id})

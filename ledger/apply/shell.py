@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ledger import clock
-from ledger.home import FILE_MODE, make_private_dir
-from ledger.lock import local_boot_id, process_start_ticks
+from ledger.core import clock, host
+from ledger.store.files import FILE_MODE, make_private_dir
 
 SHELL = "/bin/sh"
 KILL_GRACE_S = 5.0
@@ -192,7 +191,7 @@ def _tail(log: Path | None, out: IO[bytes], offset: int) -> list[str]:
 def _write_record(records: Path, pid: int, log: Path | None, label: str) -> Path:
     make_private_dir(records)
     path = records / str(pid)
-    line = f"{pid}|{process_start_ticks(pid) or ''}|{local_boot_id() or ''}|{log or ''}|{label}"
+    line = f"{pid}|{host.start_ticks(pid) or ''}|{host.boot_id() or ''}|{log or ''}|{label}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     with os.fdopen(fd, "w") as fh:
         fh.write(line + "\n")
@@ -232,9 +231,9 @@ def stop_leftovers(records: Path, grace_s: float = KILL_GRACE_S) -> list[dict[st
 
 def _ours(fields: list[str]) -> bool:
     pid, ticks, boot = int(fields[0]), fields[1], fields[2]
-    if boot and boot != (local_boot_id() or ""):
+    if boot and boot != (host.boot_id() or ""):
         return False  # recorded before a reboot: that process is long gone
-    now_ticks = process_start_ticks(pid)
+    now_ticks = host.start_ticks(pid)
     if now_ticks is not None:
         return str(now_ticks) == ticks
     try:

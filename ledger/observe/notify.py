@@ -31,22 +31,26 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ledger import __version__, clock
+from ledger.core import clock
+from ledger.core.version import __version__
 from ledger.errors import BadInput, LedgerError
-from ledger.queries import event_dict
-from ledger.subscribers import (
+from ledger.observe.subscribers import (
     DELIVERY_REGION,
     Subscriber,
+    add,
     check_executable,
     config_mtime,
     load,
     region_lock,
+    remove,
 )
+from ledger.queries import event_dict
+from ledger.store import meta
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
-    from ledger.db import Database, Row, Tx
-    from ledger.home import Home
+    from ledger.store.database import Database, Row, Tx
+    from ledger.store.home import Home
 
 #: Events read per query while catching a subscriber up.
 BATCH = 200
@@ -165,6 +169,21 @@ def deliver(ledger: Ledger, budget_s: float = COMMAND_BUDGET_S, *, force: bool =
     return report
 
 
+def add_subscriber(ledger: Ledger, sub: Subscriber) -> int:
+    """Add *sub* (made by ``subscribers.check``, which refuses bad input before
+    anything is touched) to the home's notify.toml and give it a cursor; return the
+    last event id it is not sent."""
+    add(ledger.home, sub)
+    return register(ledger, sub)
+
+
+def remove_subscriber(ledger: Ledger, name: str) -> Subscriber:
+    """Remove subscriber *name* from notify.toml and forget its delivery cursor."""
+    sub = remove(ledger.home, name)
+    forget(ledger, name)
+    return sub
+
+
 def register(ledger: Ledger, sub: Subscriber) -> int:
     """Create *sub*'s cursor if it has none; return the cursor (last event id served).
 
@@ -250,32 +269,6 @@ def summary(home: Home, db: Database) -> dict[str, Any]:
     }
 
 
-def doctor_check(ctx: Any) -> Any:
-    """doctor's ``notifications`` check: notify.toml readable, no subscriber failing."""
-    # Imported here: ledger.doctor imports this module for its list of checks.
-    from ledger.doctor import FAIL, OK, SKIP, WARN, Finding, Unavailable  # noqa: PLC0415
-
-    name = "notifications"
-    try:
-        data = summary(ctx.home, ctx.database())
-    except Unavailable as exc:
-        return Finding(name, SKIP, f"not checked: {exc}")
-    except LedgerError as exc:  # e.g. a ledger older than the cursors table
-        return Finding(name, SKIP, f"not checked: {exc}")
-    if data["error"]:
-        return Finding(name, FAIL, data["error"], "fix notify.toml (docs/observability.md); "
-                       "until then no notification is delivered")
-    if not data["failing"]:
-        return Finding(name, OK, f"{data['subscribers']} subscriber(s), none failing"
-                       + (f", {data['pending_events']} event(s) not yet delivered"
-                          if data["pending_events"] else ""))
-    items = [f"{f['name']} ({f['attempts']} attempt(s) at event {f['failing_event_id']}: "
-             f"{f['last_error']})" for f in data["failing"]]
-    return Finding(name, WARN, f"{len(items)} subscriber(s) failing: " + "; ".join(items[:3]),
-                   "fix the subscriber; deliveries retry with backoff, or now with "
-                   "'upgrade-ledger notify --force'")
-
-
 # -- one subscriber ------------------------------------------------------------------
 
 
@@ -338,7 +331,7 @@ def _cursor(tx: Tx, name: str) -> Row | None:
 
 def _lineage(ledger: Ledger) -> str:
     with ledger.db.read() as tx:
-        return str(tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'"))
+        return meta.lineage(tx)
 
 
 def _move(ledger: Ledger, name: str, *, expect: int, to: int, delivered: bool) -> bool:

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ledger import __version__, clock, states
+from ledger.core import clock, states
+from ledger.core.version import __version__
 from ledger.errors import BadInput, LedgerError
-from ledger.home import write_file_atomic
+from ledger.store import meta
+from ledger.store.files import write_file_atomic
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
-    from ledger.db import Tx
+    from ledger.store.database import Tx
 
 PREFIX = "upgrade_ledger_"
 #: The environment variable that turns on the textfile refresh after every change.
@@ -75,7 +77,7 @@ def collect(ledger: Ledger) -> list[Family]:
 def _info(tx: Tx) -> Family:
     fam = Family(PREFIX + "info", "gauge", "Always 1: the ledger's lineage (its id) and the "
                  "upgrade-ledger version that wrote these metrics.", ("lineage", "version"))
-    lineage = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'")
+    lineage = meta.lineage(tx)
     fam.add(1, str(lineage or ""), __version__)
     return fam
 
@@ -83,13 +85,14 @@ def _info(tx: Tx) -> Family:
 def _current_upgrade(tx: Tx) -> list[Family]:
     state = Family(PREFIX + "upgrade_state", "gauge", "The current upgrade's state: one "
                    "series per state, 1 for the state it is in.", ("upgrade_id", "state"))
-    uid = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'current_upgrade'")
+    uid = meta.current_upgrade(tx)
     row = None if uid is None else tx.one("SELECT * FROM upgrades WHERE id = :u", {"u": uid})
     current = row["state"] if row is not None else states.IDLE
     for name in states.UPGRADE_STATES:
         state.add(1 if name == current else 0, str(uid or ""), name)
     if row is None:
         return [state]
+    uid = str(row["id"])
     progress = Family(PREFIX + "upgrade_progress_ratio", "gauge", "Done (COMPLETED or "
                       "SKIPPED) components of the current upgrade over all of them, 0 to 1.",
                       ("upgrade_id",))

@@ -9,15 +9,35 @@ temporary file.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from ledger import states
 from ledger.api import Ledger
-from ledger.commands import Running
-from ledger.home import Home
-from ledger.jobs import command_env
-from ledger.plan import Component, Plan
-from ledger.runner import plan_digest
+from ledger.apply.jobs import command_env
+from ledger.apply.plan import Component, Plan
+from ledger.apply.runner import plan_digest
+from ledger.apply.shell import Running
+from ledger.core import states
+from ledger.lock import DEFAULT_TIMEOUT_S
+from ledger.store.home import Home
+
+
+def preview_home(home: str | os.PathLike[str] | None, plan: Plan, *,
+                 db_url: str | None = None, env: Mapping[str, str] | None = None,
+                 lock_timeout_s: float = DEFAULT_TIMEOUT_S, supersede: bool = False,
+                 again: bool = False) -> dict[str, Any]:
+    """``preview`` of *plan* for the home at *home* (resolved as everywhere), opening
+    its ledger only if it has one: a home without a ledger stays untouched."""
+    where = Home.at(home, env)
+    ledger = None
+    if db_url is not None or where.db_path.exists():
+        ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s)
+    try:
+        return preview(where, ledger, plan, supersede=supersede, again=again)
+    finally:
+        if ledger is not None:
+            ledger.close()
 
 
 def preview(home: Home, ledger: Ledger | None, plan: Plan, *, supersede: bool = False,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ledger import clock, states
-from ledger.db import Tx
+from ledger.core import clock, states
+from ledger.store.database import Tx
 
 
 def import_upgrade(tx: Tx, doc: Mapping[str, Any]) -> str:

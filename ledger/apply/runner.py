@@ -12,6 +12,7 @@ through the ``Ledger`` API; docs/apply.md describes every rule.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -19,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger import backups, clock, notify, states
 from ledger.api import Ledger
-from ledger.commands import stop_leftovers
+from ledger.apply import backups
+from ledger.apply.jobs import Jobs, Quiet, Reporter, backup_dir
+from ledger.apply.plan import Component, Plan
+from ledger.apply.scheduler import Interrupted, Stop
+from ledger.apply.shell import stop_leftovers
+from ledger.core import clock, states
 from ledger.errors import Conflict, LedgerError, StorageError, UpgradeInProgress
-from ledger.jobs import Jobs, Quiet, Reporter, backup_dir
-from ledger.plan import Component, Plan
-from ledger.scheduler import Interrupted, Stop
+from ledger.lock import DEFAULT_TIMEOUT_S
 
 __all__ = ["Interrupted", "Options", "Outcome", "Reporter", "Run", "apply", "plan_digest"]
 
@@ -57,6 +60,15 @@ class Outcome:
     error: str | None = None
 
 
+def open_ledger(home: str | os.PathLike[str] | None = None, *, db_url: str | None = None,
+                env: Mapping[str, str] | None = None, strict: bool = False,
+                lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> Ledger:
+    """The ledger a run works on: the run itself (this process) owns the lock and its
+    changes, not the shell that started it, as the per-step commands' owner is."""
+    return Ledger(home, db_url=db_url, env=env, pid=os.getpid(), strict=strict,
+                  lock_timeout_s=lock_timeout_s)
+
+
 def apply(ledger: Ledger, plan: Plan, options: Options = Options(),
           reporter: Reporter | None = None) -> Outcome:
     """Run *plan* on *ledger* (or resume it); see ``Run``."""
@@ -83,8 +95,11 @@ class Run(Jobs):
         """Take the lock, run (or resume) the plan, release the lock."""
         self.ledger.acquire_lock()
         try:
-            # Subscribers hear of every change as it is made (never failing a step).
-            with _catching_signals(self.stop), notify.delivering(self.ledger):
+            # What the ledger's listeners do during a run (by default, subscribers hear
+            # of every change as it is made, never failing a step).
+            with _catching_signals(self.stop), contextlib.ExitStack() as effects:
+                for effect in self.ledger.during_run:
+                    effects.enter_context(effect(self.ledger))
                 try:
                     return self._execute()
                 except Interrupted as exc:

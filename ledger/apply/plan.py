@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger.documents import MAX_NAME, check_id, check_name, check_version
+from ledger.apply.tomllines import Key, KeyLines
+from ledger.core.validate import MAX_NAME, check_id, check_name, check_version
 from ledger.errors import BadInput
-from ledger.tomllines import Key, KeyLines
 
 #: The commands every component must have, in the order they run.
 STEPS = ("backup", "upgrade", "validate", "rollback")

@@ -25,11 +25,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ledger.core import host
 from ledger.errors import CorruptLedger, StorageError
+from ledger.store.files import (
+    FILE_MODE,
+    make_private_dir,
+    same_device,
+    temp_writer_pid,
+    write_file_atomic,
+)
 
 DEFAULT_HOME = "/var/lib/observability-upgrades"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 
 def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -118,132 +124,12 @@ class Home:
         except OSError:
             return 0
         for entry in entries:
-            pid = _writer_pid(entry.name)
-            if pid is not None and not _pid_alive(pid):
+            pid = temp_writer_pid(entry.name)
+            if pid is not None and not host.pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed += 1
         return removed
-
-
-def write_file_atomic(target: Path, data: bytes | Sequence[bytes | memoryview], *,
-                      temp_dir: Path, mode: int = FILE_MODE) -> None:
-    """Replace *target* with *data* so that readers see the old or the new file, whole.
-
-    A new temp file in *temp_dir* (exclusive create, no link following, *mode*),
-    fsync, rename over the target (a symlink planted there is replaced, never
-    followed), fsync the folder so the rename itself is durable. *data* may be a
-    sequence of pieces, written one after the other (a patched state.json is,
-    without a copy of it). *temp_dir* must be on the target's filesystem.
-    """
-    # os.urandom is what secrets.token_hex reads; importing secrets (hashlib,
-    # OpenSSL) would cost every per-step CLI call several milliseconds.
-    temp = temp_dir / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        raise _storage_error(target, exc) from exc
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits
-            for piece in (data,) if isinstance(data, bytes) else data:
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise _storage_error(target, exc) from exc
-    fsync_dir(target.parent)
-
-
-def make_private_dir(folder: Path, *, follow: bool = False) -> None:
-    """mkdir -p with mode 0700 for what it creates, whatever the umask. A symbolic
-    link is refused unless *follow* (then it must lead to a folder)."""
-    try:
-        _mkdirs(folder)
-        if (folder.is_symlink() and not follow) or not folder.is_dir():
-            what = "a symbolic link, not a folder" if folder.is_symlink() else "not a folder"
-            raise StorageError(f"ledger folder {folder} is {what}; choose another home with "
-                               "--home DIR (or LEDGER_HOME)")
-        st = folder.stat()
-        if st.st_uid == os.geteuid() and st.st_mode & 0o777 != DIR_MODE:
-            folder.chmod(DIR_MODE)
-    except StorageError:
-        raise  # already says what is wrong (StorageError is an OSError too)
-    except OSError as exc:
-        raise StorageError(
-            f"cannot create ledger folder {folder} ({exc.strerror or exc}); "
-            "choose another home with --home DIR (or LEDGER_HOME)"
-        ) from exc
-
-
-def _mkdirs(folder: Path) -> None:
-    """mkdir -p where every folder created, parents included, is 0700.
-
-    ``Path.mkdir(parents=True)`` gives parents the umask's default mode, so under
-    umask 000 the folders above a new home would be world-writable (anyone could
-    move the home aside and plant another).
-    """
-    missing = []
-    while not os.path.lexists(folder):
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            continue  # a concurrent creator won; the caller checks what is there
-        path.chmod(DIR_MODE)  # the umask may have removed bits; never adds any
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in *folder* durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise _storage_error(folder, exc) from exc
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise _storage_error(folder, exc) from exc
-    finally:
-        os.close(fd)
-
-
-def _storage_error(path: Path, exc: OSError) -> StorageError:
-    return StorageError(f"cannot write {path} ({exc.strerror or exc}); "
-                        "check free space and permissions")
-
-
-def same_device(a: Path, b: Path) -> bool:
-    """Whether two existing paths are on one filesystem (a rename between them works)."""
-    try:
-        return a.stat().st_dev == b.stat().st_dev
-    except OSError:
-        return False
-
-
-def _writer_pid(name: str) -> int | None:
-    """The PID embedded in a temp file name ``.<target>.<pid>.<random>.tmp``."""
-    parts = name.split(".")
-    if len(parts) >= 4 and parts[-1] == "tmp" and parts[-3].isdigit():
-        return int(parts[-3])
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _create_private(path: Path) -> None:

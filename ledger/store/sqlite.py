@@ -1,37 +1,29 @@
-"""Database access: one small interface, two drivers.
+"""The stdlib ``sqlite3`` driver: a ledger in a SQLite file, with the real pragmas.
 
-SQLite files go through the stdlib ``sqlite3`` driver so that a per-step command
-never imports SQLAlchemy. Any other SQLAlchemy URL (PostgreSQL for a fleet, or
-``sqlite+pysqlite://`` to exercise this path) runs the very same SQL text through
-SQLAlchemy: statements are portable text with ``:name`` parameters, which both
-``sqlite3`` and ``sqlalchemy.text()`` accept.
-
-Opening a ledger checks its schema revision with one query; Alembic is imported
-only when the ledger is new or behind.
+The per-step commands run on this driver and never import SQLAlchemy. Every
+connection is WAL, ``synchronous=FULL``, with foreign keys on and a busy timeout;
+writes start with ``BEGIN IMMEDIATE``. Reporting connections may only read.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from ledger.errors import BadInput, Conflict, CorruptLedger, LedgerError, SchemaTooNew, StorageError
-
-#: The Alembic revision this code expects; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0002"
-#: How long a writer waits for another writer's transaction before giving up.
-BUSY_TIMEOUT_S = 60.0
-#: Bytes of WAL kept once it restarts after a checkpoint (docs/operations.md).
-WAL_SIZE_LIMIT = 4 * 1024 * 1024
-
-Params = Mapping[str, Any]
-Row = Any  # sqlite3.Row or SQLAlchemy RowMapping: both support row["column"]
-Report = tuple[list[str], list[tuple[Any, ...]]]  # column names, rows
+from ledger.errors import BadInput, Conflict, CorruptLedger, LedgerError, StorageError
+from ledger.store.database import (
+    BUSY_TIMEOUT_S,
+    WAL_SIZE_LIMIT,
+    Database,
+    Params,
+    Report,
+    Row,
+    Tx,
+    is_missing_table,
+)
 
 # Reporting connections may only read. The authorizer refuses anything else when
 # the statement is prepared, so a write is refused before it runs.
@@ -40,84 +32,6 @@ _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNC
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "foreign_key_list",
                  "database_list", "integrity_check", "quick_check", "user_version",
                  "schema_version", "page_count", "page_size", "freelist_count"}
-
-
-class Tx(ABC):
-    """A transaction in progress: run statements, fetch rows."""
-
-    @abstractmethod
-    def execute(self, sql: str, params: Params | None = None) -> int:
-        """Run a statement; return the number of rows it changed."""
-
-    @abstractmethod
-    def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        """Every row of a query."""
-
-    def one(self, sql: str, params: Params | None = None) -> Row | None:
-        """The first row of a query, or None."""
-        rows = self.all(sql, params)
-        return rows[0] if rows else None
-
-    def scalar(self, sql: str, params: Params | None = None) -> Any:
-        """The first column of the first row, or None."""
-        row = self.one(sql, params)
-        return None if row is None else row[0]
-
-
-class Database(ABC):
-    """A ledger database: write and read transactions, and read-only reporting."""
-
-    url: str
-    dialect: str
-
-    @abstractmethod
-    def write(self) -> Any:
-        """Context manager: a transaction that holds the write lock from its start."""
-
-    @abstractmethod
-    def read(self) -> Any:
-        """Context manager: a consistent read-only snapshot."""
-
-    @abstractmethod
-    def report(self, sql: str, params: Params | None = None) -> Report:
-        """Run one read-only statement; return (column names, rows). Writes are refused."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release the connection."""
-
-    def revision(self) -> str | None:
-        """The Alembic revision of the ledger, or None for an empty database."""
-        with self.read() as tx:
-            try:
-                return tx.scalar("SELECT version_num FROM alembic_version")  # type: ignore[no-any-return]
-            except Exception as exc:
-                if not _is_missing_table(exc):
-                    raise
-        # No alembic_version: a new database, or a database that is not a ledger.
-        if self.table_count():
-            raise CorruptLedger(
-                f"{self.url} is a database but not a ledger (no schema revision); "
-                "point --home or --db at a ledger"
-            )
-        return None
-
-    @abstractmethod
-    def table_count(self) -> int:
-        """How many tables the database holds (0 for a new one)."""
-
-    def verify(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
-        """Raise ``CorruptLedger`` when the database fails a quick integrity check.
-
-        Too slow for every step (it reads the whole file), so it runs where building
-        on a damaged ledger would do harm: before a resume. A server database (the
-        SQLAlchemy path) checks itself; nothing to do here.
-        """
-
-
-def _is_missing_table(exc: BaseException) -> bool:
-    text = str(exc)
-    return "no such table" in text or "does not exist" in text or "UndefinedTable" in text
 
 
 class _SqliteTx(Tx):
@@ -212,7 +126,7 @@ class SqliteDatabase(Database):
                 raise Conflict(f"the ledger refused the change ({exc}); nothing was "
                                "changed") from exc
             if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not (
-                isinstance(exc, sqlite3.ProgrammingError) or _is_missing_table(exc)
+                isinstance(exc, sqlite3.ProgrammingError) or is_missing_table(exc)
             ):
                 raise _translate(exc, str(self.path)) from exc
             raise
@@ -292,38 +206,3 @@ def _read_only_authorizer(action: int, arg1: str | None, *_: object) -> int:
     return sqlite3.SQLITE_DENY
 
 
-def open_database(url: str | None, sqlite_path: Path | None) -> Database:
-    """Open the ledger at *url* (any SQLAlchemy URL) or the SQLite file *sqlite_path*,
-    migrating it first when it is new or behind."""
-    db: Database
-    if url is None:
-        assert sqlite_path is not None
-        db = SqliteDatabase(sqlite_path)
-    else:
-        from ledger.alchemy import AlchemyDatabase  # noqa: PLC0415 (only --db URLs pay for SQLAlchemy)
-
-        db = AlchemyDatabase(url)
-    try:
-        _ensure_schema(db, sqlite_path if url is None else None)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _ensure_schema(db: Database, sqlite_path: Path | None) -> None:
-    current = db.revision()
-    if current == SCHEMA_REVISION:
-        return
-    from ledger import migrate  # noqa: PLC0415 (Alembic only for a new or old ledger)
-
-    if current is not None and current not in migrate.known_revisions():
-        raise SchemaTooNew(
-            f"ledger schema {current} is newer than this upgrade-ledger knows "
-            f"({SCHEMA_REVISION}); upgrade upgrade-ledger"
-        )
-    try:
-        migrate.upgrade(db.url if sqlite_path is None else f"sqlite:///{sqlite_path}",
-                        sqlite_path=sqlite_path)
-    except Exception as exc:
-        raise StorageError(f"cannot migrate the ledger at {db.url}: {exc}") from exc

@@ -1,15 +1,10 @@
 """The exclusive upgrade lock: a folder made with ``mkdir``, and a record of its holder.
 
 ``mkdir`` is the atomic primitive, as in the bash library this replaces: whoever
-creates the lock folder holds the lock. Inside it, ``lock.info`` holds one line
-``PID|TIMESTAMP|HOSTNAME|USER|START_TICKS|BOOT_ID``. A lock is taken over only on
-proof that its holder is gone; a live holder on this host is never evicted for age.
-
-Changes to the lock folder itself (create, take over, release) are serialised by a
-short ``flock`` on a guard file beside it (``<lock folder>.guard``), held for the
-length of one such change. That is what makes a takeover race-free: the judgement
-"this lock is stale" and the rename that removes it happen under the same guard, so
-no other process can swap a fresh lock in between. See ``docs/lock.md``.
+creates the lock folder holds the lock; ``lock.info`` inside names the holder
+(``ledger.lock.record``). A lock is taken over only on proof that its holder is
+gone; a live holder on this host is never evicted for age. Changes to the lock
+folder run under the guard (``ledger.lock.guard``). See ``docs/lock.md``.
 
 Stdlib only, and only cheap modules: this runs on every per-step CLI call.
 """
@@ -17,170 +12,52 @@ Stdlib only, and only cheap modules: this runs on every per-step CLI call.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import math
 import os
-import pwd
 import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ledger.errors import BadInput, LockError, LockHeld, LockTimeout, NotLockOwner, StorageError
+from ledger.core import host
+from ledger.errors import (
+    BadInput,
+    LockError,
+    LockHeld,
+    LockTimeout,
+    NotLockOwner,
+    StorageError,
+)
+from ledger.lock.guard import GUARD_WAIT_S, Guard
+from ledger.lock.record import (
+    INFO_NAME,
+    PID_LIMIT,
+    Holder,
+    describe,
+    local_hostname,
+    parse_utc,
+    read_info,
+    same_owner,
+    sanitize,
+    utc_now,
+)
+from ledger.store.files import write_file_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = [
-    "DEFAULT_GRACE_S",
-    "DEFAULT_TIMEOUT_S",
-    "INFO_NAME",
-    "DirLock",
-    "Holder",
-    "LockStatus",
-]
-
-INFO_NAME = "lock.info"
 DEFAULT_TIMEOUT_S = 4 * 3600.0
 DEFAULT_GRACE_S = 5.0
 
-MAX_INFO_BYTES = 4096  # a lock.info longer than this is not read, it is "unreadable"
 MAX_TIMEOUT_S = 30 * 86400.0
 MAX_GRACE_S = 86400.0
 MAX_WAIT_S = 86400.0
 MAX_POLL_S = 60.0
 MIN_POLL_S = 0.001
-GUARD_WAIT_S = 10.0  # the guard is held for microseconds; longer means a stopped process
-PID_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT: no PID is larger
-MAX_FIELD_CHARS = 255
 MAX_REASON_CHARS = 1024
 
-_TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_DIGITS = frozenset("0123456789")
-_BOOT_ID_CHARS = frozenset("0123456789abcdefABCDEF-")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-# --- facts about this host and its processes --------------------------------------
-
-
-_UNSAFE = {**dict.fromkeys(range(32), "_"), ord("|"): "_", 127: "_"}
-
-
-def _sanitize(value: str) -> str:
-    """Make a value safe as one lock.info field: no separator, no control characters."""
-    return value.translate(_UNSAFE)[:MAX_FIELD_CHARS]
-
-
-def local_hostname() -> str:
-    """This host's name, as ``socket.gethostname()`` gives it (``uname`` is what it reads)."""
-    # os.uname() avoids importing socket (a few ms) on the per-step path; on Linux
-    # gethostname(2) is the uname nodename, so the two always agree.
-    return _sanitize(os.uname().nodename) or "unknown"
-
-
-_boot_id_cache: list[str | None] = []
-
-
-def local_boot_id() -> str | None:
-    """The kernel's boot id (new at every boot), or None where /proc does not offer it."""
-    if not _boot_id_cache:
-        try:
-            with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
-                value = fh.read(100).strip().decode("ascii")
-        except (OSError, UnicodeDecodeError):
-            value = ""
-        ok = 0 < len(value) <= 64 and set(value) <= _BOOT_ID_CHARS
-        _boot_id_cache.append(value if ok else None)
-    return _boot_id_cache[0]
-
-
-_user_names: dict[int, str] = {}
-
-
-def _user_name(uid: int) -> str:
-    """The login name of uid from the password database (so an unset USER is fine)."""
-    if uid not in _user_names:
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = os.environ.get("USER", "") if uid == os.geteuid() else ""
-        _user_names[uid] = _sanitize(name) or "unknown"
-    return _user_names[uid]
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start ticks) from /proc/PID/stat, or None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read(4096)
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may itself hold spaces or
-    # parentheses, so split after the last ')'. Field 3 is then index 0, field 22 index 19.
-    _, sep, rest = data.rpartition(b")")
-    fields = rest.split()
-    if not sep or len(fields) < 20 or not fields[19].isdigit():
-        return None
-    return fields[0].decode("ascii", "replace"), int(fields[19])
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot."""
-    st = _proc_stat(pid)
-    return None if st is None else st[1]
-
-
-def _pid_state(pid: int) -> str:
-    """"gone", "alive" (we may signal it) or "foreign" (it exists; kill gives EPERM)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        state = "foreign"
-    except OverflowError:
-        return "gone"
-    else:
-        state = "alive"
-    st = _proc_stat(pid)
-    if st is not None and st[0] in ("Z", "X"):
-        return "gone"  # it has exited; only its parent has not collected it yet
-    return state
-
-
-def _utc_now() -> str:
-    return time.strftime(_TS_FORMAT, time.gmtime())
-
-
-def _parse_utc(ts: str) -> float | None:
-    """Seconds since the epoch for ``YYYY-MM-DDTHH:MM:SSZ``, or None if not that form."""
-    if len(ts) != 20 or ts[4] != "-" or ts[7] != "-" or ts[10] != "T":
-        return None
-    if ts[13] != ":" or ts[16] != ":" or ts[19] != "Z":
-        return None
-    parts = (ts[0:4], ts[5:7], ts[8:10], ts[11:13], ts[14:16], ts[17:19])
-    if not all(set(p) <= _DIGITS for p in parts):
-        return None
-    y, mo, d, h, mi, s = (int(p) for p in parts)
-    leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
-    month_days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-    if y < 1970 or not 1 <= mo <= 12 or not 1 <= d <= month_days[mo - 1]:
-        return None
-    if h > 23 or mi > 59 or s > 60:
-        return None
-    # Days from 1970-01-01 to the civil date (the usual era-based formula).
-    yy = y - (mo <= 2)
-    era = yy // 400
-    yoe = yy - era * 400
-    doy = (153 * (mo + (-3 if mo > 2 else 9)) + 2) // 5 + d - 1
-    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-    return float(days * 86400 + h * 3600 + mi * 60 + min(s, 59))
-
-
-# --- input checks ------------------------------------------------------------------
 
 
 def _check_seconds(name: str, value: object, maximum: float) -> float:
@@ -203,7 +80,7 @@ def _check_pid(owner_pid: object) -> int:
         raise BadInput(f"owner PID must be a positive integer, not {owner_pid!r}")
     if not 0 < owner_pid < PID_LIMIT:
         raise BadInput(f"owner PID must be between 1 and {PID_LIMIT - 1}, not {owner_pid}")
-    if _pid_state(owner_pid) == "gone":
+    if host.pid_state(owner_pid) == "gone":
         raise BadInput(f"owner PID {owner_pid} names no running process")
     return owner_pid
 
@@ -220,82 +97,6 @@ def _check_reason(reason: object) -> str:
 
 
 # --- the record ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who holds the lock: one parsed lock.info line.
-
-    A record written by the old bash library has only the first four fields; the
-    missing ones are None. Empty fields are None too.
-    """
-
-    pid: int
-    timestamp: str | None = None
-    hostname: str | None = None
-    user: str | None = None
-    start_ticks: int | None = None
-    boot_id: str | None = None
-
-    @classmethod
-    def parse(cls, line: str) -> Holder:
-        """Parse ``PID|TIMESTAMP|HOSTNAME|USER[|START_TICKS[|BOOT_ID]]`` (one line).
-
-        Raises BadInput on anything else: another field count, a PID that is not a
-        positive decimal, a malformed timestamp or start tick count, control characters.
-        """
-        if not isinstance(line, str):
-            raise BadInput(f"lock.info must be text, not {type(line).__name__}")
-        text = line[:-1] if line.endswith("\n") else line
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-            raise BadInput("lock.info must be exactly one line of printable text")
-        fields = text.split("|")
-        if not 4 <= len(fields) <= 6:
-            raise BadInput(f"lock.info has {len(fields)} fields, expected 4 or 6")
-        fields += [""] * (6 - len(fields))
-        pid_s, ts, host, user, ticks_s, boot = fields
-        if not 0 < len(pid_s) <= 10 or not set(pid_s) <= _DIGITS or not 0 < int(pid_s) < PID_LIMIT:
-            raise BadInput(f"lock.info PID {pid_s[:20]!r} is not a valid PID")
-        if ts and _parse_utc(ts) is None:
-            raise BadInput(f"lock.info timestamp {ts[:40]!r} is not YYYY-MM-DDTHH:MM:SSZ")
-        if ticks_s and (not set(ticks_s) <= _DIGITS or len(ticks_s) > 20):
-            raise BadInput(f"lock.info start ticks {ticks_s[:40]!r} is not a number")
-        if boot and (not set(boot) <= _BOOT_ID_CHARS or len(boot) > 64):
-            raise BadInput(f"lock.info boot id {boot[:40]!r} is malformed")
-        if len(host) > MAX_FIELD_CHARS or len(user) > MAX_FIELD_CHARS:
-            raise BadInput("lock.info host or user name is too long")
-        return cls(
-            pid=int(pid_s),
-            timestamp=ts or None,
-            hostname=host or None,
-            user=user or None,
-            start_ticks=int(ticks_s) if ticks_s else None,
-            boot_id=boot or None,
-        )
-
-    def format(self) -> str:
-        """The lock.info line, without the newline; four fields when the last two are None."""
-        fields = [
-            str(self.pid),
-            _sanitize(self.timestamp or ""),
-            _sanitize(self.hostname or ""),
-            _sanitize(self.user or ""),
-        ]
-        if self.start_ticks is not None or self.boot_id is not None:
-            ticks = "" if self.start_ticks is None else str(self.start_ticks)
-            fields += [ticks, _sanitize(self.boot_id or "")]
-        return "|".join(fields)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The record as a JSON-ready dict (field names as in this class)."""
-        return {
-            "pid": self.pid,
-            "timestamp": self.timestamp,
-            "hostname": self.hostname,
-            "user": self.user,
-            "start_ticks": self.start_ticks,
-            "boot_id": self.boot_id,
-        }
 
 
 @dataclass(frozen=True)
@@ -330,6 +131,7 @@ class LockStatus:
         }
 
 
+
 class _Snapshot:
     """The lock path as read once: which inode it is and what its lock.info says.
 
@@ -362,63 +164,6 @@ class _LockMoved(Exception):
     """The lock changed or vanished between being judged and being moved aside."""
 
 
-class _Unreadable(Exception):
-    """lock.info is there but is not a record we can read; the message says why."""
-
-
-def _read_info(dfd: int) -> tuple[str, bytes | None, str, Holder | None]:
-    """(info state, raw bytes, problem, holder) for lock.info in an open lock folder.
-
-    Never follows a link, never blocks on a FIFO, never reads more than 4 KiB.
-    """
-    raw: bytes | None = None
-    try:
-        raw = _read_info_bytes(dfd)
-        if raw is None or not raw:
-            return ("missing" if raw is None else "empty"), raw, "", None
-        try:
-            return "ok", raw, "", Holder.parse(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise _Unreadable("lock.info is not a valid record (not UTF-8 text)") from exc
-        except BadInput as exc:
-            raise _Unreadable(f"lock.info is not a valid record ({exc})") from exc
-    except _Unreadable as exc:
-        return "unreadable", raw, str(exc), None
-
-
-def _read_info_bytes(dfd: int) -> bytes | None:
-    """The bytes of lock.info, None if there is none; _Unreadable if it is not a file."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(INFO_NAME, flags, dir_fd=dfd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _Unreadable("lock.info is a symbolic link") from exc
-        raise _Unreadable(f"lock.info cannot be opened ({exc.strerror})") from exc
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise _Unreadable("lock.info is a folder")
-        if not stat.S_ISREG(mode):
-            raise _Unreadable("lock.info is not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_INFO_BYTES:
-            chunk = os.read(fd, MAX_INFO_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise _Unreadable(f"lock.info cannot be read ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
-    if size > MAX_INFO_BYTES:
-        raise _Unreadable(f"lock.info is longer than {MAX_INFO_BYTES} bytes")
-    return b"".join(chunks)
-
 
 def _snapshot(path: str) -> _Snapshot:
     """Read the lock at path once: its inode and its lock.info, never following a link."""
@@ -441,80 +186,13 @@ def _snapshot(path: str) -> _Snapshot:
                          problem=f"the lock folder cannot be opened ({exc.strerror})")
     try:
         st = os.fstat(dfd)  # the folder actually opened is the one described
-        info, raw, problem, holder = _read_info(dfd)
+        info, raw, problem, holder = read_info(dfd)
     finally:
         os.close(dfd)
     return _Snapshot(True, ident=(st.st_dev, st.st_ino), mtime=st.st_mtime, info=info, raw=raw,
                      problem=problem, holder=holder)
 
 
-def _same_owner(recorded: Holder, me: Holder) -> bool:
-    """Is the recorded holder the process ``me`` describes? Unknown fields do not count."""
-    return (
-        recorded.pid == me.pid
-        and recorded.hostname == me.hostname
-        and (recorded.start_ticks is None or recorded.start_ticks == me.start_ticks)
-        and (recorded.boot_id is None or me.boot_id is None or recorded.boot_id == me.boot_id)
-    )
-
-
-def _describe(holder: Holder | None) -> str:
-    if holder is None:
-        return "an unknown holder"
-    host = holder.hostname or "an unknown host"
-    since = holder.timestamp or "an unknown time"
-    return f"PID {holder.pid} on {host} since {since}"
-
-
-class _Guard:
-    """An exclusive flock on ``<lock>.guard`` for the length of one change to the lock."""
-
-    def __init__(self, path: str, deadline: float) -> None:
-        self._path = path
-        self._deadline = deadline
-        self._fd = -1
-
-    def __enter__(self) -> _Guard:
-        flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # flock needs no write
-        try:
-            self._fd = os.open(self._path, flags, 0o600)
-            st = os.fstat(self._fd)
-            if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.geteuid():
-                os.fchmod(self._fd, 0o600)  # files are 0600 whatever the umask
-        except OSError as exc:
-            if self._fd >= 0:
-                os.close(self._fd)
-            raise StorageError(
-                f"cannot open the lock guard {self._path}: {exc.strerror}; "
-                "check that its folder exists and is writable (or choose another --home)"
-            ) from exc
-        pause = 0.0002
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                    return self  # no flock here: fall back to the bare mkdir protocol
-                os.close(self._fd)
-                raise StorageError(f"cannot lock {self._path}: {exc.strerror}") from exc
-            else:
-                return self
-            if time.monotonic() >= self._deadline:
-                os.close(self._fd)
-                raise LockTimeout(
-                    f"gave up waiting for the lock guard {self._path}: "
-                    "a process changing the lock seems stopped"
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)  # closing the descriptor drops the flock
-
-
-# --- the lock ------------------------------------------------------------------------
 
 
 class DirLock:
@@ -586,14 +264,14 @@ class DirLock:
 
     def _release(self, me: Holder) -> bool:
         """release() for an owner identity already checked."""
-        with _Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
+        with Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
             snap = _snapshot(self._path)
             if not snap.exists:
                 return False
-            if snap.holder is None or not _same_owner(snap.holder, me):
+            if snap.holder is None or not same_owner(snap.holder, me):
                 raise NotLockOwner(
                     f"PID {me.pid} does not hold the lock {self._path}; "
-                    f"it is held by {_describe(snap.holder)}"
+                    f"it is held by {describe(snap.holder)}"
                 )
             try:
                 self._remove(snap, "released")
@@ -614,7 +292,7 @@ class DirLock:
         """Remove the lock if it is stale; True if this call removed one."""
         if not self.status().stale:
             return False
-        with _Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
+        with Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
             snap = _snapshot(self._path)
             judged = self._judge(snap, time.time())
             if not judged.stale:
@@ -634,7 +312,7 @@ class DirLock:
         lock, or when its lock.info could not be read.
         """
         text = _check_reason(reason)
-        with _Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
+        with Guard(self._guard_path, time.monotonic() + GUARD_WAIT_S):
             for _ in range(3):
                 snap = _snapshot(self._path)
                 if not snap.exists:
@@ -659,14 +337,14 @@ class DirLock:
         if pid != os.getpid():
             with contextlib.suppress(OSError):
                 uid = Path(f"/proc/{pid}").stat().st_uid  # the owner's own user
-        return Holder(pid, None, local_hostname(), _user_name(uid),
-                      process_start_ticks(pid), local_boot_id())
+        return Holder(pid, None, local_hostname(), sanitize(host.user_name(uid)) or "unknown",
+                      host.start_ticks(pid), host.boot_id())
 
     def _attempt(self, me: Holder, guard_deadline: float) -> Holder | LockStatus:
         """One try under the guard: our record on success, else the blocking lock's status."""
         broken: LockStatus | None = None
         outcome: Holder | LockStatus
-        with _Guard(self._guard_path, guard_deadline):
+        with Guard(self._guard_path, guard_deadline):
             outcome = self._judge(_Snapshot(exists=False), time.time())
             for _ in range(3):
                 try:
@@ -684,7 +362,7 @@ class DirLock:
                 snap = _snapshot(self._path)
                 if not snap.exists:
                     continue
-                if snap.holder is not None and _same_owner(snap.holder, me):
+                if snap.holder is not None and same_owner(snap.holder, me):
                     return snap.holder  # re-entrant
                 outcome = self._judge(snap, time.time())
                 if not outcome.stale:
@@ -716,26 +394,17 @@ class DirLock:
                 dfd = os.open(self._path, _DIR_FLAGS)
         except OSError as exc:
             raise StorageError(f"cannot open the lock folder {self._path}: {exc.strerror}") from exc
-        holder = replace(me, timestamp=_utc_now())
-        tmp = f".{INFO_NAME}.{os.getpid()}.{os.urandom(4).hex()}"
+        holder = replace(me, timestamp=utc_now())
         try:
             os.fchmod(dfd, 0o700)  # whatever the umask
-            data = (holder.format() + "\n").encode("utf-8")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dfd)
-            try:
-                os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, INFO_NAME, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except OSError as exc:
+            write_file_atomic(Path(INFO_NAME), (holder.format() + "\n").encode("utf-8"),
+                              dir_fd=dfd)
+        except OSError as exc:  # StorageError included
             os.close(dfd)
             self._discard(self._path)  # under the guard, the folder is still ours
-            raise StorageError(f"cannot write {self._path}/{INFO_NAME}: {exc.strerror}") from exc
+            cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+            raise StorageError(f"cannot write {self._path}/{INFO_NAME}: "
+                               f"{getattr(cause, 'strerror', None) or cause}") from exc
         os.close(dfd)
         return holder
 
@@ -791,7 +460,7 @@ class DirLock:
         if not snap.exists:
             return LockStatus(self._path, False, None, None, False, False, "not held")
         holder = snap.holder
-        born = _parse_utc(holder.timestamp) if holder and holder.timestamp else None
+        born = parse_utc(holder.timestamp) if holder and holder.timestamp else None
         age = max(0.0, now - (snap.mtime if born is None else born))
         stale = suspect = False
         if holder is None and snap.info in ("missing", "empty"):
@@ -827,11 +496,11 @@ class DirLock:
         """("live" | "stale" | "unknown", why) for a parsed record; see docs/lock.md."""
         if h.hostname is None or h.hostname != local_hostname():
             return "unknown", f"held by PID {h.pid} on another host ({h.hostname or 'unnamed'})"
-        boot = local_boot_id()
+        boot = host.boot_id()
         if h.boot_id is not None and boot is not None and h.boot_id != boot:
             return "stale", f"PID {h.pid} took it before this host last rebooted (boot id differs)"
-        state = _pid_state(h.pid)
-        ticks = None if state == "gone" else process_start_ticks(h.pid)
+        state = host.pid_state(h.pid)
+        ticks = None if state == "gone" else host.start_ticks(h.pid)
         if state == "gone":
             verdict, why = "stale", f"PID {h.pid} no longer exists"
         elif h.start_ticks is not None and ticks is not None and ticks != h.start_ticks:
@@ -852,7 +521,7 @@ class DirLock:
     def _held_message(self, st: LockStatus) -> str:
         if st.holder is None:
             return f"lock {self._path} held by an unknown holder: {st.reason}"
-        message = f"lock held by {_describe(st.holder)}"
+        message = f"lock held by {describe(st.holder)}"
         return f"{message} ({st.reason})" if st.suspect else message
 
     def _notify(self, judged: LockStatus, reason: str, *, forced: bool, by_pid: int) -> None:
@@ -867,3 +536,4 @@ class DirLock:
             "stale": judged.stale,
             "path": self._path,
         })
+

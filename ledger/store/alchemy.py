@@ -15,8 +15,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from ledger.db import BUSY_TIMEOUT_S, Database, Params, Report, Row, Tx
 from ledger.errors import BadInput, CorruptLedger, StorageError
+from ledger.store.database import BUSY_TIMEOUT_S, Database, Params, Report, Row, Tx
 
 
 def make_engine(url: str) -> Engine:

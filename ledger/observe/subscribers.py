@@ -36,7 +36,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ledger.errors import BadInput, LockTimeout, StorageError
-from ledger.home import FILE_MODE, Home
+from ledger.store.files import FILE_MODE
+from ledger.store.home import Home
 
 CONFIG_NAME = "notify.toml"
 LOCK_NAME = "notify.lock"

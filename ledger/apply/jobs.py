@@ -14,13 +14,15 @@ from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from ledger import backups, states
 from ledger.api import Ledger
-from ledger.commands import Result, Running
+from ledger.apply import backups
+from ledger.apply.plan import Component, Plan
+from ledger.apply.scheduler import Exec, Job, Pause, Stop, drive
+from ledger.apply.shell import Result, Running
+from ledger.core import states
 from ledger.errors import StorageError
-from ledger.home import Home, make_private_dir
-from ledger.plan import Component, Plan
-from ledger.scheduler import Exec, Job, Pause, Stop, drive
+from ledger.store.files import make_private_dir
+from ledger.store.home import Home
 
 #: A piece of a job: yields requests, receives results, returns a value.
 Steps = Generator[Exec | Pause, Result | None, Any]

@@ -1,0 +1,81 @@
+"""Input rules shared by every way into the ledger: ids, names, versions, texts, paths.
+
+The API, the importer and the plan loader refuse bad input with these before
+anything changes, each with one line that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ledger.errors import BadInput
+
+MAX_NAME = 128
+MAX_TEXT = 64 * 1024
+MAX_PATH = 4096
+
+_ID = re.compile(r"[A-Za-z0-9._-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def check_id(value: object, what: str = "upgrade id") -> str:
+    """An id that is safe as a file name: ``[A-Za-z0-9._-]``, no ``..``, 1-128 chars."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} must be a non-empty string")
+    if len(value) > MAX_NAME:
+        raise BadInput(f"{what} is {len(value)} characters long; at most {MAX_NAME} allowed")
+    if not _ID.fullmatch(value) or ".." in value or value.startswith(("-", ".")):
+        raise BadInput(
+            f"{what} {value!r} is not allowed; use letters, digits, '.', '_' and '-' "
+            "(not starting with '-' or '.', no '..')"
+        )
+    return value
+
+
+def check_name(value: object, what: str) -> str:
+    """A phase or component name: 1-128 printable characters, no '/', not '.'/'..'."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} name must be a non-empty string")
+    if len(value) > MAX_NAME:
+        raise BadInput(f"{what} name is {len(value)} characters long; at most {MAX_NAME} allowed")
+    if _CONTROL.search(value):
+        raise BadInput(f"{what} name {value!r} contains control characters")
+    if "/" in value or "\\" in value or value in {".", ".."} or value.startswith("-"):
+        raise BadInput(
+            f"{what} name {value!r} is not allowed (no '/', '\\', leading '-', '.' or '..')"
+        )
+    return value
+
+
+def check_version(value: object, what: str = "version") -> str | None:
+    """A version string (or None): 1-128 printable characters, no spaces."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME or _CONTROL.search(value) \
+            or " " in value:
+        raise BadInput(f"{what} {value!r} is not a version (1-{MAX_NAME} printable "
+                       "characters, no spaces)")
+    return value
+
+
+def check_text(value: object, what: str, limit: int = MAX_TEXT) -> str | None:
+    """Free text (an error message, a reason): newlines and tabs allowed, other controls not."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{what} must be a string")
+    if len(value) > limit:
+        raise BadInput(f"{what} is {len(value)} characters long; at most {limit} allowed")
+    if _CONTROL_BUT_WHITESPACE.search(value):
+        raise BadInput(f"{what} contains control characters")
+    return value
+
+
+def check_path(value: object, what: str = "path") -> str:
+    """A file path: non-empty, at most 4096 characters, no control characters."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} must be a non-empty string")
+    if len(value) > MAX_PATH or _CONTROL.search(value):
+        raise BadInput(f"{what} is too long or contains control characters")
+    return value

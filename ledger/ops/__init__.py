@@ -1,0 +1,2 @@
+"""Operating a ledger: ``doctor`` and its checks, snapshots, and ``restore``.
+"""
