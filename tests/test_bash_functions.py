@@ -503,9 +503,12 @@ declare -F | sed 's/^declare -f //' > {tmp_path}/functions
     sourced = (tmp_path / "sourced").read_text().splitlines()
     called = (tmp_path / "called").read_text().splitlines()
     added = sorted(set(sourced) - set(before))
-    # UPGRADE_STATE_DIR came from the environment; the others get their defaults
-    assert added == sorted(f"declare -- {name}" for name in DEFAULTS
-                           if name != "UPGRADE_STATE_DIR"), added
+    # UPGRADE_STATE_DIR came from the environment; the others get their defaults. As
+    # with the old library, sourcing installs the release of the lock on EXIT.
+    assert added == sorted([*(f"declare -- {name}" for name in DEFAULTS
+                              if name != "UPGRADE_STATE_DIR"),
+                            "declare -- _UPGRADE_STATE_TRAPS_PID",
+                            "trap -- '_upgrade_state_on_exit' EXIT"]), added
     assert set(before) - set(sourced) == set()
     assert sorted(set(called) - set(sourced)) == ["declare -- id"]  # the script's own
     functions = set((tmp_path / "functions").read_text().split()) - {"take"}
