@@ -41,6 +41,11 @@ T = TypeVar("T")
 
 _ANNOTATION_KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
+#: SQL for a component's attempt in progress: its ``attempts``, and at least 1 once
+#: it has started. ``attempts`` counts as the old bash library did: 1 at the first
+#: start, + 1 at each failure (docs/state-json.md).
+_ATTEMPT_IN_PROGRESS = "CASE WHEN attempts < 1 THEN 1 ELSE attempts END"
+
 #: A planned component: (name, from_version, to_version).
 PlannedComponent = tuple[str, str | None, str | None]
 
@@ -524,7 +529,8 @@ class Ledger:
 
     def component_start(self, name: str, from_version: str | None = None,
                         to_version: str | None = None, *, phase: str | None = None) -> bool:
-        """Start upgrading a component in the current phase (or *phase*)."""
+        """Start upgrading a component in the current phase (or *phase*); its first
+        start makes ``attempts`` 1, a retry's start leaves it as the failure left it."""
         check_name(name, "component")
         check_version(from_version, "from version")
         check_version(to_version, "to version")
@@ -553,9 +559,12 @@ class Ledger:
             else:
                 old = row["state"]
                 states.check_transition("component", old, states.UPGRADING)
+            # attempts: 1 at the first start; a retry's start keeps the count that
+            # its failure raised (the attempt in progress).
             tx.execute(
                 "UPDATE components SET state = 'UPGRADING', started_at = :at, "
                 "completed_at = NULL, failed_at = NULL, "
+                f"attempts = {_ATTEMPT_IN_PROGRESS}, "
                 "from_version = COALESCE(:f, from_version), to_version = COALESCE(:t, to_version) "
                 "WHERE upgrade_id = :u AND phase = :p AND name = :n",
                 {"at": at, "f": from_version, "t": to_version, "u": u["id"],
@@ -588,7 +597,9 @@ class Ledger:
                 return False
             at = clock.now()
             if target == states.FAILED:
-                sets = "failed_at = :at, attempts = attempts + 1, last_error = :text"
+                # the attempt that failed counts, and the next one is due
+                sets = f"failed_at = :at, attempts = {_ATTEMPT_IN_PROGRESS} + 1, " \
+                    "last_error = :text"
             elif target == states.COMPLETED:
                 sets = "completed_at = :at"
             else:  # SKIPPED: the reason is kept as a note
@@ -613,7 +624,7 @@ class Ledger:
 
     def component_fail(self, name: str, error: str | None = None, *,
                        phase: str | None = None) -> bool:
-        """Mark a component FAILED: attempts + 1, last_error set."""
+        """Mark a component FAILED: attempts + 1 (the next attempt), last_error set."""
         return self._component_move(name, states.FAILED, error, phase)
 
     def component_skip(self, name: str, reason: str | None = None, *,
@@ -625,15 +636,21 @@ class Ledger:
         """True when the component is COMPLETED in the current upgrade."""
         return self.component_status(name).get("state") == states.COMPLETED
 
-    def component_status(self, name: str) -> dict[str, Any]:
-        """The component's record (as in state.json, plus name and phase); {} if unknown."""
+    def component_status(self, name: str, *, phase: str | None = None) -> dict[str, Any]:
+        """The component's record (as in state.json, plus name and phase); {} if unknown.
+
+        *phase* names the component's phase when it is planned in several; by default
+        the current phase's, else the latest planned.
+        """
         check_name(name, "component")
+        if phase is not None:
+            check_name(phase, "phase")
         with self.db.read() as tx:
             try:
                 u = self._current(tx)
             except NotFound:
                 return {}
-            row = self._find_component(tx, u, name)
+            row = self._find_component(tx, u, name, phase)
             return {} if row is None else queries.component_dict(row)
 
     def installed_version(self, name: str) -> str | None:

@@ -218,7 +218,7 @@ check current_after upgrade_state_get_current
     ok(calls["fail"])
     failed = json.loads(calls["failed_status"].out)
     assert (failed["state"], failed["attempts"], failed["last_error"]) == (
-        "FAILED", 1, "download failed")
+        "FAILED", 2, "download failed")  # attempt 1 failed: 2 is next
     assert failed["from_version"] is None and failed["to_version"] == "0.5.0"
     ok(calls["progress"], "50\n")
 
@@ -664,3 +664,37 @@ def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> N
         assert (comp["state"], comp["last_error"]) == ("FAILED", "--config: unknown flag")
         assert led.rollback_info()["components"][0]["backup_path"] == "-backup.tar"
         assert led.show()["phases"][0]["error"] == "-1 exit"
+
+
+# -- attempts ----------------------------------------------------------------------------
+
+def test_attempts_count_the_attempt_in_progress_or_the_next_one(tmp_path: Path) -> None:
+    # As the old library counted: 1 at the first start, + 1 at each failure. Unlike it,
+    # the start of a retry does not set the count back to 1.
+    home = tmp_path / "home"
+    setup_upgrade(home, "run-1", "PLANNING", "BACKING_UP", "UPGRADING")
+    script = """
+        set -euo pipefail
+        source "$LIB"
+        attempts() { jq -r ".phases.exporters.components.$1.attempts" "$UPGRADE_STATE_FILE"; }
+        upgrade_phase_start exporters
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        echo "started: $(attempts node_exporter)"
+        upgrade_component_fail node_exporter "download failed"
+        echo "failed once: $(attempts node_exporter)"
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        echo "retry started: $(attempts node_exporter)"
+        upgrade_component_fail node_exporter "checksum mismatch"
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        upgrade_component_complete node_exporter
+        echo "completed on the third: $(attempts node_exporter)"
+        echo "status: $(upgrade_component_get_status node_exporter | jq .attempts)"
+        upgrade_component_start blackbox_exporter 0.24.0 0.25.0
+        upgrade_component_complete blackbox_exporter
+        echo "first time right: $(attempts blackbox_exporter)"
+    """
+    done = run_bash(script, bash_env(home))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "started: 1", "failed once: 2", "retry started: 2", "completed on the third: 3",
+        "status: 3", "first time right: 1"]

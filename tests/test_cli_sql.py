@@ -60,24 +60,24 @@ def run(uid: str, host: str, state: str, start: str, end: str,
 RUNS = [
     run("a-2026-01", "alpha", "COMPLETED", "2026-01-05T10:00:00Z", "2026-01-05T10:30:00Z", {
         "exporters": ("COMPLETED", "10:00", "10:10", {
-            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "10:01", "10:03", 0, None)}),
+            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "10:01", "10:03", 1, None)}),
         "servers": ("COMPLETED", "10:10", "10:30", {
-            "prometheus": ("COMPLETED", "2.45", "2.53", "10:10", "10:25", 0, None)}),
+            "prometheus": ("COMPLETED", "2.45", "2.53", "10:10", "10:25", 1, None)}),
     }),
     run("b-2026-01", "beta", "COMPLETED", "2026-01-20T12:00:00Z", "2026-01-20T12:20:00Z", {
         "exporters": ("COMPLETED", "12:00", "12:20", {
-            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "12:01", "12:05", 0, None)}),
+            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "12:01", "12:05", 1, None)}),
     }),
     run("a-2026-02", "alpha", "FAILED", "2026-02-03T09:00:00Z", "2026-02-03T09:40:00Z", {
         "exporters": ("COMPLETED", "09:00", "09:05", {
-            "node_exporter": ("COMPLETED", "1.9.1", "1.10.0", "09:01", "09:02", 0, None)}),
+            "node_exporter": ("COMPLETED", "1.9.1", "1.10.0", "09:01", "09:02", 1, None)}),
         "servers": ("FAILED", "09:05", "09:40", {
-            "prometheus": ("FAILED", "2.53", "3.0.0", "09:05", "09:35", 2,
+            "prometheus": ("FAILED", "2.53", "3.0.0", "09:05", "09:35", 3,
                            "tsdb migration failed")}),
     }),
     run("b-2026-02", "beta", "ROLLED_BACK", "2026-02-15T08:00:00Z", "2026-02-15T08:30:00Z", {
         "servers": ("FAILED", "08:00", "08:30", {
-            "prometheus": ("FAILED", "2.53", "3.0.0", "08:05", "08:20", 1, "WAL replay")}),
+            "prometheus": ("FAILED", "2.53", "3.0.0", "08:05", "08:20", 2, "WAL replay")}),
     }),
 ]
 HERE = socket.gethostname()
@@ -144,8 +144,8 @@ EXPECTED = {
          "prometheus", "3.0.0", "WAL replay"),
     ],
     "Components that needed retries": lambda: [
-        ("a-2026-02", "alpha", "prometheus", "3.0.0", "FAILED", 2, "tsdb migration failed"),
-        ("b-2026-02", "beta", "prometheus", "3.0.0", "FAILED", 1, "WAL replay"),
+        ("a-2026-02", "alpha", "prometheus", "3.0.0", "FAILED", 3, "tsdb migration failed"),
+        ("b-2026-02", "beta", "prometheus", "3.0.0", "FAILED", 2, "WAL replay"),
     ],
     "The audit trail of one upgrade": lambda: [
         ("upgrade.init", None, None, "IDLE"),

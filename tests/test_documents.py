@@ -115,7 +115,7 @@ def test_legacy_jq_reads_work(ledger: Ledger) -> None:
     path = ledger.home.state_file
     assert jq(".current_state", path) == "UPGRADING"
     assert jq(".phases.exporters.components.node_exporter.state", path) == "COMPLETED"
-    assert jq(".phases.exporters.components.blackbox.attempts", path) == "1"
+    assert jq(".phases.exporters.components.blackbox.attempts", path) == "2"  # failed once
     assert jq('[.phases[].components[] | select(.state == "FAILED")] | length', path) == "1"
     assert jq(".rollback_points[0].backup_path", path) == "/var/backups/node_exporter-1.7.0.tgz"
 

@@ -13,7 +13,6 @@ lists them all.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -102,8 +101,9 @@ def _current_upgrade(tx: Tx) -> list[Family]:
                      "When the current upgrade last changed (Unix time).", ("upgrade_id",))
     by_state = Family(PREFIX + "components", "gauge", "Components of the current upgrade "
                       "by state.", ("upgrade_id", "state"))
-    attempts = Family(PREFIX + "component_attempts", "counter", "Times each component of "
-                      "the current upgrade was started.", ("upgrade_id", "phase", "component"))
+    attempts = Family(PREFIX + "component_attempts", "counter", "Each component's attempts "
+                      "in the current upgrade: 1 at its first start, + 1 at each failure.",
+                      ("upgrade_id", "phase", "component"))
     failures = Family(PREFIX + "component_failures", "counter", "Times each component of "
                       "the current upgrade failed.", ("upgrade_id", "phase", "component"))
     comps = tx.all("SELECT phase, name, state, attempts FROM components WHERE upgrade_id = :u "
@@ -118,14 +118,11 @@ def _current_upgrade(tx: Tx) -> list[Family]:
     progress.add(done / len(comps) if comps else 1.0 if finished else 0.0, uid)
     started.add(_unix(row["started_at"]) or 0, uid)
     updated.add(_unix(row["updated_at"]) or 0, uid)
-    starts: dict[tuple[str, str], int] = {}
-    for e in tx.all("SELECT subject, detail FROM events WHERE upgrade_id = :u AND "
-                    "kind = 'component.upgrading'", {"u": uid}):
-        phase = (json.loads(e["detail"]) if e["detail"] else {}).get("phase") or ""
-        starts[(phase, e["subject"])] = starts.get((phase, e["subject"]), 0) + 1
     for c in comps:
-        attempts.add(starts.get((c["phase"], c["name"]), 0), uid, c["phase"], c["name"])
-        failures.add(c["attempts"], uid, c["phase"], c["name"])
+        # The ledger's attempts (docs/state-json.md): every attempt but the one in
+        # progress or next has failed.
+        attempts.add(c["attempts"], uid, c["phase"], c["name"])
+        failures.add(max(c["attempts"] - 1, 0), uid, c["phase"], c["name"])
     return [state, progress, started, updated, by_state, attempts, failures,
             _last_durations(tx, uid)]
 
