@@ -318,15 +318,7 @@ class Ledger:
         records it), which is how the legacy ``upgrade_state_save`` is honoured. With
         *make_current*, another upgrade still in progress is superseded, not orphaned.
         """
-        if not isinstance(doc, str | bytes):
-            # A mapping must hold what a file could: no NaN, no sets, no objects.
-            try:
-                doc = json.dumps(dict(doc), allow_nan=False)
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise InvalidDocument(
-                    f"document is not JSON data ({exc}); use strings, numbers, true, false, "
-                    "null, lists and objects") from exc
-        data = document.parse(doc)
+        data = document.parse(_json_text(doc))
 
         def action(tx: Tx) -> str:
             current = meta.current_upgrade(tx)
@@ -341,6 +333,56 @@ class Ledger:
                 meta.set_current_upgrade(tx, upgrade_id)
             self._event(tx, "upgrade.import", upgrade_id, new=data["current_state"],
                         detail={"phases": len(data["phases"])})
+            return upgrade_id
+
+        return self._change(action)
+
+    def save_document(self, doc: str | bytes | Mapping[str, Any]) -> str:
+        """Save a state document into the current upgrade, as the legacy
+        ``upgrade_state_save`` is honoured; return the upgrade's id.
+
+        The known fields the document has are validated and applied; those it lacks
+        keep their value (``updated_at`` becomes now). Keys the ledger does not know
+        are kept verbatim and written back in every later view (``document``,
+        ``importer``), so ``{"ticket": "OPS-1"}`` alone is a valid document. A
+        document whose ``upgrade_id`` names another upgrade is saved into that one,
+        which becomes current (an upgrade in progress is superseded, as by
+        ``import_document``); one the ledger does not have needs a whole document.
+        Anything invalid (bad JSON, a bad field, too many kept bytes) changes nothing.
+        """
+        data = document.validate(document.load(_json_text(doc)), whole=False)
+
+        def action(tx: Tx) -> str:
+            current = meta.current_upgrade(tx)
+            upgrade_id = data.get("upgrade_id") or current
+            if upgrade_id is None:
+                raise NotFound("no upgrade to save the document into; start one with "
+                               "'upgrade-ledger init' (upgrade_state_init), or give a whole "
+                               "document with its upgrade_id")
+            row = tx.one("SELECT state, current_phase FROM upgrades WHERE id = :id",
+                         {"id": upgrade_id})
+            if row is None:
+                importer.import_upgrade(tx, document.validate(data))
+            else:
+                if "phases" in data:
+                    document.check_current_phase(
+                        data.get("current_phase", row["current_phase"]), data["phases"])
+                elif "current_phase" in data:
+                    document.check_current_phase(data["current_phase"], {r[0] for r in tx.all(
+                        "SELECT name FROM phases WHERE upgrade_id = :u", {"u": upgrade_id})},
+                        f"upgrade {upgrade_id}'s")
+                importer.merge_upgrade(tx, upgrade_id, data)
+            old = None if current in (None, upgrade_id) else tx.one(
+                "SELECT id, state FROM upgrades WHERE id = :id", {"id": current})
+            if old is not None and states.is_in_progress(old["state"]):
+                self._supersede(tx, old["id"], old["state"], upgrade_id, clock.now())
+            meta.set_current_upgrade(tx, upgrade_id)
+            self._event(tx, "upgrade.save", upgrade_id,
+                        old=None if row is None else row["state"],
+                        new=tx.scalar("SELECT state FROM upgrades WHERE id = :id",
+                                      {"id": upgrade_id}),
+                        detail={"fields": [k for k in data if k in document.TOP_KEYS],
+                                "kept_bytes": importer.kept_size(tx, upgrade_id)})
             return upgrade_id
 
         return self._change(action)
@@ -982,6 +1024,19 @@ class Ledger:
         previous = self.lock.break_lock(reason)  # which checks the reason first
         self._changed()
         return previous
+
+
+def _json_text(doc: str | bytes | Mapping[str, Any]) -> str | bytes:
+    """A document as JSON text; a mapping must hold what a file could (no NaN, no
+    sets, no objects)."""
+    if isinstance(doc, str | bytes):
+        return doc
+    try:
+        return json.dumps(dict(doc), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidDocument(
+            f"document is not JSON data ({exc}); use strings, numbers, true, false, "
+            "null, lists and objects") from exc
 
 
 __all__ = ["Ledger", "PlannedComponent"]

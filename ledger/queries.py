@@ -14,7 +14,7 @@ from ledger.core import clock, states
 from ledger.core.validate import check_name
 from ledger.errors import BadInput, NotFound
 from ledger.store.database import Row, Tx
-from ledger.views.document import second
+from ledger.views.document import add_kept, second
 
 _COMPONENT_KEYS = ("phase", "name", "state", "from_version", "to_version", "attempts",
                    "last_error", "note", "started_at", "completed_at", "failed_at",
@@ -22,13 +22,14 @@ _COMPONENT_KEYS = ("phase", "name", "state", "from_version", "to_version", "atte
 
 
 def component_dict(row: Row) -> dict[str, Any]:
-    """A component row as the API and CLI show it (second-precision timestamps)."""
+    """A component row as the API and CLI show it (second-precision timestamps), with
+    the keys a saved document kept in it after the ledger's own."""
     out = {key: row[key] for key in _COMPONENT_KEYS}
     for key in ("started_at", "completed_at", "failed_at"):
         out[key] = second(out[key])
     out["duration_s"] = clock.seconds_between(row["started_at"],
                                               row["completed_at"] or row["failed_at"])
-    return out
+    return add_kept(out, row["extra"])
 
 
 def progress(tx: Tx, upgrade: Row) -> int:

@@ -247,17 +247,19 @@ upgrade_state_load() {
     _upgrade_state_do "$BASHPID" export -o -
 }
 
-# Replace the current upgrade with a whole state document (validated first: an
-# invalid one changes nothing and exits 1).
+# Save a state document into the current upgrade: the known fields it has are
+# validated and applied, the others are left as they are, and keys the ledger does not
+# know are kept in state.json and the history file. Invalid JSON (or an invalid field)
+# changes nothing and exits 1.
 upgrade_state_save() {
     _upgrade_state_usage 1 "upgrade_state_save JSON" "$@" || return 1
-    _upgrade_state_do "$BASHPID" import - <<<"$1" >/dev/null
+    _upgrade_state_do "$BASHPID" legacy save - <<<"$1" >/dev/null
 }
 
 # Same as upgrade_state_save: every write of the ledger is atomic.
 upgrade_state_write_atomic() {
     _upgrade_state_usage 1 "upgrade_state_write_atomic JSON" "$@" || return 1
-    _upgrade_state_do "$BASHPID" import - <<<"$1" >/dev/null
+    _upgrade_state_do "$BASHPID" legacy save - <<<"$1" >/dev/null
 }
 
 # Print the current state (IDLE when no upgrade was ever started).

@@ -250,7 +250,7 @@ BEFORE_0003 = {
 }
 
 
-def test_revision_0003_counts_attempts_from_the_first_start(tmp_path: Path) -> None:
+def test_revision_0003_counts_attempts_and_adds_the_kept_keys(tmp_path: Path) -> None:
     home = tmp_path / "home"
     url = ledger_at("0002", home)
     with sqlite3.connect(home / "ledger.db") as conn:
@@ -269,6 +269,9 @@ def test_revision_0003_counts_attempts_from_the_first_start(tmp_path: Path) -> N
     with Ledger(home) as led:  # opening a ledger behind the code migrates it
         doc = led.document("u1")
         shown = {c["name"]: c["attempts"] for c in led.show("u1")["components"]}
+        assert "ticket" not in doc  # no kept keys before any save
+        led.save_document({"ticket": "OPS-1"})  # the new columns keep them
+        assert led.document("u1")["ticket"] == "OPS-1"
     got = {name: c["attempts"] for name, c in doc["phases"]["p"]["components"].items()}
     expected = {key[0]: after for key, after in BEFORE_0003.items()}
     assert got == expected
@@ -277,5 +280,8 @@ def test_revision_0003_counts_attempts_from_the_first_start(tmp_path: Path) -> N
     migrate.downgrade(url, "0002")  # and back: the failure counts they were
     with sqlite3.connect(home / "ledger.db") as conn:
         back = dict(conn.execute("SELECT name, attempts FROM components").fetchall())
+        columns = {row[1] for table in ("upgrades", "phases", "components")
+                   for row in conn.execute(f"PRAGMA table_info({table})")}
     conn.close()
     assert back == {key[0]: key[2] for key in BEFORE_0003}
+    assert not columns & {"extra", "metadata_extra"}

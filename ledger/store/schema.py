@@ -64,6 +64,11 @@ upgrades = Table(
     Column("error", Text),
     Column("superseded_by", String(NAME)),
     Column("saved_at", String(STAMP)),
+    # Keys of a saved or imported document that the ledger does not know, kept
+    # verbatim for the views (a JSON object as text; NULL when none): at the top level
+    # and inside metadata. phases and components have their own.
+    Column("extra", Text),
+    Column("metadata_extra", Text),
     Index(None, "started_at"),
     Index(None, "state"),
     Index(None, "hostname", "started_at"),
@@ -80,6 +85,7 @@ phases = Table(
     Column("completed_at", String(STAMP)),
     Column("failed_at", String(STAMP)),
     Column("error", Text),
+    Column("extra", Text),  # the phase's kept keys (see upgrades.extra)
 )
 
 components = Table(
@@ -99,6 +105,7 @@ components = Table(
     Column("completed_at", String(STAMP)),
     Column("failed_at", String(STAMP)),
     Column("backup_path", Text),
+    Column("extra", Text),  # the component's kept keys (see upgrades.extra)
     ForeignKeyConstraint(
         ["upgrade_id", "phase"],
         ["phases.upgrade_id", "phases.name"],
