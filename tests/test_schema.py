@@ -20,7 +20,7 @@ from ledger.store import migrate
 from ledger.store.database import SCHEMA_REVISION
 from ledger.store.schema import metadata
 
-TABLES = {"ledger_meta", "upgrades", "phases", "components", "rollback_points", "events",
+TABLES = {"ledger_meta", "hosts", "upgrades", "phases", "components", "rollback_points", "events",
           "notify_cursors"}
 VIEWS = {"upgrade_summary", "component_runs", "phase_runs", "failures"}
 

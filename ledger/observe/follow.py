@@ -25,17 +25,20 @@ _NAP_S = 0.05
 def follow(ledger: Ledger, *, stop: Callable[[], bool], interval_s: float = 0.5,
            upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None,
-           after_id: int = 0) -> Generator[list[dict[str, Any]], None, None]:
+           after_id: int = 0, host: str | None = None,
+           ) -> Generator[list[dict[str, Any]], None, None]:
     """Yield the matching events after *after_id*, oldest first, then the new ones as
     they are committed, until *stop()* is true.
 
     Each poll yields a list (empty when nothing new matched), so the caller can check
-    its output between polls. Filters are those of ``queries.events``.
+    its output between polls. Filters are those of ``queries.events``; the events are
+    this host's, *host*'s, or every host's (``ALL_HOSTS``).
     """
     last = int(after_id)  # every event up to here has been looked at
     while not stop():
-        with ledger.db.read() as tx:
-            newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
+        with ledger.db.read(host) as tx:
+            newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events e WHERE "
+                                   + queries.in_scope(tx, "e")))
             rows = [] if newest <= last else queries.events(
                 tx, upgrade_id=upgrade_id, component=component, kind=kind, since=since,
                 after_id=last, limit=PAGE)

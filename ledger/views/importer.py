@@ -25,9 +25,9 @@ def import_upgrade(tx: Tx, doc: Mapping[str, Any]) -> str:
     # The ledger's own documents carry outcome, error and superseded_by; a legacy one
     # does not, and then the outcome follows from the state.
     outcome = doc.get("outcome") or (state if state in states.TERMINAL_STATES else None)
-    tx.execute("DELETE FROM components WHERE upgrade_id = :u", {"u": uid})
-    tx.execute("DELETE FROM phases WHERE upgrade_id = :u", {"u": uid})
-    existing = tx.one("SELECT outcome FROM upgrades WHERE id = :u", {"u": uid})
+    tx.execute("DELETE FROM components WHERE host = :host AND upgrade_id = :u", {"u": uid})
+    tx.execute("DELETE FROM phases WHERE host = :host AND upgrade_id = :u", {"u": uid})
+    existing = tx.one("SELECT outcome FROM upgrades WHERE host = :host AND id = :u", {"u": uid})
     columns = {"u": uid, "s": state, "o": outcome, "st": started, "up": updated,
                "cp": doc["current_phase"], "cc": doc["current_component"],
                "h": meta["hostname"], "usr": meta["user"],
@@ -36,9 +36,9 @@ def import_upgrade(tx: Tx, doc: Mapping[str, Any]) -> str:
                "e": doc.get("error"), "sb": doc.get("superseded_by")}
     if existing is None:
         tx.execute(
-            "INSERT INTO upgrades (id, state, outcome, started_at, updated_at, finished_at, "
+            "INSERT INTO upgrades (host, id, state, outcome, started_at, updated_at, finished_at, "
             "current_phase, current_component, hostname, username, pid, error, superseded_by) "
-            "VALUES (:u, :s, :o, :st, :up, :f, :cp, :cc, :h, :usr, :pid, :e, :sb)", columns)
+            "VALUES (:host, :u, :s, :o, :st, :up, :f, :cp, :cc, :h, :usr, :pid, :e, :sb)", columns)
     else:
         # A field the document does not carry (a legacy document) is left as it was.
         keep = "".join(f", {col} = :{key}" for col, key in
@@ -47,21 +47,22 @@ def import_upgrade(tx: Tx, doc: Mapping[str, Any]) -> str:
             "UPDATE upgrades SET state = :s, outcome = COALESCE(outcome, :o), started_at = :st, "
             "updated_at = :up, finished_at = COALESCE(finished_at, :f), current_phase = :cp, "
             "current_component = :cc, hostname = :h, username = :usr, pid = :pid"
-            f"{keep} WHERE id = :u", columns)
+            f"{keep} WHERE host = :host AND id = :u", columns)
     position = 0
     for ppos, (pname, phase) in enumerate(doc["phases"].items(), start=1):
         tx.execute(
-            "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at, "
-            "failed_at, error) VALUES (:u, :n, :pos, :s, :st, :co, :fa, :e)",
+            "INSERT INTO phases (host, upgrade_id, name, position, state, started_at, "
+            "completed_at, "
+            "failed_at, error) VALUES (:host, :u, :n, :pos, :s, :st, :co, :fa, :e)",
             {"u": uid, "n": pname, "pos": ppos, "s": phase["state"],
              **_stamps_of(phase), "e": phase.get("error")})
         for cname, comp in phase.get("components", {}).items():
             position += 1
             state_c = states.UPGRADING if comp["state"] == "IN_PROGRESS" else comp["state"]
             tx.execute(
-                "INSERT INTO components (upgrade_id, phase, name, position, state, "
+                "INSERT INTO components (host, upgrade_id, phase, name, position, state, "
                 "from_version, to_version, attempts, last_error, started_at, completed_at, "
-                "failed_at, backup_path, note) VALUES (:u, :p, :n, :pos, :s, :fv, :tv, :a, "
+                "failed_at, backup_path, note) VALUES (:host, :u, :p, :n, :pos, :s, :fv, :tv, :a, "
                 ":le, :st, :co, :fa, :bp, :note)",
                 {"u": uid, "p": pname, "n": cname, "pos": position, "s": state_c,
                  "fv": comp.get("from_version"), "tv": comp.get("to_version"),
@@ -83,7 +84,7 @@ def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
     ``rollback_available``: its ``rollback_points`` when it carries them (the ledger's
     own documents), else its components' backup paths (a legacy document)."""
     at = clock.now()
-    tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE upgrade_id = :u "
+    tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE host = :host AND upgrade_id = :u "
                "AND cleared_at IS NULL", {"at": at, "u": uid})
     if not doc["rollback_available"]:
         return
@@ -92,8 +93,8 @@ def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
                     for cname in phase.get("components", {})}
         for point in doc["rollback_points"]:
             tx.execute(
-                "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
+                "INSERT INTO rollback_points (host, upgrade_id, phase, component, backup_path, "
+                "size_bytes, sha256, created_at) VALUES (:host, :u, :p, :c, :b, :s, :h, :at)",
                 {"u": uid, "p": phase_of.get(point["component"]), "c": point["component"],
                  "b": point["backup_path"], "s": point.get("size_bytes"),
                  "h": point.get("sha256"), "at": at})
@@ -102,6 +103,6 @@ def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
         for cname, comp in phase.get("components", {}).items():
             if comp.get("backup_path"):
                 tx.execute(
-                    "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                    "created_at) VALUES (:u, :p, :c, :b, :at)",
+                    "INSERT INTO rollback_points (host, upgrade_id, phase, component, backup_path, "
+                    "created_at) VALUES (:host, :u, :p, :c, :b, :at)",
                     {"u": uid, "p": pname, "c": cname, "b": comp["backup_path"], "at": at})
