@@ -224,3 +224,25 @@ def test_views_see_a_run_made_through_the_api(ledger: Ledger) -> None:
             summary["components_failed"]) == (2, 1, 1)
     assert [r["component"] for r in rows(ledger, "SELECT * FROM failures "
                                                  "WHERE level = 'component'")] == ["b"]
+
+
+def test_postgres_gets_the_declared_schema_and_round_trips(tmp_path: Path, pg_url: str) -> None:
+    with Ledger(tmp_path / "home", db_url=pg_url) as led:
+        led.init("before")
+    eng = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        assert drift(eng) == []
+        assert set(inspect(eng).get_view_names()) == VIEWS
+        migrate.downgrade(pg_url, "base")
+        eng.dispose()
+        assert set(inspect(eng).get_table_names()) == {"alembic_version"}
+        migrate.upgrade(pg_url)
+        eng.dispose()
+        assert drift(eng) == []
+        # Event ids still come from a sequence after the tables were re-keyed.
+        with Ledger(tmp_path / "home", db_url=pg_url) as led:
+            led.init("after")
+            led.set_state("PLANNING")
+            assert [e["id"] for e in led.events(limit=None)] == [1, 2]
+    finally:
+        eng.dispose()

@@ -162,45 +162,45 @@ def upgrade() -> None:  # noqa: PLR0915 (one migration: every table re-keyed in 
     op.execute("DELETE FROM ledger_meta WHERE key = 'current_upgrade'")
 
     # Keys: drop the references first, then re-key each table with its host.
-    with op.batch_alter_table("components", recreate="always") as b:
+    with op.batch_alter_table("components") as b:
         b.drop_constraint("fk_components_phase_phases", type_="foreignkey")
-    with op.batch_alter_table("phases", recreate="always") as b:
+    with op.batch_alter_table("phases") as b:
         b.drop_constraint("fk_phases_upgrade_id_upgrades", type_="foreignkey")
-    with op.batch_alter_table("rollback_points", recreate="always") as b:
+    with op.batch_alter_table("rollback_points") as b:
         b.drop_constraint("fk_rollback_points_upgrade_id_upgrades", type_="foreignkey")
         b.drop_index("ix_rollback_points_upgrade_id_cleared_at")
         b.alter_column("host", existing_type=HOST, nullable=False)
         b.create_index("ix_rollback_points_host_upgrade_id_cleared_at",
                        ["host", "upgrade_id", "cleared_at"])
-    with op.batch_alter_table("upgrades", recreate="always") as b:
+    with op.batch_alter_table("upgrades") as b:
         b.drop_constraint("pk_upgrades", type_="primary")
         b.drop_index("ix_upgrades_hostname_started_at")
         b.alter_column("host", existing_type=HOST, nullable=False)
         b.create_primary_key("pk_upgrades", ["host", "id"])
         b.create_foreign_key("fk_upgrades_host_hosts", "hosts", ["host"], ["name"])
         b.create_index("ix_upgrades_host_started_at", ["host", "started_at"])
-    with op.batch_alter_table("phases", recreate="always") as b:
+    with op.batch_alter_table("phases") as b:
         b.drop_constraint("pk_phases", type_="primary")
         b.alter_column("host", existing_type=HOST, nullable=False)
         b.create_primary_key("pk_phases", ["host", "upgrade_id", "name"])
         b.create_foreign_key("fk_phases_upgrade_upgrades", "upgrades",
                              ["host", "upgrade_id"], ["host", "id"], ondelete="CASCADE")
-    with op.batch_alter_table("components", recreate="always") as b:
+    with op.batch_alter_table("components") as b:
         b.drop_constraint("pk_components", type_="primary")
         b.alter_column("host", existing_type=HOST, nullable=False)
         b.create_primary_key("pk_components", ["host", "upgrade_id", "phase", "name"])
         b.create_foreign_key("fk_components_phase_phases", "phases",
                              ["host", "upgrade_id", "phase"], ["host", "upgrade_id", "name"],
                              ondelete="CASCADE")
-    with op.batch_alter_table("rollback_points", recreate="always") as b:
+    with op.batch_alter_table("rollback_points") as b:
         b.create_foreign_key("fk_rollback_points_upgrade_upgrades", "upgrades",
                              ["host", "upgrade_id"], ["host", "id"], ondelete="CASCADE")
-    with op.batch_alter_table("events", recreate="always") as b:
+    with op.batch_alter_table("events") as b:
         b.drop_index("ix_events_upgrade_id_id")
         b.alter_column("host", existing_type=HOST, nullable=False)
         b.create_foreign_key("fk_events_host_hosts", "hosts", ["host"], ["name"])
         b.create_index("ix_events_host_upgrade_id_id", ["host", "upgrade_id", "id"])
-    with op.batch_alter_table("notify_cursors", recreate="always") as b:
+    with op.batch_alter_table("notify_cursors") as b:
         b.drop_constraint("pk_notify_cursors", type_="primary")
         b.alter_column("host", existing_type=HOST, nullable=False)
         b.create_primary_key("pk_notify_cursors", ["host", "subscriber"])
@@ -226,43 +226,43 @@ def downgrade() -> None:
     if current is not None:
         op.execute(sa.text("INSERT INTO ledger_meta (key, value) VALUES "
                            "('current_upgrade', :id)").bindparams(id=current))
-    with op.batch_alter_table("notify_cursors", recreate="always") as b:
+    with op.batch_alter_table("notify_cursors") as b:
         b.drop_constraint("fk_notify_cursors_host_hosts", type_="foreignkey")
         b.drop_constraint("pk_notify_cursors", type_="primary")
         b.drop_column("host")
         b.create_primary_key("pk_notify_cursors", ["subscriber"])
-    with op.batch_alter_table("events", recreate="always") as b:
+    with op.batch_alter_table("events") as b:
         b.drop_constraint("fk_events_host_hosts", type_="foreignkey")
         b.drop_index("ix_events_host_upgrade_id_id")
         b.drop_column("host")
         b.create_index("ix_events_upgrade_id_id", ["upgrade_id", "id"])
-    with op.batch_alter_table("rollback_points", recreate="always") as b:
+    with op.batch_alter_table("rollback_points") as b:
         b.drop_constraint("fk_rollback_points_upgrade_upgrades", type_="foreignkey")
         b.drop_index("ix_rollback_points_host_upgrade_id_cleared_at")
-    with op.batch_alter_table("components", recreate="always") as b:
+    with op.batch_alter_table("components") as b:
         b.drop_constraint("fk_components_phase_phases", type_="foreignkey")
         b.drop_constraint("pk_components", type_="primary")
-    with op.batch_alter_table("phases", recreate="always") as b:
+    with op.batch_alter_table("phases") as b:
         b.drop_constraint("fk_phases_upgrade_upgrades", type_="foreignkey")
         b.drop_constraint("pk_phases", type_="primary")
-    with op.batch_alter_table("upgrades", recreate="always") as b:
+    with op.batch_alter_table("upgrades") as b:
         b.drop_constraint("fk_upgrades_host_hosts", type_="foreignkey")
         b.drop_constraint("pk_upgrades", type_="primary")
         b.drop_index("ix_upgrades_host_started_at")
         b.drop_column("host")
         b.create_primary_key("pk_upgrades", ["id"])
         b.create_index("ix_upgrades_hostname_started_at", ["hostname", "started_at"])
-    with op.batch_alter_table("phases", recreate="always") as b:
+    with op.batch_alter_table("phases") as b:
         b.drop_column("host")
         b.create_primary_key("pk_phases", ["upgrade_id", "name"])
         b.create_foreign_key("fk_phases_upgrade_id_upgrades", "upgrades", ["upgrade_id"],
                              ["id"], ondelete="CASCADE")
-    with op.batch_alter_table("components", recreate="always") as b:
+    with op.batch_alter_table("components") as b:
         b.drop_column("host")
         b.create_primary_key("pk_components", ["upgrade_id", "phase", "name"])
         b.create_foreign_key("fk_components_phase_phases", "phases", ["upgrade_id", "phase"],
                              ["upgrade_id", "name"], ondelete="CASCADE")
-    with op.batch_alter_table("rollback_points", recreate="always") as b:
+    with op.batch_alter_table("rollback_points") as b:
         b.drop_column("host")
         b.create_foreign_key("fk_rollback_points_upgrade_id_upgrades", "upgrades",
                              ["upgrade_id"], ["id"], ondelete="CASCADE")
