@@ -310,8 +310,9 @@ class Bench:
         count = self.history_upgrades
         self.log(f"history: building a ledger of {count:,} upgrades")
         home = self.work / "history"
-        Ledger(home).close()  # creates and migrates the ledger
-        build_history(home / "ledger.db", count)
+        with Ledger(home) as led:  # creates and migrates the ledger
+            here = led.identity.name
+        build_history(home / "ledger.db", count, here)
         key = f"{count:,} upgrades"
         r = self.repeat
         self.log("history: querying")
@@ -325,7 +326,7 @@ class Bench:
             self._put("history_big_absent", key,
                       timed(lambda _: led.history(limit=10, component="never_installed"), r))
             self._put("history_big_host", key,
-                      timed(lambda _: led.history(limit=10, host="host-07", since="3650d"), r))
+                      timed(lambda _: led.history(limit=10, host=here, since="3650d"), r))
         self._put("history_big_cli", key, self._process(
             lambda _: [*self.cli, "--home", str(home), "history", "--limit", "10"],
             max(3, self.proc_repeat // 2)))
@@ -357,13 +358,16 @@ _NAMES = ["node_exporter", "prometheus", "alertmanager", "grafana", "loki", "pro
           "blackbox_exporter"]
 
 
-def build_history(db_path: Path, count: int) -> None:
-    """Fill a migrated ledger with *count* finished upgrades (one phase, four components
-    and two events each) by bulk SQL in one transaction: seconds, not minutes."""
+def build_history(db_path: Path, count: int, owner: str) -> None:
+    """Fill a migrated ledger with *count* finished upgrades of host *owner* (one phase,
+    four components and two events each; run by processes that recorded 20 node names)
+    by bulk SQL in one transaction: seconds, not minutes."""
     outcomes = ["COMPLETED"] * 17 + ["FAILED", "FAILED", "ROLLED_BACK"]
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO hosts (name, created_at) VALUES (?, '2020-01-01T00:00:00.000Z') "
+                  "ON CONFLICT (name) DO NOTHING", (owner,))
     upgrades, phases, components, events = [], [], [], []
     t0 = 1_600_000_000
     for i in range(count):
@@ -374,29 +378,31 @@ def build_history(db_path: Path, count: int) -> None:
         uid = f"upgrade-{stamp[:10].replace('-', '')}-{stamp[11:].replace(':', '')}-{i}"
         outcome = outcomes[i % len(outcomes)]
         host = _HOSTS[i % len(_HOSTS)]
-        upgrades.append((uid, "IDLE", outcome, started, finished, finished, host, "ops", 4242))
-        phases.append((uid, "exporters", 1, "COMPLETED", started, finished))
+        upgrades.append((owner, uid, "IDLE", outcome, started, finished, finished, host, "ops",
+                         4242))
+        phases.append((owner, uid, "exporters", 1, "COMPLETED", started, finished))
         for k in range(4):
             name = _NAMES[(i * 4 + k) % len(_NAMES)]
             state = "FAILED" if outcome == "FAILED" and k == 3 else "COMPLETED"
-            components.append((uid, "exporters", name, k + 1, state, "1.0.0", "1.1.0", 1,
-                               started, finished))
-        events.append((started, uid, "upgrade.init", None, None, "IDLE", "ops", host, 4242))
-        events.append((finished, uid, "upgrade.state", None, "VALIDATING", outcome, "ops",
-                       host, 4242))
+            components.append((owner, uid, "exporters", name, k + 1, state, "1.0.0", "1.1.0",
+                               1, started, finished))
+        events.append((owner, started, uid, "upgrade.init", None, None, "IDLE", "ops", host,
+                       4242))
+        events.append((owner, finished, uid, "upgrade.state", None, "VALIDATING", outcome,
+                       "ops", host, 4242))
     conn.executemany(
-        "INSERT INTO upgrades (id, state, outcome, started_at, updated_at, finished_at, "
-        "hostname, username, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", upgrades)
+        "INSERT INTO upgrades (host, id, state, outcome, started_at, updated_at, finished_at, "
+        "hostname, username, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", upgrades)
     conn.executemany(
-        "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)", phases)
+        "INSERT INTO phases (host, upgrade_id, name, position, state, started_at, "
+        "completed_at) VALUES (?, ?, ?, ?, ?, ?, ?)", phases)
     conn.executemany(
-        "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
-        "to_version, attempts, started_at, completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        components)
+        "INSERT INTO components (host, upgrade_id, phase, name, position, state, "
+        "from_version, to_version, attempts, started_at, completed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", components)
     conn.executemany(
-        "INSERT INTO events (at, upgrade_id, kind, subject, from_value, to_value, username, "
-        "hostname, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+        "INSERT INTO events (host, at, upgrade_id, kind, subject, from_value, to_value, "
+        "username, hostname, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
     conn.execute("COMMIT")
     conn.execute("ANALYZE")
     conn.close()
@@ -422,7 +428,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("history_big_state", "history (state=ROLLED_BACK)", "", ""),
     ("history_big_component", "history (component=X)", "", ""),
     ("history_big_absent", "history (component never seen)", "", ""),
-    ("history_big_host", "history (host=X, since=10y)", "", ""),
+    ("history_big_host", "history (--host X, since=10y)", "", ""),
     ("history_big_cli", "CLI history (latest 10)", "cli", ""),
     ("state_size", "state.json size, all done (KB)", "", "<100 KB for 100+"),
 ]

@@ -50,14 +50,15 @@ _converted: dict[str, str] = {}
 
 
 def convert(sql: str) -> str:
-    """*sql* with ``:name`` parameters as psycopg's ``%(name)s`` (and ``%`` doubled),
-    leaving quoted text, comments and ``::`` casts alone."""
+    """*sql* with ``:name`` parameters as psycopg's ``%(name)s`` and every ``%`` doubled
+    (psycopg reads them even inside quotes), leaving the rest of quoted text, comments
+    and ``::`` casts alone."""
     done = _converted.get(sql)
     if done is None:
         def token(m: re.Match[str]) -> str:
             if m["name"]:
                 return f"%({m['name']})s"
-            return "%%" if m[0] == "%" else m[0]
+            return m[0].replace("%", "%%")
 
         done = _converted[sql] = _TOKENS.sub(token, sql)
     return done
@@ -115,7 +116,9 @@ class PgDatabase(Database):
     def __init__(self, url: str) -> None:
         self._secret_url = self.connect_url = url
         self.url = urls.mask(url)
-        options: dict[str, Any] = {"application_name": "upgrade-ledger"}
+        options: dict[str, Any] = {}  # defaults; what the URL says wins
+        if "application_name=" not in url:
+            options["application_name"] = "upgrade-ledger"
         if "connect_timeout=" not in url:
             options["connect_timeout"] = CONNECT_TIMEOUT_S
         try:
@@ -184,11 +187,10 @@ class PgDatabase(Database):
         except pg_errors.QueryCanceled as exc:
             raise BadInput(f"sql: the query ran longer than {REPORT_TIMEOUT_S} s and was "
                            "cancelled") from exc
-        except (pg_errors.ProgrammingError, pg_errors.DataError,
-                pg_errors.SyntaxErrorOrAccessRuleViolation, KeyError) as exc:
-            raise BadInput(f"sql: {self._message(exc)}") from exc
-        except psycopg.Error as exc:
+        except psycopg.OperationalError as exc:  # the server or the connection failed
             raise self._translate(exc) from exc
+        except (psycopg.Error, KeyError) as exc:  # the statement was refused
+            raise BadInput(f"sql: {self._message(exc)}") from exc
         finally:
             self._rollback()
         return columns, rows
