@@ -214,7 +214,7 @@ def test_sql_reads_pragmas_that_only_read(cli, reports: Path) -> None:
     result = cli("sql", "PRAGMA table_info(upgrade_summary)", "-f", "json")
     assert result.code == 0
     names = [c["name"] for c in json.loads(result.out)]
-    assert names[:3] == ["upgrade_id", "state", "outcome"]
+    assert names[:3] == ["host", "upgrade_id", "state"]
 
 
 def test_an_empty_result_has_no_rows_but_csv_keeps_its_header(cli, reports: Path) -> None:

@@ -14,7 +14,7 @@ from ledger.cli.app import Config, pass_config
 from ledger.cli.output import output_option, pick, render
 from ledger.errors import BadInput
 
-HISTORY_COLUMNS = ["id", "state", "outcome", "host", "started_at", "finished_at",
+HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
 COMPONENT_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "attempts",
                      "duration_s", "last_error"]
@@ -94,7 +94,8 @@ def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
     rows = cfg.ledger().history(None if everything else limit, state=state, since=since,
                                 until=until, component=component, host=host,
                                 all_hosts=all_hosts)
-    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else HISTORY_COLUMNS)
+    columns = ["host", *HISTORY_COLUMNS] if all_hosts else HISTORY_COLUMNS
+    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else columns)
 
 
 @click.command()
