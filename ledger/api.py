@@ -125,28 +125,36 @@ class Ledger:
 
     def _change(self, action: Callable[[Tx], T],
                 touched: list[tuple[str, str, bool]] | None = None) -> T:
-        """Run *action* as one write transaction, then refresh the state.json view.
+        """Run *action* as one write transaction, with the state.json view built in it
+        and put in place once it committed: one transaction per step.
 
         An action that changes no component row beyond those it lists in *touched*
         (``(phase, name, created)``, filled as it runs) lets the view be patched
-        rather than rebuilt whole; see ``ledger.viewpatch``.
+        rather than rebuilt whole; see ``ledger.views.patch``. The view is built
+        under the home's views lock, taken after the change and kept until the view
+        is in place, so this home's views land in commit order and never run ahead
+        of the ledger.
         """
         if self.strict:
             self._require_lock()
-        change = None
-        with self.db.write() as tx:
-            upgrade_id = None if touched is None else meta.current_upgrade(tx)
-            before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
-            result = action(tx)
-            if upgrade_id is not None and before is not None and touched is not None:
-                change = patch.Change(upgrade_id, before,
-                                          patch.serial(tx, upgrade_id), touched)
-        try:
-            self._write_views(change)
-        except StorageError as exc:
-            # Committed is committed: say so, or a caller would redo a step that happened.
-            raise StorageError(f"the change was recorded in the ledger, but {exc}; then run "
-                               "'upgrade-ledger export' to rewrite the views") from exc
+        with contextlib.ExitStack() as held:
+            with self.db.write() as tx:
+                upgrade_id = None if touched is None else meta.current_upgrade(tx)
+                before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
+                result = action(tx)
+                change = None
+                if upgrade_id is not None and before is not None and touched is not None:
+                    change = patch.Change(upgrade_id, before, patch.serial(tx, upgrade_id),
+                                          touched)
+                held.enter_context(self.home.views_lock())
+                view = self._build_view(tx, change)
+            try:
+                self._put_view(view)
+            except StorageError as exc:
+                # Committed is committed: say so, or a caller would redo a step that
+                # happened.
+                raise StorageError(f"the change was recorded in the ledger, but {exc}; then "
+                                   "run 'upgrade-ledger export' to rewrite the views") from exc
         self._changed()
         return result
 
@@ -167,7 +175,7 @@ class Ledger:
     def _event(self, tx: Tx, kind: str, upgrade_id: str | None, subject: str | None = None,
                old: str | None = None, new: str | None = None,
                detail: Mapping[str, Any] | None = None, at: str | None = None) -> None:
-        tx.execute(
+        event_id = tx.insert(
             "INSERT INTO events (host, at, upgrade_id, kind, subject, from_value, to_value, "
             "username, hostname, pid, detail) VALUES (:host, :at, :upgrade_id, :kind, "
             ":subject, :old, :new, :user, :hostname, :pid, :detail)",
@@ -176,6 +184,8 @@ class Ledger:
              "hostname": self.hostname, "pid": self.pid,
              "detail": None if detail is None else json.dumps(detail, sort_keys=True)},
         )
+        if upgrade_id is not None:
+            tx.memo["serial", upgrade_id] = event_id  # the upgrade's serial, now
 
     def _current(self, tx: Tx) -> Row:
         upgrade_id = meta.current_upgrade(tx)
@@ -194,28 +204,33 @@ class Ledger:
                    "WHERE host = :host AND id = :id", {"at": at, "id": upgrade_id, **columns})
 
     def write_views(self) -> None:
-        """Rewrite state.json from the ledger (done after every change; also on demand).
+        """Rewrite state.json from the ledger (done after every change; also on demand),
+        in turn with this home's other writers (see ``_change``)."""
+        with contextlib.ExitStack() as held:
+            with self.db.write() as tx:
+                held.enter_context(self.home.views_lock())
+                view = self._build_view(tx, None)
+            self._put_view(view)
 
-        The view is built and renamed into place while holding the database's write
-        lock, so of two writers the later view always lands last.
-        """
-        self._write_views(None)
+    def _build_view(self, tx: Tx, change: patch.Change | None,
+                    ) -> tuple[str, bytes | list[bytes | memoryview], int] | None:
+        """``(upgrade id, state.json bytes, serial)`` of the current upgrade: patched
+        after *change* when that is provably right, else built whole; None before the
+        first upgrade."""
+        upgrade_id = meta.current_upgrade(tx)
+        if upgrade_id is None:
+            return None
+        if change is not None and change.upgrade_id == upgrade_id:
+            pieces = patch.patched(self.home, tx, change)
+            if pieces is not None:
+                return upgrade_id, pieces, change.after
+        doc = document.build(tx, upgrade_id)
+        return upgrade_id, document.dumps(doc), int(doc["serial"])
 
-    def _write_views(self, change: patch.Change | None) -> None:
-        """Rewrite state.json: patched after *change* when that is provably right,
-        else built whole."""
-        with self.db.write() as tx:
-            upgrade_id = meta.current_upgrade(tx)
-            if upgrade_id is None:
-                return
-            data: bytes | list[bytes | memoryview] | None = None
-            if change is not None and change.upgrade_id == upgrade_id:
-                data = patch.patched(self.home, tx, change)
-                serial = change.after
-            if data is None:
-                doc = document.build(tx, upgrade_id)
-                data = document.dumps(doc)
-                serial = doc["serial"]
+    def _put_view(self, view: tuple[str, bytes | list[bytes | memoryview], int] | None,
+                  ) -> None:
+        if view is not None:
+            upgrade_id, data, serial = view
             self.home.write_atomic(self.home.state_file, data)
             patch.remember(self.home, upgrade_id, serial)
 

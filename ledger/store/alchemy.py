@@ -68,6 +68,12 @@ class _AlchemyTx(Tx):
     def execute(self, sql: str, params: Params | None = None) -> int:
         return self._connection.execute(text(sql), self.bind(params)).rowcount
 
+    def insert(self, sql: str, params: Params | None = None) -> int:
+        if self._connection.dialect.name == "sqlite":
+            return int(self._connection.execute(text(sql), self.bind(params)).lastrowid)
+        return int(self._connection.execute(text(sql + " RETURNING id"),
+                                            self.bind(params)).scalar_one())
+
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         result = self._connection.execute(text(sql), self.bind(params))
         return [_Row(row) for row in result]

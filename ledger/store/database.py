@@ -68,6 +68,10 @@ class Tx(ABC):
         row = self.one(sql, params)
         return None if row is None else row[0]
 
+    @abstractmethod
+    def insert(self, sql: str, params: Params | None = None) -> int:
+        """Run an INSERT into a table with an ``id`` key; return the new row's id."""
+
 
 class Database(ABC):
     """A ledger database: write and read transactions, and read-only reporting.
@@ -112,9 +116,17 @@ class Database(ABC):
 
     def _enter(self, tx: Tx, *, write: bool) -> None:
         """Read this host's row (its current upgrade); a write also locks it, which
-        serialises the host's writers on a server, and registers the host first."""
-        lock = " FOR UPDATE" if write and self.dialect == "postgresql" else ""
-        sql = "SELECT machine_id, current_upgrade FROM hosts WHERE name = :host" + lock
+        serialises the host's writers on a server, and registers the host first.
+
+        The same statement reads what most steps need next, so that a step on a
+        server costs few round trips: the current upgrade's serial (its last event
+        id) and the ledger's lineage, kept in ``tx.memo``.
+        """
+        lock = " FOR UPDATE OF h" if write and self.dialect == "postgresql" else ""
+        sql = ("SELECT h.machine_id, h.current_upgrade, (SELECT MAX(e.id) FROM events e "
+               "WHERE e.host = h.name AND e.upgrade_id = h.current_upgrade) AS serial, "
+               "(SELECT value FROM ledger_meta WHERE key = 'lineage') AS lineage "
+               "FROM hosts h WHERE h.name = :host" + lock)
         row = tx.one(sql)
         mine = self.identity.machine_id
         if row is None and write:
@@ -126,6 +138,9 @@ class Database(ABC):
         if row is None:
             tx.memo["current_upgrade"] = None
             return
+        tx.memo["lineage"] = row["lineage"]
+        if row["current_upgrade"] is not None:
+            tx.memo["serial", row["current_upgrade"]] = int(row["serial"] or 0)
         claimed = row["machine_id"]
         if mine is not None and claimed != mine:
             if claimed is not None and self.shared:

@@ -13,7 +13,9 @@ from ledger.store.database import Tx
 
 def lineage(tx: Tx) -> str:
     """The ledger's id, made when it was created; views carry it to name their ledger."""
-    return str(tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'"))
+    if "lineage" not in tx.memo:
+        tx.memo["lineage"] = tx.scalar("SELECT value FROM ledger_meta WHERE key = 'lineage'")
+    return str(tx.memo["lineage"])
 
 
 def current_upgrade(tx: Tx) -> str | None:

@@ -92,19 +92,37 @@ def _row_factory(cursor: Any) -> Any:
 
 
 class _PgTx(Tx):
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    """A transaction whose BEGIN travels with its first statement: one round trip."""
+
+    def __init__(self, conn: psycopg.Connection[Any], begin: str) -> None:
         super().__init__()
         self._conn = conn
+        #: The BEGIN not sent yet (None once it was).
+        self.begin: str | None = begin
+
+    def _run(self, sql: str, params: Params | None) -> Any:
+        if self.begin is None:
+            cursor = self._conn.cursor(row_factory=_row_factory)
+            cursor.execute(convert(sql), self.bind(params))
+            return cursor
+        # The first statement: bound here and sent with the BEGIN in one message.
+        cursor = psycopg.ClientCursor(self._conn, row_factory=_row_factory)
+        begin, self.begin = self.begin, None
+        cursor.execute(f"{begin}; {convert(sql)}", self.bind(params))
+        cursor.nextset()  # past the BEGIN, to the statement's own result
+        return cursor
 
     def execute(self, sql: str, params: Params | None = None) -> int:
-        with self._conn.cursor() as cursor:
-            cursor.execute(convert(sql), self.bind(params))
-            return cursor.rowcount
+        with self._run(sql, params) as cursor:
+            return int(cursor.rowcount)
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        with self._conn.cursor(row_factory=_row_factory) as cursor:
-            cursor.execute(convert(sql), self.bind(params))
-            return cursor.fetchall()
+        with self._run(sql, params) as cursor:
+            return cursor.fetchall()  # type: ignore[no-any-return]
+
+    def insert(self, sql: str, params: Params | None = None) -> int:
+        with self._run(sql + " RETURNING id", params) as cursor:
+            return int(cursor.fetchone()[0])
 
 
 class PgDatabase(Database):
@@ -135,13 +153,10 @@ class PgDatabase(Database):
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Tx]:
-        begin = "BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        tx = _PgTx(self._conn, "BEGIN" if write else
+                   "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
-            self._conn.execute(begin)
-        except psycopg.Error as exc:
-            raise self._translate(exc) from exc
-        try:
-            yield _PgTx(self._conn)
+            yield tx
         except BaseException as exc:
             self._rollback()
             if isinstance(exc, pg_errors.IntegrityError):
@@ -150,6 +165,8 @@ class PgDatabase(Database):
             if isinstance(exc, psycopg.Error) and not is_missing_table(exc):
                 raise self._translate(exc) from exc
             raise
+        if tx.begin is not None:
+            return  # no statement ran: there is no transaction to end
         try:
             self._conn.execute("COMMIT")
         except psycopg.Error as exc:

@@ -45,6 +45,9 @@ class _SqliteTx(Tx):
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         return self._conn.execute(sql, self.bind(params)).fetchall()
 
+    def insert(self, sql: str, params: Params | None = None) -> int:
+        return int(self._conn.execute(sql, self.bind(params)).lastrowid or 0)
+
 
 def _translate(exc: sqlite3.Error, where: str) -> LedgerError:
     """Turn a driver error into the ledger's own, with what to do about it."""

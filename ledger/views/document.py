@@ -97,8 +97,7 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     lineage = meta.lineage(tx)
     # The serial is the id of the upgrade's last event: a view whose serial is behind
     # the ledger's is stale (doctor reports it).
-    serial = tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND upgrade_id = "
-                       ":id", {"id": upgrade_id})
+    serial = upgrade_serial(tx, upgrade_id)
     doc: dict[str, Any] = {
         "upgrade_id": u["id"],
         "current_state": u["state"],
@@ -124,6 +123,16 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if u["error"] is not None:
         doc["error"] = u["error"]
     return doc
+
+
+def upgrade_serial(tx: Tx, upgrade_id: str) -> int:
+    """The upgrade's serial: the id of its last event (0 before any); known without a
+    query when the transaction read or wrote it (``tx.memo``)."""
+    key = ("serial", upgrade_id)
+    if key not in tx.memo:
+        tx.memo[key] = int(tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND "
+                                     "upgrade_id = :id", {"id": upgrade_id}) or 0)
+    return int(tx.memo[key])
 
 
 def _stamps(target: dict[str, Any], row: Any) -> None:

@@ -61,8 +61,7 @@ class Change(NamedTuple):
 
 def serial(tx: Tx, upgrade_id: str) -> int:
     """The upgrade's serial: the id of its last event (0 before any)."""
-    return int(tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND upgrade_id = :id",
-                         {"id": upgrade_id}) or 0)
+    return document.upgrade_serial(tx, upgrade_id)
 
 
 def signature_path(home: Home) -> Path:
