@@ -44,7 +44,7 @@ class Tx(ABC):
     host: str | None = None
 
     def __init__(self) -> None:
-        self.memo: dict[str, Any] = {}
+        self.memo: dict[Any, Any] = {}
 
     def bind(self, params: Params | None) -> dict[str, Any]:
         """*params* with ``host`` bound to the transaction's host (unless given)."""
