@@ -21,7 +21,7 @@ from ledger.api import Ledger
 PLAN = REPO / "examples" / "observability-stack.toml"
 ROUNDS = 20
 CONCURRENT_HOSTS_BASH = 4
-BASH_ROUNDS = 5
+BASH_ROUNDS = 3
 WRITERS = 8
 COMPONENTS_PER_WRITER = 6
 
