@@ -271,3 +271,30 @@ def test_going_below_the_hosts_revision_is_refused_when_ids_are_shared(tmp_path:
             led.init("same")
     with pytest.raises(RuntimeError, match="several hosts"):
         migrate.downgrade(url, "0002")
+
+
+def test_following_every_host_misses_no_event_committed_out_of_order(
+        tmp_path: Path, pg_url: str) -> None:
+    from ledger.observe.follow import follow  # noqa: PLC0415
+    from ledger.store.database import ALL_HOSTS  # noqa: PLC0415
+
+    web1 = Ledger(tmp_path / "web1", db_url=pg_url, host_name="web1")
+    web2 = Ledger(tmp_path / "web2", db_url=pg_url, host_name="web2")
+    watcher = Ledger(tmp_path / "watch", db_url=pg_url, host_name="watch")
+    try:
+        web1.init("a")
+        web2.init("b")
+        stream = follow(watcher, stop=lambda: False, interval_s=0.05, host=ALL_HOSTS)
+        assert {e["host"] for e in next(stream)} == {"web1", "web2"}
+        with web1.db.write() as tx:  # web1's event takes an id, and commits late
+            web1._event(tx, "test.late", "a")
+            web2.set_state("PLANNING")  # a higher id, committed first
+            seen = next(stream)
+            assert [e["kind"] for e in seen] == ["upgrade.state"]
+        late = next(stream)
+        assert [(e["host"], e["kind"]) for e in late] == [("web1", "test.late")]
+        assert late[0]["id"] < seen[0]["id"]
+        stream.close()
+    finally:
+        for led in (web1, web2, watcher):
+            led.close()
