@@ -26,10 +26,10 @@ WRITERS = 8
 COMPONENTS_PER_WRITER = 6
 
 
-def check_hosts(url: str, names: list[str], *, components: int) -> None:
+def check_hosts(url: str, names: list[str], *, components: int, home: Path) -> None:
     """Each host has exactly one upgrade, COMPLETED, with its *components* all
     COMPLETED, and every event is its own (host, writer and upgrade)."""
-    with _reader(url, names[0]) as led:
+    with Ledger(home, db_url=url, host_name=names[0], wired=False) as led:
         for name in names:
             (upgrade,) = led.history(host=name, limit=None)
             assert upgrade["outcome"] == "COMPLETED", (name, upgrade)
@@ -43,16 +43,6 @@ def check_hosts(url: str, names: list[str], *, components: int) -> None:
         # Seen from the whole ledger: no event of one host carries another's name.
         everything = led.events(all_hosts=True, limit=None)
         assert all(e["host"] == e["hostname"] for e in everything)
-
-
-_readers: dict[str, Path] = {}
-
-
-def _reader(url: str, name: str) -> Ledger:
-    import tempfile  # noqa: PLC0415
-
-    home = _readers.setdefault(url, Path(tempfile.mkdtemp(prefix="ledger-reader-")))
-    return Ledger(home, db_url=url, host_name=name, wired=False)
 
 
 @pytest.mark.slow
@@ -70,9 +60,9 @@ def test_two_hosts_apply_the_same_plan_at_the_same_moment(tmp_path: Path,
                 failures.append((name, proc.returncode, out[-500:], err[-500:]))
             assert "database is locked" not in err and "serializ" not in err.lower()
         assert not failures, failures
-        check_hosts(url, names, components=9)
+        check_hosts(url, names, components=9, home=tmp_path / "reader")
     # Both hosts of a round started in the same second: they share upgrade ids.
-    with _reader(url, "r0-web1") as led:
+    with Ledger(tmp_path / "reader", db_url=url, host_name="r0-web1", wired=False) as led:
         ids = [u["id"] for u in led.history(all_hosts=True, limit=None)]
     assert len(ids) == 2 * ROUNDS and len(set(ids)) < len(ids)
 
@@ -116,7 +106,7 @@ def test_four_hosts_drive_the_bash_drop_in_at_the_same_moment(tmp_path: Path,
         for name, proc in zip(names, procs, strict=True):
             out, err = proc.communicate(timeout=300)
             assert proc.returncode == 0 and not err, (name, out, err)
-        check_hosts(url, names, components=3)
+        check_hosts(url, names, components=3, home=tmp_path / "reader")
     assert BIN_DIR.is_dir() and LIB.is_file()
 
 
