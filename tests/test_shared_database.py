@@ -74,17 +74,14 @@ DROP_IN_RUN = textwrap.dedent("""
     upgrade_lock_acquire
     upgrade_state_set PLANNING
     upgrade_state_set BACKING_UP
+    upgrade_mark_rollback_point node_exporter "$UPGRADE_BACKUPS_DIR/node_exporter.tgz"
+    upgrade_state_set UPGRADING
     upgrade_phase_start exporters
     for c in node_exporter blackbox_exporter snmp_exporter; do
-        upgrade_mark_rollback_point "$c" "$UPGRADE_BACKUPS_DIR/$c.tgz"
-    done
-    upgrade_state_set UPGRADING
-    for c in node_exporter blackbox_exporter snmp_exporter; do
         upgrade_component_start "$c" 1.0.0 2.0.0
-        upgrade_component_is_upgraded "$c" && exit 3
         upgrade_component_complete "$c"
-        upgrade_component_is_upgraded "$c"
     done
+    upgrade_component_is_upgraded snmp_exporter
     upgrade_phase_complete exporters
     upgrade_state_set VALIDATING
     upgrade_state_set COMPLETED
