@@ -115,7 +115,7 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
 
     # The run itself owns the lock (not the calling shell, as per-step commands do).
     ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(), strict=cfg.strict,
-                    lock_timeout_s=cfg.lock_timeout_s)
+                    lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name)
     console = Console(bar=sys.stdout.isatty() and not plain)
     options = runner.Options(rollback=not no_rollback, supersede=supersede, again=again)
     try:
@@ -139,7 +139,7 @@ def _dry_run(cfg: Config, plan: Plan, *, supersede: bool, again: bool, fmt: str)
     from ledger.apply.preview import preview_home  # noqa: PLC0415
 
     data = preview_home(cfg.home, plan, db_url=cfg.db_url, lock_timeout_s=cfg.lock_timeout_s,
-                        supersede=supersede, again=again)
+                        supersede=supersede, again=again, host_name=cfg.host_name)
     if fmt == "json":
         render(data, fmt)
         return
