@@ -217,9 +217,20 @@ false
     assert not (home / "upgrade.lock.d").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_the_lock_is_released_on_term_and_int(home: Path, tmp_path: Path,
-                                              sig: signal.Signals) -> None:
+def default_signals() -> None:
+    """In the child, before bash starts: SIGINT back to its default action.
+
+    A shell started in the background without job control (``nohup pytest &``) runs
+    its children with SIGINT ignored, and bash can neither trap nor reset a signal that
+    was ignored when it started; the script under test must see a normal SIGINT.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sigint_in_runner", ["default", "ignored"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_the_lock_is_released_on_term_and_int(home: Path, tmp_path: Path, sig: signal.Signals,
+                                              sigint_in_runner: str) -> None:
     fifo = tmp_path / "hang"
     os.mkfifo(fifo)
     script = f"""set -euo pipefail
@@ -229,8 +240,18 @@ echo "ready $BASHPID"
 read -r -t 120 _ <>{fifo}
 echo "not interrupted"
 """
-    with subprocess.Popen(["bash", "-c", script], env=bash_env(home), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    # "ignored": the test runner itself runs with SIGINT ignored, as it does in the
+    # background; the child must not inherit that.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
+        if sigint_in_runner == "ignored" else None
+    try:
+        proc = subprocess.Popen(["bash", "-c", script], env=bash_env(home), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_signals)  # noqa: PLW1509 (no threads here)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    with proc:
         assert proc.stdout is not None
         ready = proc.stdout.readline().split()
         assert ready and ready[0] == "ready", proc.stderr.read() if proc.stderr else ""
