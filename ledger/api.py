@@ -921,7 +921,7 @@ class Ledger:
                         "SELECT COUNT(*) FROM rollback_points WHERE upgrade_id = :u AND "
                         "cleared_at IS NULL", {"u": u["id"]}),
                 )
-                stuck = queries.stuck(tx, u["id"], lock_live=lock.held and not lock.stale,
+                stuck = queries.stuck(tx, u["id"], lock_live=lock.held,
                                       threshold_s=stuck_after_s)
         data["lock"] = lock.as_dict()
         data["stuck"] = stuck

@@ -200,7 +200,7 @@ def test_stale_lock_of_an_exited_holder_is_cleaned_up(lock_path, children):
     events: list[dict] = []
     lock = DirLock(lock_path, on_break=events.append)
     status = lock.status()
-    assert status.held and status.stale and f"PID {holder.pid} no longer exists" in status.reason
+    assert status.present and status.stale and f"PID {holder.pid} no longer exists" in status.reason
     assert not lock.is_held()
     assert lock.check_stale() is True
     assert not lock_path.exists()
@@ -335,7 +335,7 @@ def test_live_holder_older_than_the_timeout_is_suspect_but_kept(lock_path, sleep
     events: list[dict] = []
     lock = DirLock(lock_path, timeout_s=60, on_break=events.append)
     status = lock.status()
-    assert status.held and status.suspect and not status.stale
+    assert status.present and status.suspect and not status.stale
     assert "suspect" in status.reason and "forced break" in status.reason
     assert lock.is_held()
     with pytest.raises(LockHeld) as caught:
@@ -351,7 +351,7 @@ def test_lock_from_another_host_is_held_until_the_timeout(lock_path):
     other = f"4242|{utc(30)}|elsewhere.example|ops|1234|{local_boot_id()}"
     plant(lock_path, other)
     status = lock.status()
-    assert status.held and not status.stale and "another host" in status.reason
+    assert status.present and not status.stale and "another host" in status.reason
     with pytest.raises(LockHeld):
         lock.acquire()
     assert lock.check_stale() is False
@@ -384,7 +384,7 @@ def test_holder_of_another_user_is_judged_by_its_start_time(tmp_path, children):
             path.chmod(0o755)
             (path / "lock.info").chmod(0o644)
             status = json.loads(children("status-as", str(path), "65534").readline())
-            assert status["held"] and status["stale"] is stale, (name, status)
+            assert status["held"] is not stale and status["stale"] is stale, (name, status)
             if name == "legacy-young":
                 assert "belongs to another user" in status["reason"]
     finally:
@@ -407,7 +407,7 @@ def test_lock_folder_without_a_record_is_reclaimed_after_the_grace(lock_path, co
     events: list[dict] = []
     lock = DirLock(lock_path, grace_s=2, on_break=events.append)
     status = lock.status()
-    assert status.held and not status.stale and "being created" in status.reason
+    assert status.present and not status.stale and "being created" in status.reason
     with pytest.raises(LockHeld):
         lock.acquire()
     then = time.time() - 3
@@ -424,7 +424,7 @@ def test_four_field_legacy_record_is_understood(lock_path, sleeper):
     plant(lock_path, line)
     status = DirLock(lock_path).status()
     assert status.holder == Holder(sleeper.pid, line.split("|")[1], local_hostname(), "olduser")
-    assert status.held and not status.stale and "4-field" in status.reason
+    assert status.present and not status.stale and "4-field" in status.reason
     with pytest.raises(LockHeld):
         DirLock(lock_path).acquire()
     shutil.rmtree(lock_path)
@@ -488,7 +488,7 @@ def test_hostile_lock_info_never_crashes_nor_makes_a_second_holder(lock_path, tm
     events: list[dict] = []
     lock = DirLock(lock_path, timeout_s=60, on_break=events.append)
     status = lock.status()
-    assert status.held and not status.stale and status.holder is None
+    assert status.present and not status.stale and status.holder is None
     assert status.reason.startswith(HOSTILE[kind] + ", so its holder cannot be judged")
     json.dumps(status.as_dict())
     with pytest.raises(LockHeld) as caught:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
@@ -37,9 +37,7 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
     flat = {k: v for k, v in data.items()
             if k not in ("lock", "stuck", "components", "notify")}
     flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
-    flat["lock"] = ("free" if not lock["held"] else
-                    f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
-                    + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))
+    flat["lock"] = lock_line(lock)
     flat["lock_reason"] = lock["reason"]
     flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None
     if "notify" in data:
@@ -47,6 +45,14 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
 
         flat["notify"] = notify_line(data["notify"])
     render(flat, out)
+
+
+def lock_line(lock: dict[str, Any]) -> str:
+    """The lock in words, with the verdict of ``lock held``: a stale lock is not held."""
+    pid = lock["holder"]["pid"] if lock["holder"] else "?"
+    if lock["held"]:
+        return f"held by PID {pid}" + (" (suspect)" if lock["suspect"] else "")
+    return f"not held (stale lock of PID {pid})" if lock["stale"] else "free"
 
 
 @click.command()
