@@ -108,10 +108,11 @@ BAD_ID = st.one_of(
     st.builds(lambda a: "." + a, TEXT),
     st.builds(lambda a, b: f"{a}..{b}", TEXT, TEXT),
 )
+# The command line takes state names in any case ("planning" is PLANNING).
 BAD_STATE = st.one_of(
-    TEXT, st.sampled_from(["planning", "Completed", "COMPLETED ", " IDLE", "IN_PROGRESS",
-                           "PENDING", "DONE", "UPGRADING\n", "ROLLED-BACK"]), CONTROL, MEGA,
-).filter(lambda s: s not in states.UPGRADE_STATES)
+    TEXT, st.sampled_from(["COMPLETED ", " IDLE", "IN_PROGRESS", "in_progress", "PENDING",
+                           "DONE", "UPGRADING\n", "ROLLED-BACK", "rolled back"]), CONTROL, MEGA,
+).filter(lambda s: s.upper() not in states.UPGRADE_STATES)
 BAD_VERSION = st.one_of(
     st.builds(lambda a, b: f"{a} {b}", TEXT, TEXT),
     st.builds(lambda a, c, b: a + c + b, TEXT, CONTROL, TEXT),

@@ -11,6 +11,7 @@ import click
 
 from ledger.cli.app import Config, pass_config
 from ledger.cli.output import output_option, pick, render
+from ledger.cli.params import UPGRADE_STATE
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
@@ -59,7 +60,8 @@ def lock_line(lock: dict[str, Any]) -> str:
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=10, show_default=True,
               help="At most this many upgrades.")
 @click.option("--all", "everything", is_flag=True, help="No limit.")
-@click.option("--state", help="Only upgrades in (or that ended in) this state.")
+@click.option("--state", type=UPGRADE_STATE,
+              help="Only upgrades in (or that ended in) this state (any case).")
 @click.option("--component", help="Only upgrades that touched this component.")
 @click.option("--host", help="Only upgrades run on this host.")
 @click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "

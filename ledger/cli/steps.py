@@ -10,6 +10,7 @@ import click
 
 from ledger.cli.app import Config, pass_config
 from ledger.cli.output import output_option, pick, render
+from ledger.cli.params import UPGRADE_STATE
 
 
 def answer(ctx: click.Context, yes: bool, verbose: bool) -> None:
@@ -51,11 +52,11 @@ def state_get(cfg: Config) -> None:
 
 
 @state.command("set")
-@click.argument("target", metavar="STATE")
+@click.argument("target", metavar="STATE", type=UPGRADE_STATE)
 @click.option("--error", metavar="TEXT", help="Error text kept with the upgrade.")
 @pass_config
 def state_set(cfg: Config, target: str, error: str | None) -> None:
-    """Move the current upgrade to STATE (the same state again is a no-op).
+    """Move the current upgrade to STATE, in any case (the same state again is a no-op).
 
     An invalid transition changes nothing, exits 3 and names the allowed targets.
     """
@@ -63,8 +64,8 @@ def state_set(cfg: Config, target: str, error: str | None) -> None:
 
 
 @state.command("check")
-@click.argument("current", metavar="FROM")
-@click.argument("target", metavar="TO")
+@click.argument("current", metavar="FROM", type=UPGRADE_STATE)
+@click.argument("target", metavar="TO", type=UPGRADE_STATE)
 @verbose_option
 @click.pass_context
 def state_check(ctx: click.Context, current: str, target: str, verbose: bool) -> None:
