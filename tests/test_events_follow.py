@@ -101,6 +101,20 @@ def test_filters_hold_while_following(home: Path, follow) -> None:
     assert follower.stop(signal.SIGINT) == (0, "")
 
 
+def test_since_an_age_is_anchored_when_the_follower_starts(home: Path, follow) -> None:
+    """``--since 0s`` (the systemd unit in docs/observability.md): no backlog, then every
+    new event. The age is taken once, when following starts, not again at each poll."""
+    change(home, "init", "u1")
+    follower = follow("--format", "csv", "--since", "0s")
+    assert follower.lines(1)[0].startswith("id,at,")  # started: the anchor is taken
+    change(home, "state", "set", "PLANNING")
+    change(home, "state", "set", "BACKING_UP")
+    got = [line.split(",") for line in follower.lines(2, timeout=20)]
+    assert [(row[3], row[6]) for row in got] == [("upgrade.state", "PLANNING"),
+                                                 ("upgrade.state", "BACKING_UP")]
+    assert follower.stop(signal.SIGTERM) == (0, "")
+
+
 def test_the_table_format_streams_one_line_per_event(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow()

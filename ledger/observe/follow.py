@@ -12,6 +12,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from ledger import queries
+from ledger.core import clock
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -30,8 +31,18 @@ def follow(ledger: Ledger, *, stop: Callable[[], bool], interval_s: float = 0.5,
     they are committed, until *stop()* is true.
 
     Each poll yields a list (empty when nothing new matched), so the caller can check
-    its output between polls. Filters are those of ``queries.events``.
+    its output between polls. Filters are those of ``queries.events``. An age given
+    as *since* (``0s``, ``10m``) is turned into a time here, once, when following
+    starts: taken again at each poll, ``0s`` would always be later than every event.
     """
+    anchored = None if since is None else clock.parse_when(since)
+    return _poll(ledger, stop, interval_s, upgrade_id=upgrade_id, component=component,
+                 kind=kind, since=anchored, after_id=after_id)
+
+
+def _poll(ledger: Ledger, stop: Callable[[], bool], interval_s: float, *,
+          upgrade_id: str | None, component: str | None, kind: str | None,
+          since: str | None, after_id: int) -> Generator[list[dict[str, Any]], None, None]:
     last = int(after_id)  # every event up to here has been looked at
     while not stop():
         with ledger.db.read() as tx:
