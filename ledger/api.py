@@ -885,7 +885,8 @@ class Ledger:
             return queries.show(tx, check_id(upgrade_id))
 
     def events(self, **filters: Any) -> list[dict[str, Any]]:
-        """The audit trail, oldest first; see ``queries.events``."""
+        """The audit trail, oldest first; see ``queries.events`` (``newest=True`` with a
+        ``limit``: the last events, as ``events -n`` prints them)."""
         with self.db.read() as tx:
             return queries.events(tx, **filters)
 

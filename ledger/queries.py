@@ -186,9 +186,11 @@ def event_dict(row: Row) -> dict[str, Any]:
 
 def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None, after_id: int = 0,
-           limit: int | None = 1000) -> list[dict[str, Any]]:
+           limit: int | None = 1000, newest: bool = False) -> list[dict[str, Any]]:
     """The audit trail oldest first, filtered. *kind* matches exactly or as a prefix
-    ending in '.' (``component.`` for every component event); *after_id* pages."""
+    ending in '.' (``component.`` for every component event); *after_id* pages.
+    *limit* keeps the first matching events after *after_id*, or with *newest* the
+    last ones (as ``tail -n`` does), still returned oldest first."""
     where = ["e.id > :after"]
     params: dict[str, Any] = {"after": int(after_id)}
     if upgrade_id is not None:
@@ -207,9 +209,14 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
     if since is not None:
         where.append("e.at >= :since")
         params["since"] = clock.parse_when(since)
-    sql = "SELECT e.* FROM events e WHERE " + " AND ".join(where) + " ORDER BY e.id"
+    sql = "SELECT e.* FROM events e WHERE " + " AND ".join(where)
+    if limit is None:
+        sql += " ORDER BY e.id"
+    elif newest:
+        sql = f"SELECT * FROM ({sql} ORDER BY e.id DESC LIMIT :limit) AS tail ORDER BY id"
+    else:
+        sql += " ORDER BY e.id LIMIT :limit"
     if limit is not None:
-        sql += " LIMIT :limit"
         params["limit"] = int(limit)
     return [event_dict(r) for r in tx.all(sql, params)]
 

@@ -122,6 +122,8 @@ def test_the_table_format_streams_one_line_per_event(home: Path, follow) -> None
     lines = follower.lines(2)
     assert "upgrade.init" in lines[0] and "u1" in lines[0]
     assert "upgrade.state" in lines[1] and "IDLE -> PLANNING" in lines[1]
+    change(home, "state", "set", "FAILED", "--error", "disk full")
+    assert follower.lines(1)[0].endswith("  error=disk full")  # the detail, in brief
     assert follower.stop(signal.SIGTERM)[0] == 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from ledger.cli.app import Config, fail, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import brief, output_option, pick, render
 
 OUTCOME_COLUMNS = ["subscriber", "state", "delivered", "cursor", "attempts", "next_try_at",
                    "error"]
@@ -247,8 +247,9 @@ def _line(event: dict[str, Any], fmt: str) -> str:
         return "\t".join(cells) + "\n"
     ident, at, upgrade, kind, subject, old, new, user, pid = cells
     change = f"{old or '-'} -> {new or '-'}" if old or new else ""
+    detail = brief(event.get("detail"))
     return (f"{ident:>6}  {at}  {upgrade or '-'}  {kind:<20}  {subject or '-'}  {change}  "
-            f"{user} pid {pid}\n")
+            f"{user} pid {pid}{'  ' + detail if detail else ''}\n")
 
 
 def _csv_line(cells: list[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -57,6 +58,29 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True)
     return str(value)
+
+
+#: Widest ``brief`` text, so that a detail stays a short column.
+BRIEF_WIDTH = 60
+_CHECKSUM = re.compile(r"[0-9a-f]{32,}")
+
+
+def brief(detail: Mapping[str, Any] | None, width: int = BRIEF_WIDTH) -> str:
+    """An event's detail in a few words for a table cell: ``key=value`` pairs, nulls
+    left out, checksums cut to 12 digits, the whole cut to *width* characters."""
+    if not detail:
+        return ""
+    words = []
+    for key, value in detail.items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"),
+                                                               ensure_ascii=False)
+        if _CHECKSUM.fullmatch(text):
+            text = text[:12]
+        words.append(f"{key}={text}")
+    line = " ".join(words).replace("\n", " ").replace("\t", " ")
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def render(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:

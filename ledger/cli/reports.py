@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 import click
 
 from ledger.cli.app import Config, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import brief, output_option, pick, render
 from ledger.cli.params import UPGRADE_STATE
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
@@ -18,6 +18,18 @@ HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished
 COMPONENT_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "attempts",
                      "duration_s", "last_error"]
 EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "user", "pid"]
+
+
+def event_columns(fmt: str) -> list[str]:
+    """The columns of events: the table adds each event's detail, in brief."""
+    return [*EVENT_COLUMNS, "detail"] if fmt == "table" else EVENT_COLUMNS
+
+
+def event_rows(rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
+    """Events as a format shows them: in a table the detail is a few words."""
+    if fmt != "table":
+        return rows
+    return [{**row, "detail": brief(row["detail"])} for row in rows]
 
 
 @click.command()
@@ -112,7 +124,8 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
 @click.option("--after", "after_id", type=click.IntRange(min=0), default=0,
               help="Only events with a larger id.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="At most this many events (page on with --after).")
+              help="The newest N matching events, printed oldest first (like tail -n); "
+                   "with --after, the N right after that id (paging on).")
 @click.option("--follow", is_flag=True,
               help="Keep running: after the matching events (no --limit), print new ones as "
                    "they are recorded; JSON is one object per line. Stop with Ctrl-C/SIGTERM.")
@@ -133,9 +146,10 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
                       after_id=after_id)
         return
     rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,
-                               since=since, after_id=after_id, limit=limit)
+                               since=since, after_id=after_id, limit=limit,
+                               newest=not after_id)
     out = pick(fmt, as_json)
-    render(rows, out, None if out == "json" else EVENT_COLUMNS)
+    render(event_rows(rows, out), out, None if out == "json" else event_columns(out))
 
 
 @click.command()
