@@ -869,6 +869,11 @@ class Ledger:
         with self.db.read() as tx:
             return queries.summary(tx, self._current(tx))
 
+    def summary_data(self) -> dict[str, Any]:
+        """The summary of the current upgrade as data (``summary --json``)."""
+        with self.db.read() as tx:
+            return queries.summary_data(tx, self._current(tx))
+
     def history(self, limit: int | None = 10, *, state: str | None = None,
                 since: str | None = None, until: str | None = None,
                 component: str | None = None, host: str | None = None) -> list[dict[str, Any]]:

@@ -18,36 +18,61 @@ import click
 
 FORMATS = ("table", "json", "plain", "csv")
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", str, str | None)
 
 
-def output_option(default: str = "table") -> Callable[[F], F]:
+def output_option(default: str | None = "table", *, inherit: bool = True,
+                  ) -> Callable[[F], F]:
     """Add ``-f/--format`` (and ``--json``, its shortcut) to a command that prints data.
 
     Without ``-f`` the root's ``--format`` (or ``LEDGER_FORMAT``) applies, else
     *default*: a format chosen once for a whole script holds for every command.
+    With *inherit* false only the command's own ``-f``/``--json`` count (see
+    ``value_option``).
     """
 
-    def resolve(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
-        if value is not None:
-            return value
+    def resolve(ctx: click.Context, _param: click.Parameter, value: str | None,
+                ) -> str | None:
+        if value is not None or not inherit:
+            return value or default
         root = ctx.find_root().obj
         return getattr(root, "fmt", None) or default
 
     def decorate(func: F) -> F:
         func = click.option("--json", "as_json", is_flag=True,
                             help="Shortcut for --format json.")(func)
+        default_help = (f"the root's --format, else {default}" if inherit else
+                        "the bare text, whatever the root's --format says")
         return click.option(
             "-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
-            callback=resolve, help=f"Output format [default: the root's --format, else "
-                                   f"{default}].",
+            callback=resolve, help=f"Output format [default: {default_help}].",
         )(func)
 
     return decorate
 
 
-def pick(fmt: str, as_json: bool) -> str:
+def value_option() -> Callable[[F], F]:
+    """``-f``/``--json`` for a command that prints one value or a text for people
+    (``state get``, ``progress``, ``summary``...): without them it prints that text as
+    it always has, whatever ``--format``/``LEDGER_FORMAT`` says, so that
+    ``$(upgrade-ledger state get)`` stays one word in every script; with them, the
+    value as a record in the format asked for."""
+    return output_option(default=None, inherit=False)
+
+
+def pick(fmt: S, as_json: bool) -> S | str:
     """The format chosen by ``--format``/``--json``."""
     return "json" if as_json else fmt
+
+
+def render_value(record: Mapping[str, Any], fmt: str | None, text: str | None) -> None:
+    """Print *text* (nothing when it is None or empty) when no format was asked for,
+    else *record* in *fmt*: the output of a ``value_option`` command."""
+    if fmt is None:
+        if text:
+            click.echo(text)
+        return
+    render(dict(record), fmt)
 
 
 def _cell(value: Any) -> str:

@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 import click
 
 from ledger.cli.app import Config, pass_config
-from ledger.cli.output import brief, output_option, pick, render
+from ledger.cli.output import brief, output_option, pick, render, render_value, value_option
 from ledger.cli.params import UPGRADE_STATE
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
@@ -200,22 +200,30 @@ def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
 @click.option("--current/--no-current", default=True, show_default=True,
               help="Make the imported upgrade the current one (use --no-current for "
                    "history files).")
+@value_option()
 @pass_config
-def import_(cfg: Config, source: BinaryIO, current: bool) -> None:
-    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger.
+def import_(cfg: Config, source: BinaryIO, current: bool, fmt: str | None,
+            as_json: bool) -> None:
+    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger
+    and print its upgrade id.
 
     The document is validated first; a bad one is refused and changes nothing.
     """
     data = source.read()
-    click.echo(cfg.ledger().import_document(data, make_current=current))
+    upgrade_id = cfg.ledger().import_document(data, make_current=current)
+    render_value({"upgrade_id": upgrade_id}, pick(fmt, as_json), upgrade_id)
 
 
 @click.command("save-history")
 @click.argument("upgrade_id", required=False)
+@value_option()
 @pass_config
-def save_history(cfg: Config, upgrade_id: str | None) -> None:
-    """Write history/<id>.json for an upgrade (default: the current one)."""
-    click.echo(cfg.ledger().save_to_history(upgrade_id))
+def save_history(cfg: Config, upgrade_id: str | None, fmt: str | None,
+                 as_json: bool) -> None:
+    """Write history/<id>.json for an upgrade (default: the current one) and print its
+    path."""
+    path = cfg.ledger().save_to_history(upgrade_id)
+    render_value({"upgrade_id": path.stem, "path": str(path)}, pick(fmt, as_json), str(path))
 
 
 @click.command()
