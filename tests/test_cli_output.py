@@ -138,3 +138,24 @@ def test_resume_lists_what_it_found_as_data_when_asked(cli, running) -> None:
     assert [(c["phase"], c["name"], c["state"]) for c in data] == [("c", "y", "UPGRADING")]
     rows = ok(cli, "resume", "-f", "csv").splitlines()
     assert rows[0].startswith("phase,name,state,") and rows[1].startswith("c,y,UPGRADING,")
+
+
+@pytest.mark.parametrize(("args", "noun"), [
+    (["history", "--state", "failed"], "no upgrades match"),
+    (["events", "--kind", "lock.break"], "no events match"),
+    (["sql", "SELECT id FROM upgrades WHERE id = 'none'"], "no rows"),
+    (["rollback", "info", "-f", "table"], "no live rollback points"),
+    (["snapshots"], "no snapshots"),
+    (["subscribers", "list"], "no subscribers (add one with 'upgrade-ledger subscribers add')"),
+])
+def test_an_empty_table_prints_its_header_and_says_so(cli, args, noun) -> None:
+    ok(cli, "init", "u1")
+    result = cli(*args)
+    assert result.code == 0
+    lines = result.out.splitlines()
+    assert len(lines) == 2 and set(lines[1]) <= {"-", " "}  # the header, and its rule
+    assert result.err == f"{noun}\n"
+    bare = [a for a in args if a not in ("-f", "table")]
+    assert cli(*bare, "--json").err == ""  # JSON stays quiet: [] (or the document) says it
+    plain = cli(*bare, "-f", "plain")
+    assert (plain.out, plain.err) == ("", "")  # scripts reading plain text get nothing

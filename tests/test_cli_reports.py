@@ -170,8 +170,11 @@ def test_history_in_text_formats(cli, fleet, fmt) -> None:
         assert lines[2].split()[0] == "u-live"
 
 
-def test_history_of_an_empty_ledger_prints_nothing_but_json_is_a_list(cli) -> None:
-    assert out_of(cli, "history") == ""
+def test_history_of_an_empty_ledger_prints_the_header_and_json_is_a_list(cli) -> None:
+    table = cli("history")
+    assert (table.code, table.out.split("\n")[0].split(), table.err) == \
+        (0, HISTORY_COLUMNS, "no upgrades match\n")
+    assert out_of(cli, "history", "-f", "plain") == ""
     assert json.loads(out_of(cli, "history", "--json")) == []
 
 

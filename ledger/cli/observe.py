@@ -109,7 +109,8 @@ def subscribers_list(cfg: Config, fmt: str, as_json: bool) -> None:
 
     rows = delivery.cursors(cfg.ledger())
     out = pick(fmt, as_json)
-    render(rows, out, None if out == "json" else SUBSCRIBER_COLUMNS)
+    render(rows, out, None if out == "json" else SUBSCRIBER_COLUMNS,
+           empty="no subscribers (add one with 'upgrade-ledger subscribers add')")
 
 
 @subscribers.command("add")

@@ -108,9 +108,17 @@ def brief(detail: Mapping[str, Any] | None, width: int = BRIEF_WIDTH) -> str:
     return line if len(line) <= width else line[:width - 1] + "…"
 
 
-def render(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
-    """Print *data* in *fmt*. *columns* picks and orders the columns of records."""
+def render(data: Any, fmt: str, columns: Sequence[str] | None = None, *,
+           empty: str | None = None) -> None:
+    """Print *data* in *fmt*. *columns* picks and orders the columns of records.
+
+    An empty list in a table still prints its header, and *empty* ("no upgrades
+    match") on stderr, so that a person sees the query ran and found nothing; JSON
+    prints ``[]`` and plain text and CSV nothing, for scripts.
+    """
     click.echo(format_data(data, fmt, columns), nl=False)
+    if empty and fmt == "table" and isinstance(data, list) and not data:
+        click.echo(empty, err=True)
 
 
 def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
@@ -130,7 +138,7 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
         records = [[_cell(r.get(c)) for c in cols] if isinstance(r, Mapping) else [_cell(r)]
                    for r in data]
         if fmt == "table":
-            if not records:
+            if not records and not cols:
                 return ""
             from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
 

@@ -87,7 +87,8 @@ def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
     """List upgrades, newest first."""
     rows = cfg.ledger().history(None if everything else limit, state=state, since=since,
                                 until=until, component=component, host=host)
-    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else HISTORY_COLUMNS)
+    out = pick(fmt, as_json)
+    render(rows, out, None if out == "json" else HISTORY_COLUMNS, empty="no upgrades match")
 
 
 @click.command()
@@ -149,7 +150,8 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
                                since=since, after_id=after_id, limit=limit,
                                newest=not after_id)
     out = pick(fmt, as_json)
-    render(event_rows(rows, out), out, None if out == "json" else event_columns(out))
+    render(event_rows(rows, out), out, None if out == "json" else event_columns(out),
+           empty="no events match")
 
 
 @click.command()
@@ -172,7 +174,7 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: boo
         bound[name] = value
     columns, rows = cfg.ledger().query(query, bound)
     render([dict(zip(columns, r, strict=True)) for r in rows], pick(fmt, as_json),
-           columns)
+           columns, empty="no rows")
 
 
 @click.command()

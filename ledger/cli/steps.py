@@ -255,7 +255,8 @@ def rollback_info(cfg: Config, fmt: str, as_json: bool) -> None:
     info = cfg.ledger().rollback_info()
     out = pick(fmt, as_json)
     render(info if out == "json" else info["components"], out,
-           ["name", "backup_path", "from_version", "to_version", "size_bytes", "sha256"])
+           ["name", "backup_path", "from_version", "to_version", "size_bytes", "sha256"],
+           empty="no live rollback points")
 
 
 @rollback.command("clear")
@@ -280,7 +281,8 @@ def resume(ctx: click.Context, cfg: Config, quiet: bool, fmt: str | None,
     stuck = cfg.ledger().resume()
     out = pick(fmt, as_json)
     if out is not None:
-        render(stuck, out, None if out == "json" else RESUMED_COLUMNS)
+        render(stuck, out, None if out == "json" else RESUMED_COLUMNS,
+               empty="no component was left mid-upgrade")
     elif not quiet:
         for comp in stuck:
             click.echo(f"component {comp['name']} (phase {comp['phase']}) was left "
