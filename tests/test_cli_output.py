@@ -4,6 +4,9 @@ that prints one value keeps its bare text unless asked; predicates print nothing
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 from collections.abc import Iterator
 
 import click
@@ -159,3 +162,77 @@ def test_an_empty_table_prints_its_header_and_says_so(cli, args, noun) -> None:
     assert cli(*bare, "--json").err == ""  # JSON stays quiet: [] (or the document) says it
     plain = cli(*bare, "-f", "plain")
     assert (plain.out, plain.err) == ("", "")  # scripts reading plain text get nothing
+
+
+# -- fitting the terminal ---------------------------------------------------------------
+
+STAMP_MS = re.compile(r"\d{2}:\d{2}:\d{2}\.\d{3}Z")
+
+
+@pytest.fixture
+def troubled(cli, home) -> None:
+    """A run left UPGRADING by a holder that died: doctor has long details and hints,
+    and show has a long event trail."""
+    ok(cli, "init", "upgrade-20261127-103000")
+    ok(cli, "state", "set", "PLANNING")
+    ok(cli, "component", "plan", "node_exporter", "1.7.0", "1.9.1", "--phase", "exporters")
+    ok(cli, "state", "set", "BACKING_UP")
+    ok(cli, "rollback", "mark", "node_exporter",
+       str(home / "backups" / "upgrade-20261127-103000" / "exporters" / "node_exporter"),
+       "--size", "4096", "--sha256", "ab" * 32)
+    ok(cli, "state", "set", "UPGRADING")
+    ok(cli, "phase", "start", "exporters")
+    ok(cli, "component", "start", "node_exporter")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ok(cli, "lock", "acquire", "--owner", str(os.getpid()))
+    info = home / "upgrade.lock.d" / "lock.info"
+    info.write_text("|".join([str(gone.pid), *info.read_text().split("|")[1:]]))
+
+
+def test_doctor_fits_the_terminal_with_hints_under_their_row(cli, troubled) -> None:
+    wide = cli("doctor", env={"COLUMNS": "300"})
+    hints = {f["check"]: f["hint"] for f in json.loads(cli("doctor", "--json").out)
+             if f["hint"]}
+    assert {"lock", "stuck"} <= set(hints)
+    assert wide.out.splitlines()[0].split() == ["check", "status", "detail"]
+    for width in (80, 100):
+        out = cli("doctor", env={"COLUMNS": str(width)}).out
+        lines = out.splitlines()
+        assert max(map(len, lines)) <= width, out
+        assert lines[0].split() == ["check", "status", "detail"]
+        for check, hint in hints.items():
+            # The hint follows its row, indented, wrapped to the width.
+            start = next(i for i, line in enumerate(lines) if line.startswith(check + " "))
+            after = lines[start + 1:]
+            block = " ".join(line.strip() for line in after if line.startswith("  "))
+            assert " ".join(hint.split()) in block.replace("→ ", "")
+
+
+def test_show_fits_the_terminal(cli, troubled) -> None:
+    for width in (80, 120):
+        out = cli("show", env={"COLUMNS": str(width)}).out
+        too_wide = [line for line in out.splitlines() if len(line) > width]
+        assert too_wide == [], out
+    events = cli("show", env={"COLUMNS": "200"}).out.split("\nEvents:\n")[1].splitlines()
+    # The upgrade's own id is not repeated on each event; user and pid are left to events.
+    assert events[0].split() == ["id", "at", "kind", "subject", "from", "to", "detail"]
+
+
+def test_piped_output_is_not_cut_to_a_width(cli, troubled) -> None:
+    out = cli("doctor", env={"COLUMNS": None}).out  # not a terminal, no COLUMNS
+    assert max(map(len, out.splitlines())) > 100
+
+
+@pytest.mark.parametrize("args", [["history"], ["status"], ["show"], ["events"],
+                                  ["summary"], ["history", "--json"], ["status", "--json"],
+                                  ["show", "--json"], ["events", "-f", "csv"],
+                                  ["events", "-f", "plain"]])
+def test_timestamps_are_whole_seconds_in_every_report(cli, troubled, args) -> None:
+    out = ok(cli, *args, env={"COLUMNS": "250"})
+    if args == ["show", "--json"]:
+        data = json.loads(out)
+        assert all(STAMP_MS.search(e["at"]) for e in data.pop("events"))  # JSON events:
+        out = json.dumps(data)  # the stored milliseconds, as notifications carry them
+    assert re.search(r"T\d{2}:\d{2}:\d{2}Z", out)
+    assert not STAMP_MS.search(out), out

@@ -22,6 +22,7 @@ import click
 
 from ledger.cli.app import Config, fail, pass_config
 from ledger.cli.output import brief, output_option, pick, render
+from ledger.views.document import second
 
 OUTCOME_COLUMNS = ["subscriber", "state", "delivered", "cursor", "attempts", "next_try_at",
                    "error"]
@@ -241,7 +242,8 @@ def _stdout_gone() -> bool:
 def _line(event: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(event, ensure_ascii=False) + "\n"
-    cells = ["" if event.get(c) is None else str(event[c]) for c in STREAM_COLUMNS]
+    shown = {**event, "at": second(event["at"])}  # whole seconds, as in `events`
+    cells = ["" if shown.get(c) is None else str(shown[c]) for c in STREAM_COLUMNS]
     if fmt == "csv":
         return _csv_line(cells)
     if fmt == "plain":

@@ -12,6 +12,7 @@ import click
 from ledger.cli.app import Config, pass_config
 from ledger.cli.output import brief, output_option, pick, render, render_value, value_option
 from ledger.cli.params import UPGRADE_STATE
+from ledger.views.document import second
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
@@ -20,16 +21,24 @@ COMPONENT_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "at
 EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "user", "pid"]
 
 
-def event_columns(fmt: str) -> list[str]:
+#: The events of ``show``: all of one upgrade, so its id is not repeated on each, and
+#: who made each change is left to ``events`` and JSON, to keep the table narrow.
+SHOW_EVENT_COLUMNS = [c for c in EVENT_COLUMNS if c not in ("upgrade_id", "user", "pid")]
+
+
+def event_columns(fmt: str, columns: list[str] = EVENT_COLUMNS) -> list[str]:
     """The columns of events: the table adds each event's detail, in brief."""
-    return [*EVENT_COLUMNS, "detail"] if fmt == "table" else EVENT_COLUMNS
+    return [*columns, "detail"] if fmt == "table" else columns
 
 
 def event_rows(rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
-    """Events as a format shows them: in a table the detail is a few words."""
-    if fmt != "table":
+    """Events as a format shows them. JSON: as stored (the same object as in
+    notifications). Text: whole seconds, like every other time a report prints; in a
+    table, the detail in a few words."""
+    if fmt == "json":
         return rows
-    return [{**row, "detail": brief(row["detail"])} for row in rows]
+    return [{**row, "at": second(row["at"]),
+             **({"detail": brief(row["detail"])} if fmt == "table" else {})} for row in rows]
 
 
 @click.command()
@@ -107,8 +116,11 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
             if k not in ("phases", "components", "rollback_points", "events")}
     sections = [("", head, None), ("Phases", data["phases"], None),
                 ("Components", data["components"], COMPONENT_COLUMNS),
-                ("Rollback points", data["rollback_points"], None),
-                ("Events", data["events"], EVENT_COLUMNS)]
+                ("Rollback points", [{**p, "sha256": (p["sha256"] or "")[:12] or None}
+                                     for p in data["rollback_points"]]
+                 if out == "table" else data["rollback_points"], None),
+                ("Events", event_rows(data["events"], out),
+                 event_columns(out, SHOW_EVENT_COLUMNS))]
     for title, section, columns in sections:
         if title:
             if not section:
