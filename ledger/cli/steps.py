@@ -11,6 +11,7 @@ import click
 from ledger.cli.app import Config, pass_config
 from ledger.cli.output import output_option, pick, render, render_value, value_option
 from ledger.cli.params import UPGRADE_STATE
+from ledger.errors import UpgradeInProgress
 
 
 def answer(ctx: click.Context, yes: bool, verbose: bool) -> None:
@@ -42,7 +43,11 @@ def init(cfg: Config, upgrade_id: str | None, supersede: bool, fmt: str | None,
     Without UPGRADE_ID an id like upgrade-YYYYMMDD-HHMMSS is made (with a -N suffix
     when two start in the same second).
     """
-    new_id = cfg.ledger().init(upgrade_id, supersede=supersede)
+    try:
+        new_id = cfg.ledger().init(upgrade_id, supersede=supersede)
+    except UpgradeInProgress as exc:  # the same refusal, in the command line's words
+        raise UpgradeInProgress(exc.upgrade_id, exc.state,
+                                remedy="supersede it explicitly (--supersede)") from None
     render_value({"upgrade_id": new_id}, pick(fmt, as_json), new_id)
 
 
