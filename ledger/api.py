@@ -981,6 +981,41 @@ class Ledger:
             listener(uid)
         return target
 
+    def record_prune(self, upgrade_id: str, detail: Mapping[str, Any], *,
+                     delete_rows: bool = False) -> dict[str, int]:
+        """Record that retention removed an old upgrade's files (``ledger.ops.prune``).
+
+        One transaction: its history file is gone, so it no longer counts as saved to
+        history (``saved_at`` cleared); with *delete_rows* its rows go as well
+        (components, phases, rollback points, then the upgrade) and their counts are
+        returned. Its events stay, the trail being append-only, and a ``ledger.prune``
+        event with *detail* (and the counts) records what went. The current upgrade
+        and one in progress are refused (``Conflict``), whatever the caller checked.
+        """
+        check_id(upgrade_id)
+
+        def action(tx: Tx) -> dict[str, int]:
+            row = tx.one("SELECT state FROM upgrades WHERE id = :u", {"u": upgrade_id})
+            if row is None:
+                raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
+            if upgrade_id == meta.current_upgrade(tx) or states.is_in_progress(row["state"]):
+                raise Conflict(f"upgrade {upgrade_id} is the current upgrade or in progress; "
+                               "its files and rows are never pruned")
+            counts: dict[str, int] = {}
+            if delete_rows:
+                for table in ("components", "phases", "rollback_points", "upgrades"):
+                    column = "id" if table == "upgrades" else "upgrade_id"
+                    counts[table] = tx.execute(f"DELETE FROM {table} WHERE {column} = :u",
+                                               {"u": upgrade_id})
+            else:
+                tx.execute("UPDATE upgrades SET saved_at = NULL WHERE id = :u",
+                           {"u": upgrade_id})
+            self._event(tx, "ledger.prune", upgrade_id, "rows" if delete_rows else "files",
+                        detail={**detail, **({"rows": counts} if delete_rows else {})})
+            return counts
+
+        return self._change(action, [])  # not the current upgrade: its view is unchanged
+
     def cleanup(self, owner_pid: int | None = None) -> None:
         """What a script does on exit: save the current upgrade to history, release the
         lock if *owner_pid* (default: this ledger's pid) holds it, and reset a finished
