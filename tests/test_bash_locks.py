@@ -68,6 +68,7 @@ wait_for() {
 """
 
 
+@pytest.mark.slow
 def test_one_of_many_background_workers_takes_the_lock(home: Path, tmp_path: Path) -> None:
     d = tmp_path / "sync"
     d.mkdir()
@@ -112,6 +113,7 @@ wait
         assert (d / f"release-err.{i}").read_text().startswith("WARNING: ")  # ... and says so
 
 
+@pytest.mark.slow
 def test_background_workers_changing_components_lose_nothing(home: Path) -> None:
     with Ledger(home) as led:
         walk_to_upgrading(led, "parallel")
@@ -144,6 +146,7 @@ upgrade_get_progress_percent
     assert set(view["phases"]["exporters"]["components"]) == names  # the view is whole too
 
 
+@pytest.mark.slow
 def test_a_worker_killed_with_kill_leaves_a_stale_lock_that_is_taken_over(
         home: Path, tmp_path: Path) -> None:
     d = tmp_path / "sync"
@@ -184,6 +187,7 @@ upgrade_lock_check_stale
     assert breaks[0]["to"] == lines[2].split()[1]  # taken over by the next acquirer
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_the_shell_exits(home: Path) -> None:
     done = run_bash("""
 trap 'echo "own trap saw $?"' EXIT
@@ -205,6 +209,7 @@ exit 3
     assert not (home / "upgrade.lock.d").exists()
 
 
+@pytest.mark.slow
 def test_a_trap_set_after_acquiring_is_chained_on_the_next_call(home: Path) -> None:
     done = run_bash("""
 upgrade_lock_acquire
@@ -227,6 +232,7 @@ def default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigint_in_runner", ["default", "ignored"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_the_lock_is_released_on_term_and_int(home: Path, tmp_path: Path, sig: signal.Signals,

@@ -82,6 +82,7 @@ def test_pid_names_the_owner_and_strict_refuses_others(cli, shells, home) -> Non
     assert cli("--pid", mine, "lock", "release").code == 0
 
 
+@pytest.mark.slow
 def test_a_real_shell_holds_the_lock_over_several_calls(home, tmp_path) -> None:
     """No --owner at all: each call's owner is its parent, the shell running the script."""
     cmd = f"{sys.executable} -m ledger --home {home}"

@@ -326,6 +326,7 @@ def test_progress_and_summary(cli) -> None:
 
 # -- real processes: what a shell script does -----------------------------------------------
 
+@pytest.mark.slow
 def test_a_script_drives_an_upgrade_step_by_step_in_real_processes(run_cli, home) -> None:
     steps = [("init", "u1"), ("state", "set", "PLANNING"), ("state", "set", "BACKING_UP"),
              ("state", "set", "UPGRADING"), ("phase", "start", "exporters"),

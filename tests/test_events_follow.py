@@ -71,6 +71,7 @@ def change(home: Path, *args: str) -> None:
     run_ledger("--home", home, *args).check_returncode()
 
 
+@pytest.mark.slow
 def test_a_follower_sees_what_another_process_records(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow("--format", "json")
@@ -85,6 +86,7 @@ def test_a_follower_sees_what_another_process_records(home: Path, follow) -> Non
     assert (code, err) == (0, "")
 
 
+@pytest.mark.slow
 def test_filters_hold_while_following(home: Path, follow) -> None:
     change(home, "init", "u1")
     for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
@@ -101,6 +103,7 @@ def test_filters_hold_while_following(home: Path, follow) -> None:
     assert follower.stop(signal.SIGINT) == (0, "")
 
 
+@pytest.mark.slow
 def test_since_an_age_is_anchored_when_the_follower_starts(home: Path, follow) -> None:
     """``--since 0s`` (the systemd unit in docs/observability.md): no backlog, then every
     new event. The age is taken once, when following starts, not again at each poll."""
@@ -115,6 +118,7 @@ def test_since_an_age_is_anchored_when_the_follower_starts(home: Path, follow) -
     assert follower.stop(signal.SIGTERM) == (0, "")
 
 
+@pytest.mark.slow
 def test_the_table_format_streams_one_line_per_event(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow()
@@ -127,6 +131,7 @@ def test_the_table_format_streams_one_line_per_event(home: Path, follow) -> None
     assert follower.stop(signal.SIGTERM)[0] == 0
 
 
+@pytest.mark.slow
 def test_the_follower_stops_when_its_reader_goes_away(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow("--format", "json")

@@ -148,6 +148,7 @@ CLI_CASES: dict[str, tuple[list[str], st.SearchStrategy[str]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_hostile_cli_arguments_are_refused_in_one_line(running: Path, case: str) -> None:
     template, strategy = CLI_CASES[case]
@@ -407,6 +408,7 @@ def test_symlinked_tmp_and_snapshots_folders_are_refused(home: Path, tmp_path: P
     assert victim.read_bytes() == b"precious\n"
 
 
+@pytest.mark.slow
 def test_symlinks_at_predictable_snapshot_names_are_not_followed(home: Path,
                                                                  victim: Path) -> None:
     """Snapshot names are predictable (a millisecond stamp): a symlink planted at
@@ -451,6 +453,7 @@ def test_symlink_at_lock_info_is_not_written_through(home: Path, victim: Path) -
 # -- modes under umask 000 ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_files_0600_and_folders_0700_under_umask_000(home: Path, tmp_path: Path) -> None:
     steps = [("init", "u1"), ("state", "set", "PLANNING"),
              ("component", "plan", "c1", "1", "2", "--phase", "p1"),

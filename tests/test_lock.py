@@ -147,6 +147,7 @@ def info(lock_path: Path) -> str:
 # --- the nine classic scenarios -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_acquisition_has_exactly_one_winner(lock_path, children):
     racers = [children("try", str(lock_path)) for _ in range(8)]
     for child in racers:
@@ -161,6 +162,7 @@ def test_concurrent_acquisition_has_exactly_one_winner(lock_path, children):
         assert said.startswith("acquired") or f"held by PID {winners[0].pid}" in said
 
 
+@pytest.mark.slow
 def test_concurrent_workers_never_overlap_and_lose_no_increment(lock_path, tmp_path, children):
     counter = tmp_path / "counter"
     counter.write_text("0")
@@ -182,6 +184,7 @@ def test_sequential_acquisition_each_process_gets_the_lock(lock_path, tmp_path, 
     assert counter.read_text() == "4"
 
 
+@pytest.mark.slow
 def test_lock_prevents_lost_updates_to_a_shared_document(lock_path, tmp_path, children):
     state = tmp_path / "state.json"
     state.write_text(json.dumps({"entries": []}))
@@ -228,6 +231,7 @@ def test_only_the_owner_can_release(lock_path, children):
     assert DirLock(lock_path).release() is False
 
 
+@pytest.mark.slow
 def test_long_running_holder_keeps_others_out(lock_path, children):
     holder = children("hold", str(lock_path))
     assert holder.readline() == f"acquired {holder.pid}"
@@ -251,6 +255,7 @@ def test_long_running_holder_keeps_others_out(lock_path, children):
     assert late.readline() == f"acquired {late.pid}"
 
 
+@pytest.mark.slow
 def test_rapid_acquire_release_cycles(lock_path, tmp_path, children):
     counter = tmp_path / "counter"
     counter.write_text("0")
@@ -284,6 +289,7 @@ def test_holder_killed_with_sigkill_is_taken_over(lock_path, children):
 # --- takeover races and the staleness rules ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_sixteen_processes_racing_for_one_stale_lock_have_one_winner(lock_path, children):
     racers = [children("race", str(lock_path)) for _ in range(16)]
     for child in racers:

@@ -26,6 +26,7 @@ def block(after: str, lang: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_the_tour_runs_as_written_after_the_quick_start(tmp_path: Path) -> None:
     # The quick start's venv, standing in: its upgrade-ledger runs this checkout.
     venv_bin = tmp_path / ".venv" / "bin"
@@ -49,6 +50,7 @@ def test_the_tour_runs_as_written_after_the_quick_start(tmp_path: Path) -> None:
     assert "COMPLETED" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_python_snippet_runs_again_and_again(tmp_path: Path) -> None:
     snippet = block("## Python", "python")
     for _ in range(2):
@@ -69,6 +71,7 @@ def test_an_upgrade_in_progress_is_refused_in_pythons_words(ledger: Ledger) -> N
     assert "--" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_the_api_example_shows_the_failed_attempt_and_its_retry(tmp_path: Path) -> None:
     for _ in range(2):  # a second run supersedes nothing and works as well
         done = subprocess.run([sys.executable, str(REPO / "examples" / "simulated_upgrade.py"),
@@ -80,3 +83,11 @@ def test_the_api_example_shows_the_failed_attempt_and_its_retry(tmp_path: Path) 
     assert ("prometheus: UPGRADING -> FAILED (config check failed) -> UPGRADING -> "
             "COMPLETED") in out
     assert "State:     COMPLETED" in out and "Recent upgrades:" in out
+
+
+def test_the_readme_runs_the_suite_as_ci_does_and_names_the_fast_subset() -> None:
+    full = block("run the test suite", "sh").strip()
+    assert full == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
+                    ".venv/bin/python -m pytest")
+    assert (REPO / ".ci" / "run").read_text().splitlines()[-1] == full
+    assert block("fast subset", "sh").strip() == '.venv/bin/python -m pytest -m "not slow"'
