@@ -334,6 +334,7 @@ check current upgrade_state_get_current
     assert calls["garbage"].state == calls["atomic"].state
 
 
+@pytest.mark.slow
 def test_refusals_are_one_error_line_and_change_nothing(harness: Harness) -> None:
     setup_upgrade(harness.home)
     calls = harness.run("""
@@ -682,6 +683,7 @@ def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> N
 
 # -- attempts ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_attempts_count_the_attempt_in_progress_or_the_next_one(tmp_path: Path) -> None:
     # As the old library counted: 1 at the first start, + 1 at each failure. Unlike it,
     # the start of a retry does not set the count back to 1.
@@ -716,6 +718,7 @@ def test_attempts_count_the_attempt_in_progress_or_the_next_one(tmp_path: Path) 
 
 # -- keys a script keeps in state.json ---------------------------------------------------
 
+@pytest.mark.slow
 def test_save_keeps_the_keys_a_script_wrote_in_every_later_view(tmp_path: Path) -> None:
     # The old library wrote any JSON it was given: scripts stash their own keys in
     # state.json with jq and read them back later, also from the history file.
@@ -761,6 +764,7 @@ def test_save_keeps_the_keys_a_script_wrote_in_every_later_view(tmp_path: Path) 
     assert json.loads((home / "state.json").read_text()) == doc
 
 
+@pytest.mark.slow
 def test_a_document_with_no_known_field_is_kept_as_it_is(harness: Harness) -> None:
     uid = setup_upgrade(harness.home, "run-1", "PLANNING")
     calls = harness.run("""
@@ -782,6 +786,7 @@ check test_key jq -r .test "$UPGRADE_STATE_FILE"
     assert list(after)[-3:] == ["test", "number", "nested"]  # after the ledger's own fields
 
 
+@pytest.mark.slow
 def test_save_refuses_bad_json_and_too_much_kept_data_changing_nothing(
         harness: Harness) -> None:
     setup_upgrade(harness.home, "run-1", "PLANNING")

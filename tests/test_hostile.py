@@ -301,6 +301,7 @@ def _get(doc: Any, path: tuple[Any, ...]) -> Any:
     return doc
 
 
+@pytest.mark.slow
 def test_hostile_documents_are_refused_by_the_api(running: Path) -> None:
     base = base_document(running)
     before = fingerprint(running)

@@ -173,6 +173,7 @@ def test_concurrent_workers_never_overlap_and_lose_no_increment(lock_path, tmp_p
     assert not lock_path.exists()
 
 
+@pytest.mark.slow
 def test_sequential_acquisition_each_process_gets_the_lock(lock_path, tmp_path, children):
     counter = tmp_path / "counter"
     counter.write_text("0")
@@ -370,6 +371,7 @@ def test_lock_from_another_host_is_held_until_the_timeout(lock_path):
     assert events[0]["previous"]["hostname"] == "elsewhere.example"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
 def test_holder_of_another_user_is_judged_by_its_start_time(tmp_path, children):
     # kill(pid, 0) gives EPERM for another user's process: it exists, but only its start

@@ -156,6 +156,7 @@ def hook_script(tmp: Path, body: str, name: str = "hook.sh") -> Path:
 # -- webhooks ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_healthy_webhook_receives_every_event_of_a_run_exactly_once(
         cli, home: Path, webhook) -> None:
     server = webhook(0)
