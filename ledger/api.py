@@ -93,9 +93,11 @@ class Ledger:
         self.after_change: list[Callable[[], object]] = []
         #: Called with the upgrade id after ``save_to_history`` wrote its file.
         self.after_save: list[Callable[[str], object]] = []
-        #: Context managers entered around an ``apply`` run, given this ledger
-        #: (notifications are delivered as the run goes this way).
-        self.during_run: list[Callable[[Ledger], AbstractContextManager[object]]] = []
+        #: Context managers entered around an ``apply`` run, given this ledger and a
+        #: function that says whether the run was asked to stop (notifications are
+        #: delivered as the run goes this way, and cut short when it stops).
+        self.during_run: list[Callable[[Ledger, Callable[[], bool]],
+                                       AbstractContextManager[object]]] = []
         #: Extra sections of ``status()``: name -> function returning its data.
         self.status_sections: dict[str, Callable[[], object]] = {}
         if wired:

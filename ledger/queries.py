@@ -16,6 +16,9 @@ from ledger.errors import BadInput, NotFound
 from ledger.store.database import Row, Tx
 from ledger.views.document import second
 
+#: The annotation ``apply`` records when it starts an upgrade: the plan file driving it.
+PLAN_EVENT = "apply.plan"
+
 _COMPONENT_KEYS = ("phase", "name", "state", "from_version", "to_version", "attempts",
                    "last_error", "note", "started_at", "completed_at", "failed_at",
                    "backup_path")
@@ -229,3 +232,12 @@ def stuck(tx: Tx, upgrade_id: str, *, lock_live: bool, threshold_s: float,
             continue
         out.append({"name": row["name"], "phase": row["phase"], "age_s": age, "why": why})
     return out
+
+
+def plan_record(tx: Tx, upgrade_id: str) -> dict[str, Any] | None:
+    """What ``apply`` recorded of the plan driving *upgrade_id* (``{sha256, path,
+    name}``), or None for an upgrade driven some other way."""
+    row = tx.one("SELECT detail FROM events WHERE upgrade_id = :u AND kind = :k "
+                 "ORDER BY id DESC LIMIT 1", {"u": upgrade_id, "k": PLAN_EVENT})
+    detail = json.loads(row["detail"]) if row is not None and row["detail"] else None
+    return detail if isinstance(detail, dict) else None

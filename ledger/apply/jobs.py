@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -37,6 +37,8 @@ class Reporter(Protocol):
 
     def failure(self, text: str, tail: Sequence[str]) -> None: ...
 
+    def event(self, event: Mapping[str, Any]) -> None: ...
+
 
 class Quiet:
     """A reporter that says nothing (the Python API's default)."""
@@ -48,6 +50,9 @@ class Quiet:
         pass
 
     def failure(self, text: str, tail: Sequence[str]) -> None:
+        pass
+
+    def event(self, event: Mapping[str, Any]) -> None:
         pass
 
 

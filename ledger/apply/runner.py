@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger import queries
 from ledger.api import Ledger
-from ledger.apply import backups
+from ledger.apply import backups, contain
 from ledger.apply.jobs import Jobs, Quiet, Reporter, backup_dir
 from ledger.apply.plan import Component, Plan
 from ledger.apply.scheduler import Interrupted, Stop
@@ -33,10 +34,12 @@ from ledger.lock import DEFAULT_TIMEOUT_S
 __all__ = ["Interrupted", "Options", "Outcome", "Reporter", "Run", "apply", "plan_digest"]
 
 #: The annotation that ties an upgrade to the plan file driving it.
-PLAN_EVENT = "apply.plan"
+PLAN_EVENT = queries.PLAN_EVENT
 ROLLBACK_EVENT = "apply.rollback"
 #: Components a rollback must undo: their upgrade has begun.
 CHANGED = (states.COMPLETED, states.UPGRADING, states.FAILED)
+#: What stops a run at its next safe point: Ctrl-C, ``kill``, a dropped ssh session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Outcome:
     resumed: bool = False
     already_applied: bool = False
     error: str | None = None
+    #: ``phase/component`` of each component rolled back, in the order it was.
+    rolled_back: tuple[str, ...] = ()
 
 
 def open_ledger(home: str | os.PathLike[str] | None = None, *, db_url: str | None = None,
@@ -77,8 +82,9 @@ def apply(ledger: Ledger, plan: Plan, options: Options = Options(),
 
 def plan_digest(ledger: Ledger, upgrade_id: str) -> str | None:
     """The sha256 of the plan file recorded for an upgrade, or None."""
-    found = ledger.events(upgrade_id=upgrade_id, kind=PLAN_EVENT, limit=None)
-    return found[-1]["detail"].get("sha256") if found else None
+    with ledger.db.read() as tx:
+        record = queries.plan_record(tx, upgrade_id)
+    return None if record is None else record.get("sha256")
 
 
 class Run(Jobs):
@@ -93,20 +99,27 @@ class Run(Jobs):
 
     def execute(self) -> Outcome:
         """Take the lock, run (or resume) the plan, release the lock."""
-        self.ledger.acquire_lock()
+        feed = _EventFeed(self.ledger, self.out)
+        self.ledger.after_change.append(feed)
         try:
-            # What the ledger's listeners do during a run (by default, subscribers hear
-            # of every change as it is made, never failing a step).
-            with _catching_signals(self.stop), contextlib.ExitStack() as effects:
-                for effect in self.ledger.during_run:
-                    effects.enter_context(effect(self.ledger))
-                try:
-                    return self._execute()
-                except Interrupted as exc:
-                    self._note_interrupt(exc)
-                    raise
+            self.ledger.acquire_lock()
+            try:
+                # What the ledger's listeners do during a run (by default, subscribers
+                # hear of every change as it is made, never failing a step).
+                with _catching_signals(self.stop), contain.subreaper(), \
+                        contextlib.ExitStack() as effects:
+                    for effect in self.ledger.during_run:
+                        effects.enter_context(effect(self.ledger, self.stop.requested))
+                    try:
+                        return self._execute()
+                    except Interrupted as exc:
+                        self._note_interrupt(exc)
+                        raise
+            finally:
+                self.ledger.release_lock()
         finally:
-            self.ledger.release_lock()
+            self.ledger.after_change.remove(feed)
+            feed()
 
     def _execute(self) -> Outcome:
         leftovers = stop_leftovers(self.records)
@@ -137,7 +150,8 @@ class Run(Jobs):
             steps[state]()
         self.ledger.save_to_history()
         doc = self.ledger.document()
-        return Outcome(self.uid, state, resumed=self.resumed, error=doc.get("error"))
+        return Outcome(self.uid, state, resumed=self.resumed, error=doc.get("error"),
+                       rolled_back=tuple(self._rolled_back()))
 
     def _choose_upgrade(self) -> Outcome | None:
         """Resume the current upgrade if it runs this plan; else start a new one."""
@@ -291,6 +305,11 @@ class Run(Jobs):
         self.ledger.set_state(states.ROLLED_BACK)
         self.out.line(f"ROLLED_BACK: upgrade {self.uid} ({reason})")
 
+    def _rolled_back(self) -> list[str]:
+        """``phase/component`` of each component this upgrade rolled back, in order."""
+        return [f"{e['detail']['phase']}/{e['subject']}" for e in self.ledger.events(
+            upgrade_id=self.uid, kind=ROLLBACK_EVENT, limit=None) if e["detail"].get("ok")]
+
     def _backup_key(self, c: Component) -> str:
         return str(backup_dir(self.ledger.home, self.uid, c))
 
@@ -309,13 +328,31 @@ class Run(Jobs):
                     f"{point['sha256'][:12]}…, {point['size_bytes']} B); rollback refused")
         return None
 
+class _EventFeed:
+    """After each change, hands the reporter the events recorded since the last call
+    (a reporter that streams every change, such as ``apply --json``)."""
+
+    def __init__(self, ledger: Ledger, reporter: Reporter) -> None:
+        self.ledger = ledger
+        self.reporter = reporter
+        with ledger.db.read() as tx:
+            self.after = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
+
+    def __call__(self) -> None:
+        for event in self.ledger.events(after_id=self.after, limit=None):
+            self.after = event["id"]
+            self.reporter.event(event)
+
+
 @contextlib.contextmanager
 def _catching_signals(stop: Stop) -> Iterator[None]:
-    """SIGINT and SIGTERM only set a flag; the run stops at its next safe point."""
+    """SIGINT, SIGTERM and SIGHUP only set a flag; the run stops at its next safe
+    point. (A dropped ssh session sends SIGHUP: it ends the run as ``kill`` does,
+    releasing the lock, instead of killing the process where it stands.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in previous:
         signal.signal(sig, stop.request)
     try:
