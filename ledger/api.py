@@ -593,6 +593,8 @@ class Ledger:
                 sets = "failed_at = :at, attempts = attempts + 1, last_error = :text"
             elif target == states.COMPLETED:
                 sets = "completed_at = :at"
+            elif target == states.ROLLED_BACK:  # how it ended stays; the note says how
+                sets = "note = :text"
             else:  # SKIPPED: the reason is kept as a note
                 sets = "completed_at = :at, note = :text"
             tx.execute(f"UPDATE components SET state = :s, {sets} WHERE upgrade_id = :u "
@@ -622,6 +624,13 @@ class Ledger:
                        phase: str | None = None) -> bool:
         """Mark a component SKIPPED, keeping the reason (e.g. the probe's evidence)."""
         return self._component_move(name, states.SKIPPED, reason, phase)
+
+    def component_rolled_back(self, name: str, note: str | None = None, *,
+                              phase: str | None = None) -> bool:
+        """Mark a component ROLLED_BACK: its backup was restored, its change undone.
+        Its timestamps, attempts and last error stay (how the upgrade went); *note*
+        says how it was undone."""
+        return self._component_move(name, states.ROLLED_BACK, note, phase)
 
     def is_upgraded(self, name: str) -> bool:
         """True when the component is COMPLETED in the current upgrade."""

@@ -65,16 +65,26 @@ def summary(tx: Tx, upgrade: Row) -> str:
         f"Phase:     {upgrade['current_phase'] or '-'}",
         f"Component: {upgrade['current_component'] or '-'}",
         f"Progress:  {progress(tx, upgrade)}% ({done}/{total} components"
-        + "".join(f", {n} {s.lower()}" for s, n in sorted(counts.items())
+        + "".join(f", {n} {state_words(s)}" for s, n in sorted(counts.items())
                   if s not in ("COMPLETED", "SKIPPED")) + ")",
         f"Rollback:  {'available (' + str(points) + ' points)' if points else 'none'}",
     ]
+    undone = tx.all("SELECT name, phase FROM components WHERE upgrade_id = :u AND "
+                    "state = 'ROLLED_BACK' ORDER BY position DESC", {"u": uid})
+    if undone:  # in the order a rollback undoes them: the reverse of the plan's
+        lines.append("Rolled back: " + ", ".join(f"{c['name']} ({c['phase']})"
+                                                 for c in undone))
     for p in tx.all("SELECT name, state FROM phases WHERE upgrade_id = :u ORDER BY position",
                     {"u": uid}):
         lines.append(f"  phase {p['name']}: {p['state']}")
     if upgrade["error"]:
         lines.append(f"Error:     {upgrade['error']}")
     return "\n".join(lines)
+
+
+def state_words(state: str) -> str:
+    """A state as words in a sentence: ``ROLLED_BACK`` -> ``rolled back``."""
+    return state.lower().replace("_", " ")
 
 
 def _upgrade_dict(row: Row) -> dict[str, Any]:

@@ -283,7 +283,10 @@ class Run(Jobs):
         points = {p["backup_path"]: p for p in self.ledger.rollback_info()["components"]}
         reason = self.ledger.document().get("error")
         for c in reversed(list(self.plan.components())):
-            if comps[c.key] not in CHANGED or c.key in undone:
+            if comps[c.key] not in CHANGED:
+                continue
+            if c.key in undone:  # restored by a run stopped before it said so
+                self._mark_rolled_back(c, points)
                 continue
             self.stop.check()
             self.label = f"ROLLING_BACK {c.phase}/{c.name}"
@@ -301,9 +304,18 @@ class Run(Jobs):
             self.ledger.annotate(ROLLBACK_EVENT, c.name, {
                 "phase": c.phase, "ok": True, "sha256": points[self._backup_key(c)]["sha256"],
                 "size_bytes": points[self._backup_key(c)]["size_bytes"]})
+            self._mark_rolled_back(c, points)
             self.out.line(f"ROLLING_BACK {c.phase}/{c.name}: rolled back (backup verified)")
         self.ledger.set_state(states.ROLLED_BACK)
-        self.out.line(f"ROLLED_BACK: upgrade {self.uid} ({reason})")
+        undone_now = self._rolled_back()
+        self.out.line(f"ROLLED_BACK: upgrade {self.uid} ({reason}); rolled back "
+                      f"{len(undone_now)}: {', '.join(undone_now) or 'nothing'}")
+
+    def _mark_rolled_back(self, c: Component, points: Mapping[str, Any]) -> None:
+        point = points.get(self._backup_key(c)) or {}
+        self.ledger.component_rolled_back(
+            c.name, f"rolled back from its backup (sha256 {str(point.get('sha256'))[:12]}, "
+                    "verified)", phase=c.phase)
 
     def _rolled_back(self) -> list[str]:
         """``phase/component`` of each component this upgrade rolled back, in order."""

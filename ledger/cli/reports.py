@@ -36,7 +36,8 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
     lock = data["lock"]
     flat = {k: v for k, v in data.items()
             if k not in ("lock", "stuck", "components", "notify")}
-    flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
+    flat["components"] = ", ".join(f"{n} {s.lower().replace('_', ' ')}"
+                                   for s, n in data["components"].items())
     flat["lock"] = ("free" if not lock["held"] else
                     f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
                     + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))

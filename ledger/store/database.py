@@ -19,7 +19,7 @@ from ledger.errors import (
 )
 
 #: The Alembic revision this code expects; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0004"
 #: How long a writer waits for another writer's transaction before giving up.
 BUSY_TIMEOUT_S = 60.0
 #: Bytes of WAL kept once it restarts after a checkpoint (docs/operations.md).
