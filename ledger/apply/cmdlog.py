@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ledger.core import clock
-from ledger.store.files import FILE_MODE, write_all
+from ledger.store.files import open_private_file, write_all
 
 LOG_HEAD_BYTES = 1024 * 1024
 LOG_TAIL_BYTES = 1024 * 1024
@@ -24,8 +24,8 @@ TAIL_BYTES = 64 * 1024
 
 
 class CommandLog:
-    """Where one run of one command writes: the log file at *path* (opened without
-    following a symlink), or nowhere when *path* is None (a dry run)."""
+    """Where one run of one command writes: the log file at *path* (a symlink there
+    is refused, StorageError), or nowhere when *path* is None (a dry run)."""
 
     def __init__(self, path: Path | None, header: str) -> None:
         self.written = 0  # output bytes written to the file (the head)
@@ -35,8 +35,7 @@ class CommandLog:
         self._last_written = b""
         self.fd: int | None = None
         if path is not None:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, FILE_MODE)
+            self.fd = open_private_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             self._write(header.encode())
 
     def feed(self, data: bytes) -> None:

@@ -21,7 +21,6 @@ from ledger.apply.scheduler import Exec, Job, Pause, Stop, drive
 from ledger.apply.shell import Result, Running
 from ledger.core import states
 from ledger.errors import StorageError
-from ledger.store.files import make_private_dir
 from ledger.store.home import Home
 
 #: A piece of a job: yields requests, receives results, returns a value.
@@ -95,7 +94,8 @@ class Jobs:
                 if self._skip_if_done(c, version):
                     return True
             folder = backup_dir(self.ledger.home, self.uid, c)
-            result = yield from self._attempts(c, "backup", before=lambda: _empty(folder))
+            result = yield from self._attempts(
+                c, "backup", before=lambda: _empty(self.ledger.home, folder))
             if not result.ok:
                 return self._failed(c, f"backup {result.describe()}", result)
             try:
@@ -225,8 +225,10 @@ class Jobs:
 
     def _start(self, request: Exec) -> Running:
         c = request.component
-        log_dir = self.ledger.home.logs_dir.absolute() / self.uid
-        make_private_dir(log_dir)
+        # Looked at right before each command, under the lock: a link planted in the
+        # home since is refused, never written through.
+        log_dir = self.ledger.home.private_dir(self.ledger.home.logs_dir / self.uid)
+        self.ledger.home.private_dir(self.records)
         log = log_dir / f"{c.name}.log"
         env = command_env(self.ledger.home, self.plan, self.uid, c, step=request.step,
                           from_version=self.versions.get(c.key) or c.from_version)
@@ -290,8 +292,9 @@ def command_env(home: Home, plan: Plan, upgrade_id: str, c: Component, *, step: 
     return env
 
 
-def _empty(folder: Path) -> None:
-    """Give a backup command an empty folder (a half-made backup is thrown away)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    make_private_dir(folder)
+def _empty(home: Home, folder: Path) -> None:
+    """Give a backup command an empty folder (a half-made backup is thrown away); a
+    link planted on the way to it is refused, never followed."""
+    home.private_dir(folder)
+    shutil.rmtree(folder)  # removes what is inside, never following a link
+    home.private_dir(folder)

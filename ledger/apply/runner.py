@@ -122,7 +122,7 @@ class Run(Jobs):
             feed()
 
     def _execute(self) -> Outcome:
-        leftovers = stop_leftovers(self.records)
+        leftovers = stop_leftovers(self.ledger.home, self.records)
         already = self._choose_upgrade()
         if already is not None:
             return already
@@ -331,6 +331,8 @@ class Run(Jobs):
         if point is None or not point["sha256"]:
             return f"{c.name} ({c.phase}): no verified backup recorded; rollback refused"
         try:
+            # Looked at right before it is read: not through a link planted since.
+            self.ledger.home.private_dir(Path(point["backup_path"]), create=False)
             size, sha256, _ = backups.digest(Path(point["backup_path"]))
         except StorageError as exc:
             return f"{c.name} ({c.phase}): {exc}; rollback refused"

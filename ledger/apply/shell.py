@@ -35,7 +35,8 @@ from typing import IO
 from ledger.apply import contain
 from ledger.apply.cmdlog import CommandLog, header
 from ledger.core import clock, host
-from ledger.store.files import FILE_MODE, make_private_dir, write_all
+from ledger.store.files import open_private_file, write_all
+from ledger.store.home import Home
 
 SHELL = "/bin/sh"
 KILL_GRACE_S = 5.0
@@ -248,13 +249,12 @@ def wait_readable(commands: list[Running], timeout_s: float) -> None:
 
 def _write_record(records: Path, token: str, pid: int | None, log: Path | None,
                   label: str) -> Path:
-    make_private_dir(records)
+    """Write the record of a command run in *records* (a folder the caller checked)."""
     path = records / token
     ticks = host.start_ticks(pid) if pid is not None else None
     line = (f"{pid or ''}|{ticks or ''}|{host.boot_id() or ''}|{token}|{log or ''}|"
             f"{label}\n")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 FILE_MODE)
+    fd = open_private_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         write_all(fd, line.encode("utf-8", "replace"))
     finally:
@@ -262,14 +262,17 @@ def _write_record(records: Path, token: str, pid: int | None, log: Path | None,
     return path
 
 
-def stop_leftovers(records: Path, grace_s: float = KILL_GRACE_S) -> list[dict[str, str]]:
+def stop_leftovers(home: Home, records: Path,
+                   grace_s: float = KILL_GRACE_S) -> list[dict[str, str]]:
     """Stop the commands a dead ``apply`` left running; return what was stopped.
 
     Every process carrying a recorded command's id is stopped, and its process group
     when the group's leader is the very process recorded (same boot, same start time:
     not a reused PID) or is gone while members remain. The caller must hold the
-    upgrade lock: then no live ``apply`` owns any record here.
+    upgrade lock: then no live ``apply`` owns any record here. The records' folder
+    (a folder of *home*) is looked at first: a link planted there is refused.
     """
+    home.private_dir(records, create=False)
     stopped = []
     try:
         entries = sorted(records.iterdir())
@@ -289,17 +292,19 @@ def stop_leftovers(records: Path, grace_s: float = KILL_GRACE_S) -> list[dict[st
             if pgid is not None or contain.members(token):
                 contain.stop(token, pgid, grace_s=grace_s)
                 if fields[4]:
-                    _note(Path(fields[4]), f"<== {clock.now()} stopped by a later apply: "
-                                           "the run that started this command was gone\n")
+                    _note(home, Path(fields[4]), f"<== {clock.now()} stopped by a later "
+                          "apply: the run that started this command was gone\n")
                 stopped.append({"pid": fields[0], "command": fields[5], "log": fields[4]})
         with contextlib.suppress(OSError):
             entry.unlink()
     return stopped
 
 
-def _note(log: Path, text: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _note(home: Home, log: Path, text: str) -> None:
+    """Append *text* to a command's log, if it is still a log of *home* (best effort)."""
+    with contextlib.suppress(OSError):  # StorageError included: a note is not worth more
+        home.private_dir(log.parent, create=False)
+        fd = open_private_file(log, os.O_WRONLY | os.O_APPEND)
         try:
             write_all(fd, text.encode())
         finally:
