@@ -80,6 +80,8 @@ class Jobs:
         self.done = 0
         self.total = sum(len(p.components) for p in plan.phases)
         self.active: dict[tuple[str, str], str] = {}
+        #: Processes a step started that could not be stopped: no rollback beside them.
+        self.survivors: list[int] = []
         self.label = ""
         self.records = ledger.home.logs_dir.absolute() / ".running"
 
@@ -151,7 +153,7 @@ class Jobs:
                     return True
                 error = f"{step} {result.describe()} (attempt {attempt} of {c.retries + 1})"
                 led.component_fail(c.name, error, phase=c.phase)
-                if attempt > c.retries:
+                if attempt > c.retries or result.survivors:
                     return self._failed(c, error, result)
                 delay = c.backoff_s * 2 ** (attempt - 1)
                 self._say(c, "UPGRADING", f"{error}; retrying in {delay:g} s")
@@ -187,7 +189,7 @@ class Jobs:
             if before is not None:
                 before()
             result = cast(Result, (yield Exec(c, step, attempt)))
-            if result.ok or attempt > c.retries:
+            if result.ok or attempt > c.retries or result.survivors:
                 return result
             delay = c.backoff_s * 2 ** (attempt - 1)
             self._say(c, step.upper(), f"{step} {result.describe()} (attempt {attempt} of "
@@ -247,6 +249,8 @@ class Jobs:
 
     def _failed(self, c: Component, error: str, result: Result | None) -> bool:
         self.active.pop(c.key, None)
+        if result is not None:
+            self.survivors += result.survivors
         text = f"{c.phase}/{c.name}: {error}"
         if self.error is None:
             self.error = text

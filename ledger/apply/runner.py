@@ -267,6 +267,12 @@ class Run(Jobs):
         self.out.line(f"COMPLETED: upgrade {self.uid}")
 
     def _fail_over(self) -> None:
+        if self.survivors:
+            # Rolling back beside a step that still runs could undo half of it.
+            self.ledger.set_state(states.FAILED, error=f"{self.error}; rollback refused: "
+                                  "processes a step started are still running "
+                                  f"({', '.join(map(str, self.survivors))})")
+            return
         if self.options.rollback:
             self.out.line(f"rolling back: {self.error}")
             self.ledger.set_state(states.ROLLING_BACK, error=self.error)
