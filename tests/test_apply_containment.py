@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,12 +90,14 @@ def test_a_later_run_stops_what_a_killed_run_left_in_another_session(
                               stderr=out, text=False)
     try:
         wait_for(work / "a.blocked")
-        wait_for_process = running(home, "sleep", "1014")
-        assert len(wait_for_process) == 1
+        deadline = time.monotonic() + 60
+        while not (left := running(home, "sleep", "1014")) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the background setsid may not have started sleep yet
+        assert len(left) == 1
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    assert running(home, "sleep", "1014") == wait_for_process  # it outlived the run
+    assert running(home, "sleep", "1014") == left  # it outlived the run
 
     (work / "hang").unlink()
     result = run_ledger("--home", home, "apply", "--plain", plan)

@@ -81,9 +81,8 @@ def restore(stage: Stage) -> None:
         if live.exists() or live.is_symlink():
             shutil.rmtree(live)
         shutil.copytree(saved, live, symlinks=True)
-    for stray in (stage.textfile.parent,):
-        shutil.rmtree(stray, ignore_errors=True)
-        stray.mkdir(mode=0o700)
+    shutil.rmtree(stage.textfile.parent, ignore_errors=True)  # the operator's folder
+    stage.textfile.parent.mkdir(mode=0o700)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +127,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Stage:
             assert done.returncode == 0, (args, done.stderr)
             steps[-1].append(read_trace(trace))
     return Stage(base, base / "home", work, textfile, saved, saved_work,
-                 read_trace(stage_trace), [sum(run, []) for run in steps], steps)
+                 read_trace(stage_trace),
+                 [[e for step in run for e in step] for run in steps], steps)
 
 
 def wait_for_quiet(work: Path) -> None:
@@ -256,17 +256,12 @@ def run_scenario(stage: Stage, rel: str,
         yield args, run_ledger("--home", stage.home, *args, env=env_for(stage.base))
 
 
-@pytest.fixture
-def victims(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-
-
 def test_a_symlink_at_each_path_is_refused_or_replaced_never_followed(
-        stage: Stage, victims: Path) -> None:
+        stage: Stage, tmp_path: Path) -> None:
     problems = []
     for rel in fixed_paths(stage):
         restore(stage)
-        victim = plant(stage, rel, victims)
+        victim = plant(stage, rel, tmp_path)
         before = fingerprint(victim)
         for args, done in run_scenario(stage, rel):
             if done.returncode == 0:

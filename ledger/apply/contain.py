@@ -130,8 +130,9 @@ def stop(token: str, pgid: int | None, *, grace_s: float, strays: bool = False,
 
 
 def kill_now(token: str, pgid: int | None, *, strays: bool = False) -> list[int]:
-    """What a command left behind when its shell exited: SIGKILL at once (the
-    documented rule for what a command leaves running), then wait as ``stop`` does."""
+    """What a command left behind when its shell exited: killed without a grace (the
+    documented rule for what a command leaves running), then waited for as ``stop``
+    does."""
     return stop(token, pgid, grace_s=0.0, strays=strays)
 
 

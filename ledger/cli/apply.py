@@ -121,7 +121,7 @@ class JsonLines:
 
     @staticmethod
     def _emit(data: Mapping[str, Any]) -> None:
-        echo_or_drop(json.dumps(data, ensure_ascii=False, sort_keys=False))
+        echo_or_drop(json.dumps(data, ensure_ascii=False))
 
 
 @click.command("apply")
