@@ -107,9 +107,11 @@ class Ledger:
         self.after_change: list[Callable[[], object]] = []
         #: Called with the upgrade id after ``save_to_history`` wrote its file.
         self.after_save: list[Callable[[str], object]] = []
-        #: Context managers entered around an ``apply`` run, given this ledger
-        #: (notifications are delivered as the run goes this way).
-        self.during_run: list[Callable[[Ledger], AbstractContextManager[object]]] = []
+        #: Context managers entered around an ``apply`` run, given this ledger and a
+        #: function that says whether the run was asked to stop (notifications are
+        #: delivered as the run goes this way, and cut short when it stops).
+        self.during_run: list[Callable[[Ledger, Callable[[], bool]],
+                                       AbstractContextManager[object]]] = []
         #: Extra sections of ``status()``: name -> function returning its data.
         self.status_sections: dict[str, Callable[[], object]] = {}
         if wired:
@@ -681,6 +683,8 @@ class Ledger:
                     "last_error = :text"
             elif target == states.COMPLETED:
                 sets = "completed_at = :at"
+            elif target == states.ROLLED_BACK:  # how it ended stays; the note says how
+                sets = "note = :text"
             else:  # SKIPPED: the reason is kept as a note
                 sets = "completed_at = :at, note = :text"
             tx.execute(f"UPDATE components SET state = :s, {sets} WHERE host = :host AND "
@@ -711,6 +715,13 @@ class Ledger:
                        phase: str | None = None) -> bool:
         """Mark a component SKIPPED, keeping the reason (e.g. the probe's evidence)."""
         return self._component_move(name, states.SKIPPED, reason, phase)
+
+    def component_rolled_back(self, name: str, note: str | None = None, *,
+                              phase: str | None = None) -> bool:
+        """Mark a component ROLLED_BACK: its backup was restored, its change undone.
+        Its timestamps, attempts and last error stay (how the upgrade went); *note*
+        says how it was undone."""
+        return self._component_move(name, states.ROLLED_BACK, note, phase)
 
     def is_upgraded(self, name: str) -> bool:
         """True when the component is COMPLETED in the current upgrade."""

@@ -18,6 +18,9 @@ from ledger.errors import BadInput, NotFound
 from ledger.store.database import Row, Tx
 from ledger.views.document import add_kept, second
 
+#: The annotation ``apply`` records when it starts an upgrade: the plan file driving it.
+PLAN_EVENT = "apply.plan"
+
 _COMPONENT_KEYS = ("phase", "name", "state", "from_version", "to_version", "attempts",
                    "last_error", "note", "started_at", "completed_at", "failed_at",
                    "backup_path")
@@ -91,14 +94,24 @@ def summary(tx: Tx, upgrade: Row) -> str:
         f"Phase:     {data['phase'] or '-'}",
         f"Component: {data['component'] or '-'}",
         f"Progress:  {data['progress_percent']}% ({data['done']}/{data['total']} components"
-        + "".join(f", {n} {s.lower()}" for s, n in sorted(data["components"].items())
+        + "".join(f", {n} {state_words(s)}" for s, n in sorted(data["components"].items())
                   if s not in ("COMPLETED", "SKIPPED")) + ")",
         f"Rollback:  {'available (' + str(points) + ' points)' if points else 'none'}",
     ]
+    undone = tx.all("SELECT name, phase FROM components WHERE host = :host AND upgrade_id = :u "
+                    "AND state = 'ROLLED_BACK' ORDER BY position DESC", {"u": data["upgrade_id"]})
+    if undone:  # in the order a rollback undoes them: the reverse of the plan's
+        lines.append("Rolled back: " + ", ".join(f"{c['name']} ({c['phase']})"
+                                                 for c in undone))
     lines += [f"  phase {p['name']}: {p['state']}" for p in data["phases"]]
     if data["error"]:
         lines.append(f"Error:     {data['error']}")
     return "\n".join(lines)
+
+
+def state_words(state: str) -> str:
+    """A state as words in a sentence: ``ROLLED_BACK`` -> ``rolled back``."""
+    return state.lower().replace("_", " ")
 
 
 def _upgrade_dict(row: Row) -> dict[str, Any]:
@@ -289,3 +302,12 @@ def hosts(tx: Tx) -> list[dict[str, Any]]:
             "updated_at": second(r["updated_at"]),
         })
     return out
+
+
+def plan_record(tx: Tx, upgrade_id: str) -> dict[str, Any] | None:
+    """What ``apply`` recorded of the plan driving *upgrade_id* (``{sha256, path,
+    name}``), or None for an upgrade driven some other way."""
+    row = tx.one("SELECT detail FROM events WHERE host = :host AND upgrade_id = :u AND "
+                 "kind = :k ORDER BY id DESC LIMIT 1", {"u": upgrade_id, "k": PLAN_EVENT})
+    detail = json.loads(row["detail"]) if row is not None and row["detail"] else None
+    return detail if isinstance(detail, dict) else None

@@ -21,6 +21,7 @@ Importing ``ledger`` installs this wiring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ledger.api import Ledger
@@ -59,10 +60,11 @@ def _retention(ledger: Ledger, upgrade_id: str) -> None:
     prune.after_upgrade(ledger, upgrade_id)
 
 
-def _deliver_notifications(ledger: Ledger) -> AbstractContextManager[None]:
+def _deliver_notifications(ledger: Ledger, stopping: Callable[[], bool],
+                           ) -> AbstractContextManager[None]:
     from ledger.observe import notify  # noqa: PLC0415 (only during an apply run)
 
-    return notify.delivering(ledger)
+    return notify.delivering(ledger, cancel=stopping)
 
 
 def _notify_status(ledger: Ledger) -> dict[str, object]:

@@ -17,7 +17,7 @@ import click
 
 from ledger import errors as e
 from ledger.cli.lazy import LazyGroup
-from ledger.cli.output import FORMATS
+from ledger.cli.output import FORMATS, echo_or_drop
 from ledger.core.version import __version__
 
 if TYPE_CHECKING:
@@ -87,8 +87,9 @@ pass_config = click.make_pass_decorator(Config)
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print one line on stderr and exit with *code*."""
-    click.echo(f"upgrade-ledger: {message}", err=True)
+    """Print one line on stderr and exit with *code* (the code stands even when
+    nobody reads stderr any more)."""
+    echo_or_drop(f"upgrade-ledger: {message}", err=True)
     sys.exit(code)
 
 

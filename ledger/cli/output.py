@@ -7,6 +7,7 @@ stable and documented in docs/cli.md: scripts parse it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -60,6 +61,35 @@ def value_option() -> Callable[[F], F]:
     ``$(upgrade-ledger state get)`` stays one word in every script; with them, the
     value as a record in the format asked for."""
     return output_option(default=None, inherit=False)
+
+
+#: Standard streams found closed by their reader ("out", "err").
+_gone: set[str] = set()
+
+
+def echo_or_drop(text: str, *, err: bool = False, nl: bool = True) -> bool:
+    """``click.echo``, except that output nobody can read any more is dropped.
+
+    When the reader of a stream went away (``| head``: EPIPE) or its terminal hung up
+    (a dropped ssh session: EIO), the stream is pointed at /dev/null (so that the
+    interpreter's last flush stays quiet) and every later line for it is dropped.
+    Returns whether the text was written. Used where a command must finish its work
+    whoever reads its output (``apply``).
+    """
+    name = "err" if err else "out"
+    if name in _gone:
+        return False
+    try:
+        click.echo(text, err=err, nl=nl)
+        return True
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        _gone.add(name)
+        stream = sys.stderr if err else sys.stdout
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return False
 
 
 def pick(fmt: S, as_json: bool) -> S | str:

@@ -83,7 +83,8 @@ def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool,
     lock = data["lock"]
     flat = {k: v for k, v in data.items()
             if k not in ("lock", "stuck", "components", "notify")}
-    flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
+    flat["components"] = ", ".join(f"{n} {s.lower().replace('_', ' ')}"
+                                   for s, n in data["components"].items())
     flat["lock"] = "not visible from this host" if lock is None else lock_line(lock)
     flat["lock_reason"] = None if lock is None else lock["reason"]
     flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import stat
@@ -494,14 +495,22 @@ def check_stuck(ctx: Context) -> Finding:
             uid = meta.current_upgrade(tx)
             stuck = [] if uid is None else queries.stuck(
                 tx, uid, lock_live=lock.held, threshold_s=ctx.stuck_after_s)
+            plan = None if uid is None else queries.plan_record(tx, uid)
     except Unavailable as exc:
         return Finding(name, SKIP, f"not checked: {exc}")
     if not stuck:
         return Finding(name, OK, "no component stuck in UPGRADING")
     items = [f"{s['name']} ({s['why']})" for s in stuck]
-    return Finding(name, FAIL, f"{len(stuck)} component(s) stuck: {_listing(items)}",
-                   "the run that started them stopped: 'upgrade-ledger resume' lists them; "
-                   "check each and record it with 'component complete' or 'component fail'")
+    hint = ("the run that started them stopped: 'upgrade-ledger resume' lists them; "
+            "check each and record it with 'component complete' or 'component fail'")
+    if plan is not None and plan.get("path"):
+        # An apply run re-validates what it left UPGRADING and goes on by itself.
+        command = shlex.join(["upgrade-ledger", "--home", str(ctx.home.root), "apply",
+                              str(plan["path"])])
+        hint = (f"upgrade {uid} was started by apply from the plan {plan['path']} (sha256 "
+                f"{str(plan.get('sha256'))[:12]}): run the same apply again to resume it, "
+                f"with that very file: {command}")
+    return Finding(name, FAIL, f"{len(stuck)} component(s) stuck: {_listing(items)}", hint)
 
 
 def _aside_pid(name: str, lock_name: str) -> int | None:

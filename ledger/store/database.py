@@ -20,7 +20,7 @@ from ledger.core.host import Identity
 from ledger.errors import CorruptLedger, HostClash
 
 #: The Alembic revision this code expects; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 #: ``read(host=ALL_HOSTS)``: a transaction that sees every host's rows.
 ALL_HOSTS = "*"
 #: How long a writer waits for another writer's transaction before giving up.
