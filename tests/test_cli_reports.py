@@ -211,6 +211,36 @@ def test_show_in_text_formats(cli, fleet, fmt) -> None:
         assert any(line.startswith(comp) for line in out.splitlines())
 
 
+SPOOF = "a\tb\nFAKE\tCOMPLETED\u2028\\t"
+
+
+def test_plain_output_escapes_every_field_so_text_cannot_fake_a_row(cli, fleet) -> None:
+    with Ledger(fleet) as led:
+        led.component_fail("prometheus", SPOOF)
+    out = out_of(cli, "sql", "SELECT name, state, last_error FROM components "
+                 "WHERE name = 'prometheus'", "-f", "plain")
+    assert out == "prometheus\tFAILED\ta\\tb\\nFAKE\\tCOMPLETED\\u2028\\\\t\n"
+    shown = out_of(cli, "show", "-f", "plain")
+    assert not any(line.startswith("FAKE") for line in shown.splitlines())
+    assert "last_error: " not in shown  # components are rows, not records
+    assert sum("a\\tb\\nFAKE" in line for line in shown.splitlines()) >= 1
+    record = out_of(cli, "component", "status", "prometheus", "-f", "plain")
+    assert "last_error: a\\tb\\nFAKE\\tCOMPLETED\\u2028\\\\t" in record.splitlines()
+    # JSON and CSV carry the text as it is: their quoting keeps it in its field.
+    rows = list(csv.reader(io.StringIO(out_of(cli, "component", "status", "prometheus",
+                                              "-f", "csv"))))
+    assert ["last_error", SPOOF] in rows
+    assert json.loads(out_of(cli, "component", "status", "prometheus"))["last_error"] == SPOOF
+
+
+def test_tables_show_invisible_characters_escaped(cli, fleet) -> None:
+    with Ledger(fleet) as led:
+        led.component_fail("prometheus", "left\u202eright\tend")
+    out = out_of(cli, "sql", "SELECT last_error FROM components WHERE name = 'prometheus'")
+    assert "left\\u202eright\\tend" in out
+    assert "\u202e" not in out and "\t" not in out
+
+
 # -- events --------------------------------------------------------------------------------
 
 def test_events_json_shape_and_filters(cli, fleet) -> None:

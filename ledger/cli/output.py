@@ -59,6 +59,35 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def visible(text: str, *, plain: bool = True) -> str:
+    """*text* with every character that is not printable escaped as Python writes it
+    (``\\t``, ``\\n``, ``\\u202e`` ...), so that a field is one field on one line and
+    looks like what it holds: a text cannot fake a row or reorder one.
+
+    *plain* (``-f plain``, read by scripts) also escapes the backslash, so that the
+    escaping can be undone; tables (read by people) keep their line breaks, which a
+    table shows as continuation lines.
+    """
+    if text.isprintable() and not (plain and "\\" in text):
+        return text
+    out = []
+    for char in text:
+        if char == "\\" and plain:
+            out.append("\\\\")
+        elif char.isprintable() or (char == "\n" and not plain):
+            out.append(char)
+        elif char in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def render(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
     """Print *data* in *fmt*. *columns* picks and orders the columns of records."""
     click.echo(format_data(data, fmt, columns), nl=False)
@@ -72,10 +101,11 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
     if isinstance(data, Mapping):
         rows = [(k, data[k]) for k in (columns or list(data))]
         if fmt == "table":
-            return _record_table([(k, _cell(v)) for k, v in rows])
+            return _record_table([(visible(k, plain=False), visible(_cell(v), plain=False))
+                                  for k, v in rows])
         if fmt == "csv":
             return _csv([("key", "value"), *((k, _cell(v)) for k, v in rows)])
-        return "".join(f"{k}: {_cell(v)}\n" for k, v in rows)
+        return "".join(f"{visible(k)}: {visible(_cell(v))}\n" for k, v in rows)
     if isinstance(data, list):
         cols = list(columns or (list(data[0]) if data and isinstance(data[0], Mapping) else []))
         records = [[_cell(r.get(c)) for c in cols] if isinstance(r, Mapping) else [_cell(r)]
@@ -85,10 +115,12 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
                 return ""
             from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
 
-            return tabulate(records, headers=cols or (), tablefmt="simple") + "\n"
+            shown = [[visible(cell, plain=False) for cell in r] for r in records]
+            return tabulate(shown, headers=[visible(c, plain=False) for c in cols] or (),
+                            tablefmt="simple") + "\n"
         if fmt == "csv":
             return _csv([cols, *records] if cols else records)
-        return "".join("\t".join(r) + "\n" for r in records)
+        return "".join("\t".join(visible(cell) for cell in r) + "\n" for r in records)
     text = _cell(data)
     return text + "\n" if text else ""
 

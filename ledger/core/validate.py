@@ -2,6 +2,15 @@
 
 The API, the importer and the plan loader refuse bad input with these before
 anything changes, each with one line that says what is wrong.
+
+*Printable* (names and versions) means what ``str.isprintable()`` accepts: letters,
+digits, punctuation, symbols and the plain space U+0020, and nothing that changes
+how a line is laid out or hides in it: no control characters (C0, DEL, and C1 such as
+U+0085), no format characters (the bidi controls U+200E/200F, U+202A-202E,
+U+2066-2069, zero-width characters, U+FEFF), no line or paragraph separators
+(U+2028, U+2029), no other spaces (U+00A0, U+3000 ...), no surrogates (bytes that
+were not UTF-8), private-use or unassigned code points. So a name shows as what it
+is, and one name cannot pass for another in a table.
 """
 
 from __future__ import annotations
@@ -17,6 +26,20 @@ MAX_PATH = 4096
 _ID = re.compile(r"[A-Za-z0-9._-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unprintable(value: str) -> str | None:
+    """Why *value* is not printable text (see the module docstring), or None if it is."""
+    if value.isprintable():  # one C call on the per-step path
+        return None
+    char = next(ch for ch in value if not ch.isprintable())
+    code = ord(char)
+    if 0xD800 <= code <= 0xDFFF:
+        return "is not valid UTF-8 text (it holds bytes that do not decode)"
+    if code < 0x20 or 0x7F <= code <= 0x9F:
+        return "contains control characters"
+    return f"contains the invisible or layout character U+{code:04X}"
 
 
 def check_id(value: object, what: str = "upgrade id") -> str:
@@ -34,13 +57,19 @@ def check_id(value: object, what: str = "upgrade id") -> str:
 
 
 def check_name(value: object, what: str) -> str:
-    """A phase or component name: 1-128 printable characters, no '/', not '.'/'..'."""
+    """A phase or component name: 1-128 printable characters, not blank and without
+    a space at either end, no '/' or '\\', not '.'/'..', not starting with '-'."""
     if not isinstance(value, str) or not value:
         raise BadInput(f"{what} name must be a non-empty string")
     if len(value) > MAX_NAME:
         raise BadInput(f"{what} name is {len(value)} characters long; at most {MAX_NAME} allowed")
-    if _CONTROL.search(value):
-        raise BadInput(f"{what} name {value!r} contains control characters")
+    problem = unprintable(value)
+    if problem:
+        raise BadInput(f"{what} name {value!r} {problem}")
+    if not value.strip(" "):
+        raise BadInput(f"{what} name {value!r} is blank")
+    if value[0] == " " or value[-1] == " ":
+        raise BadInput(f"{what} name {value!r} starts or ends with a space")
     if "/" in value or "\\" in value or value in {".", ".."} or value.startswith("-"):
         raise BadInput(
             f"{what} name {value!r} is not allowed (no '/', '\\', leading '-', '.' or '..')"
@@ -52,8 +81,8 @@ def check_version(value: object, what: str = "version") -> str | None:
     """A version string (or None): 1-128 printable characters, no spaces."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME or _CONTROL.search(value) \
-            or " " in value:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME or \
+            not value.isprintable() or " " in value:
         raise BadInput(f"{what} {value!r} is not a version (1-{MAX_NAME} printable "
                        "characters, no spaces)")
     return value
@@ -69,6 +98,8 @@ def check_text(value: object, what: str, limit: int = MAX_TEXT) -> str | None:
         raise BadInput(f"{what} is {len(value)} characters long; at most {limit} allowed")
     if _CONTROL_BUT_WHITESPACE.search(value):
         raise BadInput(f"{what} contains control characters")
+    if _SURROGATE.search(value):
+        raise BadInput(f"{what} is not valid UTF-8 text (it holds bytes that do not decode)")
     return value
 
 
@@ -78,4 +109,6 @@ def check_path(value: object, what: str = "path") -> str:
         raise BadInput(f"{what} must be a non-empty string")
     if len(value) > MAX_PATH or _CONTROL.search(value):
         raise BadInput(f"{what} is too long or contains control characters")
+    if _SURROGATE.search(value):
+        raise BadInput(f"{what} is not valid UTF-8 text (it holds bytes that do not decode)")
     return value
