@@ -19,7 +19,14 @@ from typing import Any, ClassVar, TypeVar
 
 from ledger import queries
 from ledger.core import clock, host, states
-from ledger.core.validate import check_id, check_name, check_path, check_text, check_version
+from ledger.core.validate import (
+    MAX_NUMBER,
+    check_id,
+    check_name,
+    check_path,
+    check_text,
+    check_version,
+)
 from ledger.errors import (
     BadInput,
     Conflict,
@@ -734,8 +741,11 @@ class Ledger:
         if phase is not None:
             check_name(phase, "phase")
         path = check_path(os.fspath(backup_path), "backup path")
-        if size_bytes is not None and (isinstance(size_bytes, bool) or size_bytes < 0):
-            raise BadInput("backup size must be a whole number of bytes from 0")
+        if size_bytes is not None and (isinstance(size_bytes, bool) or
+                                       not isinstance(size_bytes, int) or
+                                       not 0 <= size_bytes <= MAX_NUMBER):
+            raise BadInput("backup size must be a whole number of bytes from 0 to "
+                           f"{MAX_NUMBER}")
         if sha256 is not None and (len(sha256) != 64 or
                                    any(ch not in "0123456789abcdef" for ch in sha256)):
             raise BadInput("sha256 must be 64 lower-case hex digits")

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from ledger.core import clock, states
-from ledger.core.validate import check_name
+from ledger.core.validate import MAX_NAME, MAX_ROW_ID, check_id, check_name, unprintable
 from ledger.errors import BadInput, NotFound
 from ledger.store.database import Row, Tx
 from ledger.views.document import second
@@ -111,6 +111,8 @@ def history(tx: Tx, *, limit: int | None = 10, state: str | None = None,
                      "AND c.name = :component)")
         params["component"] = check_name(component, "component")
     if host is not None:
+        if not isinstance(host, str) or unprintable(host):
+            raise BadInput(f"host {host!r} is not printable text")
         where.append("u.hostname = :host")
         params["host"] = host
     sql = ("SELECT u.* FROM upgrades u" + (" WHERE " + " AND ".join(where) if where else "")
@@ -188,15 +190,24 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
            limit: int | None = 1000) -> list[dict[str, Any]]:
     """The audit trail oldest first, filtered. *kind* matches exactly or as a prefix
     ending in '.' (``component.`` for every component event); *after_id* pages."""
+    if isinstance(after_id, bool) or not isinstance(after_id, int) or \
+            not 0 <= after_id <= MAX_ROW_ID:
+        raise BadInput(f"after_id must be a whole number from 0 to {MAX_ROW_ID}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or
+                              not 0 < limit <= MAX_ROW_ID):
+        raise BadInput(f"limit must be a whole number from 1 to {MAX_ROW_ID}")
     where = ["e.id > :after"]
-    params: dict[str, Any] = {"after": int(after_id)}
+    params: dict[str, Any] = {"after": after_id}
     if upgrade_id is not None:
         where.append("e.upgrade_id = :u")
-        params["u"] = upgrade_id
+        params["u"] = check_id(upgrade_id)
     if component is not None:
         where.append("e.subject = :c AND e.kind LIKE 'component.%'")
-        params["c"] = component
+        params["c"] = check_name(component, "component")
     if kind is not None:
+        if not isinstance(kind, str) or len(kind) > MAX_NAME or unprintable(kind):
+            raise BadInput(f"event kind {kind!r} is not printable text of at most "
+                           f"{MAX_NAME} characters")
         if kind.endswith("."):
             where.append("e.kind LIKE :k")
             params["k"] = kind + "%"
@@ -209,7 +220,7 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
     sql = "SELECT e.* FROM events e WHERE " + " AND ".join(where) + " ORDER BY e.id"
     if limit is not None:
         sql += " LIMIT :limit"
-        params["limit"] = int(limit)
+        params["limit"] = limit
     return [event_dict(r) for r in tx.all(sql, params)]
 
 

@@ -390,6 +390,24 @@ DOCUMENTS: list[tuple[str, Callable[[Ledger], Any], str]] = [
      "serial must be a whole number from 0"),
     ("superseded-by-escape", mutated(lambda d: d.__setitem__("superseded_by", "../x")),
      "superseded_by '../x' is not allowed"),
+    # numbers past 64 bits, digits that are not ASCII, text that is not Unicode
+    ("pid-superscript-digit", mutated(lambda d: d["metadata"].__setitem__("pid", "\u00b2")),
+     "metadata.pid must be a decimal process id as a string, or null"),
+    ("pid-arabic-digits", mutated(lambda d: d["metadata"].__setitem__("pid", "\u0663\u0664")),
+     "metadata.pid must be a decimal process id"),
+    ("size-past-64-bits", mutated(lambda d: d["rollback_points"][0].__setitem__(
+        "size_bytes", 10**30)),
+     r"rollback_points\[0\].size_bytes must be a whole number from 0 to 9007199254740991"),
+    ("serial-2-64", mutated(lambda d: d.__setitem__("serial", 2**64)),
+     "serial must be a whole number from 0 to 9007199254740991"),
+    ("serial-2-63-minus-2", mutated(lambda d: d.__setitem__("serial", 2**63 - 2)),
+     "serial must be a whole number from 0 to 9007199254740991"),
+    ("lone-surrogate-value", mutated(lambda d: d["metadata"].__setitem__("user", "\ud800")),
+     r"document holds text that is not valid Unicode \(a lone surrogate\) at metadata.user"),
+    ("lone-surrogate-key", mutated(lambda d: d.__setitem__("x\udc80", 1)),
+     "document holds text that is not valid Unicode"),
+    ("lone-surrogate-error", mutated(lambda d: comp(d).__setitem__("last_error", "a\udcffb")),
+     r"not valid Unicode \(a lone surrogate\) at phases.p.components.a.last_error"),
 ]
 
 

@@ -8,6 +8,7 @@ exit codes in one place (``EXIT_CODES``) and one line on stderr; ``--traceback``
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from ledger import errors as e
 from ledger.cli.lazy import LazyGroup
 from ledger.cli.output import FORMATS
 from ledger.core.version import __version__
+from ledger.lock.record import PID_LIMIT
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -134,6 +136,23 @@ class LedgerGroup(LazyGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class NumberRange(click.FloatRange):
+    """click's FloatRange, refusing NaN as well: NaN compares false with every bound,
+    so a plain FloatRange lets it through. Give every use a maximum (or 1e400, read as
+    infinity, passes too)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value} is not in the range {self._describe_range()}.", param, ctx)
+        return number
+
+
+#: The longest duration an option of seconds takes where nothing else bounds it.
+MAX_SECONDS = 10 * 365 * 86400.0
+
+
 def _seconds_in_range(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
     # Refused here, before the home is opened (or created), like every usage error.
     if not 0 <= value <= 30 * 86400:  # also false for NaN
@@ -144,8 +163,8 @@ def _seconds_in_range(_ctx: click.Context, _param: click.Parameter, value: float
 def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | None:
     if value is None:
         return None
-    if value <= 0:
-        raise click.BadParameter("must be a positive process id")
+    if not 0 < value < PID_LIMIT:
+        raise click.BadParameter(f"must be a positive process id (at most {PID_LIMIT - 1})")
     return int(value)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.app import Config, pass_config
+from ledger.cli.app import Config, NumberRange, pass_config
 from ledger.cli.output import output_option, pick, render
 from ledger.cli.steps import answer, verbose_option
 
@@ -21,10 +21,10 @@ def lock() -> None:
 
 @lock.command("acquire")
 @owner_option
-@click.option("--wait", "wait_s", type=click.FloatRange(0, 86400), default=0.0,
+@click.option("--wait", "wait_s", type=NumberRange(0, 86400), default=0.0,
               show_default=True, metavar="SECONDS",
               help="Wait this long (at most a day) for a live holder to let go.")
-@click.option("--poll", "poll_s", type=click.FloatRange(0.001, 60), default=0.05,
+@click.option("--poll", "poll_s", type=NumberRange(0.001, 60), default=0.05,
               show_default=True, metavar="SECONDS", help="How often to retry while waiting.")
 @pass_config
 def lock_acquire(cfg: Config, owner_pid: int | None, wait_s: float, poll_s: float) -> None:

@@ -9,8 +9,9 @@ from typing import BinaryIO
 
 import click
 
-from ledger.cli.app import Config, pass_config
+from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
 from ledger.cli.output import output_option, pick, render
+from ledger.core.validate import MAX_ROW_ID
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
@@ -20,7 +21,7 @@ EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "use
 
 
 @click.command()
-@click.option("--stuck-after", "stuck_after_s", type=click.FloatRange(min=0), default=3600.0,
+@click.option("--stuck-after", "stuck_after_s", type=NumberRange(0, MAX_SECONDS), default=3600.0,
               show_default=True, metavar="SECONDS",
               help="A component upgrading for longer than this is reported as stuck.")
 @output_option()
@@ -50,7 +51,7 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("-n", "--limit", type=click.IntRange(1, 1_000_000), default=10, show_default=True,
               help="At most this many upgrades.")
 @click.option("--all", "everything", is_flag=True, help="No limit.")
 @click.option("--state", help="Only upgrades in (or that ended in) this state.")
@@ -101,14 +102,15 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
 @click.option("--component", help="Only this component's events.")
 @click.option("--kind", help="Only this kind (or prefix ending in '.', e.g. 'component.').")
 @click.option("--since", metavar="WHEN", help="At or after WHEN (date, time or age).")
-@click.option("--after", "after_id", type=click.IntRange(min=0), default=0,
+@click.option("--after", "after_id", type=click.IntRange(0, MAX_ROW_ID), default=0,
               help="Only events with a larger id.")
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("-n", "--limit", type=click.IntRange(1, MAX_ROW_ID), default=1000,
+              show_default=True,
               help="At most this many events (page on with --after).")
 @click.option("--follow", is_flag=True,
               help="Keep running: after the matching events (no --limit), print new ones as "
                    "they are recorded; JSON is one object per line. Stop with Ctrl-C/SIGTERM.")
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0.05, max=60.0),
+@click.option("--interval", "interval_s", type=NumberRange(0.05, 60.0),
               default=0.5, show_default=True, metavar="SECONDS",
               help="With --follow: how often to look for new events.")
 @output_option(default="table")
@@ -184,8 +186,9 @@ def import_(cfg: Config, source: BinaryIO, current: bool) -> None:
 
     The document is validated first; a bad one is refused and changes nothing.
     """
-    data = source.read()
-    click.echo(cfg.ledger().import_document(data, make_current=current))
+    from ledger.views.document import read  # noqa: PLC0415 (only import needs it)
+
+    click.echo(cfg.ledger().import_document(read(source), make_current=current))
 
 
 @click.command("save-history")

@@ -10,6 +10,7 @@ import click
 
 from ledger.cli.app import Config, pass_config
 from ledger.cli.output import output_option, pick, render
+from ledger.core.validate import MAX_NUMBER
 
 
 def answer(ctx: click.Context, yes: bool, verbose: bool) -> None:
@@ -225,7 +226,8 @@ def rollback() -> None:
 @rollback.command("mark")
 @click.argument("name")
 @click.argument("backup_path")
-@click.option("--size", "size_bytes", type=click.IntRange(min=0), help="Backup size in bytes.")
+@click.option("--size", "size_bytes", type=click.IntRange(0, MAX_NUMBER),
+              help="Backup size in bytes.")
 @click.option("--sha256", help="Backup checksum (64 hex digits).")
 @pass_config
 def rollback_mark(cfg: Config, name: str, backup_path: str, size_bytes: int | None,

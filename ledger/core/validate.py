@@ -22,6 +22,12 @@ from ledger.errors import BadInput
 MAX_NAME = 128
 MAX_TEXT = 64 * 1024
 MAX_PATH = 4096
+#: The largest whole number a document or an option may carry (sizes, serials):
+#: 2**53 - 1, the largest every JSON reader holds exactly, and far below SQLite's
+#: 64-bit limit, so that an event id one above a serial never runs out of room.
+MAX_NUMBER = 2**53 - 1
+#: The largest id SQLite gives a row (an event id): signed 64-bit.
+MAX_ROW_ID = 2**63 - 1
 
 _ID = re.compile(r"[A-Za-z0-9._-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

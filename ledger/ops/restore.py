@@ -134,7 +134,7 @@ def _views(led: Ledger, result: Restored) -> list[tuple[Path, bytes, dict[str, A
     for path in paths:
         try:
             with open(path, "rb", opener=_no_follow) as handle:
-                data = handle.read(document.MAX_DOCUMENT + 1)
+                data = document.read(handle)
             doc = document.parse(data)
             if doc.get("lineage") not in (None, lineage):
                 raise InvalidDocument(f"it belongs to another ledger (lineage {doc['lineage']})")
