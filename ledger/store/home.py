@@ -117,17 +117,28 @@ class Home:
         write_file_atomic(target, data, temp_dir=folder)
 
     def clean_tmp(self) -> int:
-        """Remove temp files left by writers that died mid-write; return how many."""
+        """Remove what writers that died mid-write left: temp files in tmp/, and temp
+        files and staging folders (a ledger built aside) beside ledger.db. Only names of
+        the ledger's own form (``.<name>.<pid>.<random>.tmp``) with a dead PID are
+        touched. Returns how many were removed."""
         removed = 0
-        try:
-            entries = list(os.scandir(self.tmp_dir))
-        except OSError:
-            return 0
-        for entry in entries:
-            pid = temp_writer_pid(entry.name)
-            if pid is not None and not host.pid_alive(pid):
+        for folder in dict.fromkeys((self.tmp_dir, self.db_path.parent)):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                pid = temp_writer_pid(entry.name)
+                if pid is None or not entry.name.startswith(".") or host.pid_alive(pid):
+                    continue
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        # Rare, so shutil is imported here, not on every start-up.
+                        import shutil  # noqa: PLC0415
+
+                        shutil.rmtree(entry.path)  # never follows links inside
+                    else:
+                        os.unlink(entry.path)
                     removed += 1
         return removed
 

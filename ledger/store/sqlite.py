@@ -7,6 +7,7 @@ writes start with ``BEGIN IMMEDIATE``. Reporting connections may only read.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -173,6 +174,31 @@ class SqliteDatabase(Database):
 
     def close(self) -> None:
         self._conn.close()
+
+
+def seal(path: Path) -> None:
+    """Make the closed ledger file at *path* whole on its own, before it is renamed into
+    place: fold its WAL in, switch it to a rollback journal (which removes the -wal and
+    -shm files) and fsync it. The first connection to the renamed file puts it back in
+    WAL mode. Nothing else may have it open."""
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            conn.close()
+        # Not ledger.db yet: no connection of this process has POSIX locks on it that
+        # closing this descriptor could drop.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except sqlite3.Error as exc:
+        raise _translate(exc, str(path)) from exc
+    except OSError as exc:
+        raise StorageError(f"cannot write {path} ({exc.strerror}); check free space") from exc
 
 
 def _foreign(conn: sqlite3.Connection) -> bool:
