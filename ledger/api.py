@@ -26,6 +26,7 @@ from ledger.core.validate import (
     check_path,
     check_text,
     check_version,
+    clip_text,
 )
 from ledger.errors import (
     BadInput,
@@ -366,7 +367,7 @@ class Ledger:
     def set_state(self, target: str, *, error: str | None = None) -> bool:
         """Move the current upgrade to *target*; False when it was there already."""
         states.check_state("upgrade", target)
-        check_text(error, "error")
+        error = check_text(clip_text(error), "error")
 
         def action(tx: Tx) -> bool:
             u = self._current(tx)
@@ -457,7 +458,7 @@ class Ledger:
 
     def _phase_move(self, name: str, target: str, error: str | None = None) -> bool:
         check_name(name, "phase")
-        check_text(error, "error")
+        error = check_text(clip_text(error), "error")
 
         def action(tx: Tx) -> bool:
             u = self._current(tx)
@@ -579,7 +580,7 @@ class Ledger:
     def _component_move(self, name: str, target: str, text: str | None = None,
                         phase: str | None = None) -> bool:
         check_name(name, "component")
-        check_text(text, "error" if target == states.FAILED else "note")
+        text = check_text(clip_text(text), "error" if target == states.FAILED else "note")
         touched: list[tuple[str, str, bool]] = []
 
         def action(tx: Tx) -> bool:

@@ -209,10 +209,10 @@ CALLS: list[tuple[str, Callable[[Ledger], Any], type[LedgerError], str]] = [
      "to version .* is not a version"),
     ("error-control", lambda led: led.component_fail("a", "bad\x07bell"), BadInput,
      "error contains control characters"),
-    ("error-huge", lambda led: led.phase_fail("p", "e" * (64 * 1024 + 1)), BadInput,
-     "error is 65537 characters long; at most 65536 allowed"),
     ("state-error-control", lambda led: led.set_state("FAILED", error="\x00"), BadInput,
      "error contains control characters"),
+    ("error-lone-surrogate", lambda led: led.component_fail("a", "caf\udce9"), BadInput,
+     r"error is not valid UTF-8 text"),
     ("backup-path-empty", lambda led: led.mark_rollback_point("a", ""), BadInput,
      "backup path must be a non-empty string"),
     ("backup-path-control", lambda led: led.mark_rollback_point("a", "/b/\n"), BadInput,
@@ -458,3 +458,20 @@ def test_snapshot_sees_a_change(running: Ledger, tmp_path: Path) -> None:
     assert after["events"] == before["events"] + 1
     assert after["rows"]["components"] != before["rows"]["components"]
     assert after["files"] != before["files"]
+
+
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 70_000, 3 * 1024 * 1024])
+def test_an_error_text_over_64_kib_is_cut_with_a_marker_not_refused(running: Ledger,
+                                                                    size: int) -> None:
+    text = "head " + "x" * (size - 10) + " tail"
+    assert running.component_fail("a", text)
+    kept = running.component_status("a")["last_error"]
+    assert len(kept) <= 64 * 1024
+    assert kept.startswith("head xxx") and kept.endswith("xxx tail")
+    cut = size - len(kept) + len(re.search(r"\n\[\.\.\. (\d+) characters cut[^\]]*\]\n",
+                                           kept)[0])
+    assert f"[... {cut} characters cut" in kept
+    running.phase_fail("p", text)
+    running.set_state("FAILED", error=text)
+    assert len(running.show()["phases"][0]["error"]) <= 64 * 1024
+    assert len(running.show()["error"]) <= 64 * 1024

@@ -19,6 +19,7 @@ import click
 from ledger import errors as e
 from ledger.cli.lazy import LazyGroup
 from ledger.cli.output import FORMATS
+from ledger.core.validate import escape_text
 from ledger.core.version import __version__
 from ledger.lock.record import PID_LIMIT
 
@@ -148,6 +149,20 @@ class NumberRange(click.FloatRange):
             self.fail(f"{value} is not in the range {self._describe_range()}.", param, ctx)
         return number
 
+
+class FreeText(click.ParamType[Any, Any]):
+    """A free text (an error, a reason) as a script passes it: any bytes are taken, those
+    that are not UTF-8 and control characters kept visible as ``\\xNN`` (see
+    ``ledger.core.validate.escape_text``), so that a failure is never lost for its text."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        return escape_text(value) if isinstance(value, str) else value
+
+
+TEXT = FreeText()
 
 #: The longest duration an option of seconds takes where nothing else bounds it.
 MAX_SECONDS = 10 * 365 * 86400.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.app import Config, NumberRange, pass_config
+from ledger.cli.app import TEXT, Config, NumberRange, pass_config
 from ledger.cli.output import output_option, pick, render
 from ledger.cli.steps import answer, verbose_option
 
@@ -73,7 +73,8 @@ def lock_check_stale(cfg: Config) -> None:
 
 
 @lock.command("break")
-@click.option("--reason", required=True, help="Why the lock is broken (kept in the ledger).")
+@click.option("--reason", type=TEXT, required=True,
+              help="Why the lock is broken (kept in the ledger).")
 @pass_config
 def lock_break(cfg: Config, reason: str) -> None:
     """Forcibly remove the lock, even from a live holder. Use with care: see docs/lock.md."""

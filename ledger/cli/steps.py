@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.app import Config, pass_config
+from ledger.cli.app import TEXT, Config, pass_config
 from ledger.cli.output import output_option, pick, render
 from ledger.core.validate import MAX_NUMBER
 
@@ -53,7 +53,7 @@ def state_get(cfg: Config) -> None:
 
 @state.command("set")
 @click.argument("target", metavar="STATE")
-@click.option("--error", metavar="TEXT", help="Error text kept with the upgrade.")
+@click.option("--error", type=TEXT, metavar="TEXT", help="Error text kept with the upgrade.")
 @pass_config
 def state_set(cfg: Config, target: str, error: str | None) -> None:
     """Move the current upgrade to STATE (the same state again is a no-op).
@@ -98,7 +98,7 @@ def phase_complete(cfg: Config, name: str) -> None:
 
 @phase.command("fail")
 @click.argument("name")
-@click.argument("error", required=False)
+@click.argument("error", type=TEXT, required=False)
 @pass_config
 def phase_fail(cfg: Config, name: str, error: str | None) -> None:
     """Mark phase NAME failed, with an optional ERROR text."""
@@ -107,7 +107,7 @@ def phase_fail(cfg: Config, name: str, error: str | None) -> None:
 
 @phase.command("skip")
 @click.argument("name")
-@click.argument("reason", required=False)
+@click.argument("reason", type=TEXT, required=False)
 @pass_config
 def phase_skip(cfg: Config, name: str, reason: str | None) -> None:
     """Mark phase NAME skipped, with an optional REASON."""
@@ -168,7 +168,7 @@ def component_complete(cfg: Config, name: str, phase_name: str | None) -> None:
 
 @component.command("fail")
 @click.argument("name")
-@click.argument("error", required=False)
+@click.argument("error", type=TEXT, required=False)
 @in_phase_option
 @pass_config
 def component_fail(cfg: Config, name: str, error: str | None, phase_name: str | None) -> None:
@@ -178,7 +178,7 @@ def component_fail(cfg: Config, name: str, error: str | None, phase_name: str | 
 
 @component.command("skip")
 @click.argument("name")
-@click.argument("reason", required=False)
+@click.argument("reason", type=TEXT, required=False)
 @in_phase_option
 @pass_config
 def component_skip(cfg: Config, name: str, reason: str | None, phase_name: str | None) -> None:

@@ -16,8 +16,11 @@ is, and one name cannot pass for another in a table.
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from ledger.errors import BadInput
+
+T = TypeVar("T")
 
 MAX_NAME = 128
 MAX_TEXT = 64 * 1024
@@ -92,6 +95,39 @@ def check_version(value: object, what: str = "version") -> str | None:
         raise BadInput(f"{what} {value!r} is not a version (1-{MAX_NAME} printable "
                        "characters, no spaces)")
     return value
+
+
+_UNSTORABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
+_CUT = "\n[... {} characters cut: a text is kept to its first and last characters ...]\n"
+
+
+def escape_text(value: str) -> str:
+    """Free text as a script passed it, made storable with its meaning kept visible.
+
+    Bytes that were not UTF-8 (Python hands them over as the lone surrogates
+    U+DC80-U+DCFF) and control characters other than tab and newline become
+    ``\\xNN`` (``caf\\xe9``, ``\\x1b[31m``); any other lone surrogate ``\\uNNNN``. So
+    whatever bytes a failing command printed, its failure is recorded.
+    """
+    def escaped(match: re.Match[str]) -> str:
+        code = ord(match[0])
+        if code < 0x100 or 0xDC80 <= code <= 0xDCFF:
+            return f"\\x{code & 0xFF:02x}"
+        return f"\\u{code:04x}"
+
+    return _UNSTORABLE.sub(escaped, value)
+
+
+def clip_text(value: T, limit: int = MAX_TEXT) -> T:
+    """Free text of at most *limit* characters: a longer one keeps its start (which
+    names what ran) and its end (where it failed) around a marker saying how much was
+    cut. Anything that is not a string is returned as it is, for ``check_text``."""
+    if not isinstance(value, str) or len(value) <= limit:
+        return value
+    head = limit // 4
+    tail = limit - head - len(_CUT.format(len(value)))  # the marker at its longest
+    cut = len(value) - head - tail
+    return value[:head] + _CUT.format(cut) + value[len(value) - tail:]  # type: ignore[return-value]
 
 
 def check_text(value: object, what: str, limit: int = MAX_TEXT) -> str | None:
