@@ -1,7 +1,10 @@
-"""Facts about this host and its processes: names, the boot, whether a PID lives.
+"""Facts about this host and its processes: names, the machine, the boot, whether a
+PID lives.
 
-The lock judges its holder with these, the home cleans up after dead writers with
-them, and the ledger records who made each change. Stdlib only, and only cheap
+A machine is identified by its machine id (and a boot of it by its boot id), never by
+its name: a host can be renamed, and two machines can claim one name. The name is for
+display. The lock judges its holder with these, the home cleans up after dead writers
+with them, and the ledger records who made each change. Stdlib only, and only cheap
 modules: every per-step CLI call reads some of them.
 """
 
@@ -12,6 +15,10 @@ import pwd
 
 _BOOT_ID_CHARS = frozenset("0123456789abcdefABCDEF-")
 _boot_id_cache: list[str | None] = []
+_machine_id_cache: list[str | None] = []
+_HEX = frozenset("0123456789abcdef")
+#: Where the machine id is kept: systemd's file, then D-Bus's (older systems).
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 _user_names: dict[int, str] = {}
 
 
@@ -35,6 +42,25 @@ def boot_id() -> str | None:
         ok = 0 < len(value) <= 64 and set(value) <= _BOOT_ID_CHARS
         _boot_id_cache.append(value if ok else None)
     return _boot_id_cache[0]
+
+
+def machine_id() -> str | None:
+    """This machine's id: 32 lower-case hex digits, set once when the system was
+    installed and kept across reboots and renames (``/etc/machine-id``, else
+    ``/var/lib/dbus/machine-id``); None where neither holds one."""
+    if not _machine_id_cache:
+        value = None
+        for path in MACHINE_ID_FILES:
+            try:
+                with open(path, "rb") as fh:
+                    text = fh.read(100).strip().decode("ascii").lower()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if len(text) == 32 and set(text) <= _HEX:  # "uninitialized" and the like: not one
+                value = text
+                break
+        _machine_id_cache.append(value)
+    return _machine_id_cache[0]
 
 
 def user_name(uid: int | None = None) -> str:
