@@ -41,13 +41,16 @@ from ledger.errors import (
 from ledger.lock import DirLock, Holder, LockStatus
 from ledger.store import meta
 from ledger.store.connect import open_database
-from ledger.store.database import Database, Row, Tx
+from ledger.store.database import REPORT_TIMEOUT_S, Database, Row, Rows, Tx
 from ledger.store.home import Home
 from ledger.views import document, importer, patch
 
 T = TypeVar("T")
 
 _ANNOTATION_KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: The longest a reporting query may be allowed to run.
+MAX_REPORT_TIMEOUT_S = 86400.0
 
 #: A planned component: (name, from_version, to_version).
 PlannedComponent = tuple[str, str | None, str | None]
@@ -881,12 +884,33 @@ class Ledger:
             data[name] = section()
         return data
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None,
-              ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run one read-only reporting query; writes are refused before they run."""
+    def report(self, sql: str, params: Mapping[str, Any] | None = None, *,
+               timeout_s: float | None = REPORT_TIMEOUT_S) -> Rows:
+        """Start one read-only reporting query and stream its rows (``rows.columns``,
+        then iterate; close it, or use ``with``). Writes and pragmas that set something
+        are refused before they run; past *timeout_s* seconds (None: no limit) the query
+        is stopped with ``QueryTimeout``, and Ctrl-C stops it too."""
         if not isinstance(sql, str) or not sql.strip():
             raise BadInput("sql: the query is empty")
-        return self.db.report(sql, params)
+        if _SURROGATE.search(sql):
+            raise BadInput("sql: the query is not valid UTF-8 text")
+        for name, value in (params or {}).items():
+            if not isinstance(name, str) or (isinstance(value, str) and
+                                             _SURROGATE.search(value)):
+                raise BadInput(f"sql: parameter {name} is not valid UTF-8 text")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or
+                                      not isinstance(timeout_s, int | float) or
+                                      not 0 < timeout_s <= MAX_REPORT_TIMEOUT_S):
+            raise BadInput(f"sql: the timeout must be a number of seconds from 0 to "
+                           f"{MAX_REPORT_TIMEOUT_S:g}, or None for no limit")
+        return self.db.report(sql, params, timeout_s=timeout_s)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None, *,
+              timeout_s: float | None = REPORT_TIMEOUT_S,
+              ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """``report``, every row collected: ``(columns, rows)``, for small results."""
+        with self.report(sql, params, timeout_s=timeout_s) as rows:
+            return rows.columns, list(rows)
 
     def export_document(self, upgrade_id: str | None = None) -> bytes:
         """The state document of an upgrade (default: the current one), as file bytes."""

@@ -37,6 +37,10 @@ class InvalidDocument(BadInput):
     """A state document (state.json or a history file) that fails validation."""
 
 
+class QueryTimeout(BadInput, TimeoutError):
+    """A reporting query ran longer than its time limit and was stopped."""
+
+
 class InvalidTransition(LedgerError):
     """A state change that the state machine forbids; nothing was changed."""
 

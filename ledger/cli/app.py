@@ -98,9 +98,19 @@ def _wants_traceback(args: list[str] | None) -> bool:
         "--traceback" in (args if args is not None else sys.argv[1:])
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, carried past click, which would print an empty line for it."""
+
+
 class LedgerGroup(LazyGroup):
     """The root group: commands loaded lazily; every failure becomes one line on stderr
     and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -112,7 +122,7 @@ class LedgerGroup(LazyGroup):
                                 standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except (click.Abort, _Interrupted):
             fail("interrupted", EXIT_INTERRUPTED)
         except click.ClickException as exc:
             if show_trace:

@@ -10,12 +10,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
 
+from ledger.errors import BadInput
+
 FORMATS = ("table", "json", "plain", "csv")
+#: A table aligns its columns over every row, so it must hold them all: at most this
+#: many (the other formats stream any number).
+TABLE_MAX_ROWS = 10_000
+#: Streamed output is written in pieces of about this many characters.
+_CHUNK = 64 * 1024
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -56,7 +63,20 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True)
+    if isinstance(value, bytes):
+        return _blob(value)
     return str(value)
+
+
+def _blob(value: bytes) -> str:
+    """A BLOB (only ``sql`` meets one) as SQL writes it: ``X'00FF'``."""
+    return f"X'{value.hex().upper()}'"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return _blob(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 _NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -97,7 +117,7 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
                 columns: Sequence[str] | None = None) -> str:
     """*data* as text in *fmt* (newline-terminated unless empty)."""
     if fmt == "json":
-        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(data, indent=2, ensure_ascii=False, default=_json_value) + "\n"
     if isinstance(data, Mapping):
         rows = [(k, data[k]) for k in (columns or list(data))]
         if fmt == "table":
@@ -142,3 +162,46 @@ def _csv(rows: Sequence[Sequence[str]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def stream_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str) -> None:
+    """Print the rows of a query in *fmt* as they come, holding none of them but a
+    table's (which needs them all to align, so it takes at most ``TABLE_MAX_ROWS``).
+    Gives the same text as ``render`` of the rows as records."""
+    if fmt == "table":
+        records: list[dict[str, Any]] = []
+        for row in rows:
+            if len(records) == TABLE_MAX_ROWS:
+                raise BadInput(f"more than {TABLE_MAX_ROWS} rows do not fit a table; use "
+                               "-f csv, plain or json, which stream any number of rows")
+            records.append(dict(zip(columns, row, strict=True)))
+        render(records, fmt, columns)
+        return
+    pieces: list[str] = []
+    size = 0
+    for piece in _pieces(columns, rows, fmt):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= _CHUNK:
+            click.echo("".join(pieces), nl=False)
+            pieces, size = [], 0
+    click.echo("".join(pieces), nl=False)
+
+
+def _pieces(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str,
+            ) -> Iterable[str]:
+    if fmt == "json":  # exactly json.dumps(list_of_records, indent=2), one row at a time
+        first = True
+        for row in rows:
+            record = json.dumps(dict(zip(columns, row, strict=True)), indent=2,
+                                ensure_ascii=False, default=_json_value)
+            yield ("[\n  " if first else ",\n  ") + record.replace("\n", "\n  ")
+            first = False
+        yield "[]\n" if first else "\n]\n"
+    elif fmt == "csv":
+        yield _csv([list(columns)])
+        for row in rows:
+            yield _csv([[_cell(value) for value in row]])
+    else:
+        for row in rows:
+            yield "\t".join(visible(_cell(value)) for value in row) + "\n"

@@ -10,8 +10,9 @@ from typing import BinaryIO
 import click
 
 from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import output_option, pick, render, stream_rows
 from ledger.core.validate import MAX_ROW_ID
+from ledger.store.database import REPORT_TIMEOUT_S
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
@@ -136,13 +137,18 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
 @click.argument("query")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="A named parameter (:NAME in the query).")
+@click.option("--timeout", "timeout_s", type=NumberRange(0, 86400), default=REPORT_TIMEOUT_S,
+              show_default=True, metavar="SECONDS",
+              help="Stop the query after this long, output included (0: no limit).")
 @output_option()
 @pass_config
-def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: bool) -> None:
-    """Run one read-only SQL query (writes are refused before they run).
+def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt: str,
+        as_json: bool) -> None:
+    """Run one read-only SQL query (writes and settings are refused before they run).
 
-    The reporting views are upgrade_summary, component_runs, phase_runs and failures;
-    docs/sql-reporting.md has ready queries.
+    Rows are printed as they are read (a table holds at most 10000); Ctrl-C stops the
+    query. The reporting views are upgrade_summary, component_runs, phase_runs and
+    failures; docs/sql-reporting.md has ready queries.
     """
     bound = {}
     for item in params:
@@ -150,9 +156,8 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: boo
         if not sep or not name.isidentifier():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         bound[name] = value
-    columns, rows = cfg.ledger().query(query, bound)
-    render([dict(zip(columns, r, strict=True)) for r in rows], pick(fmt, as_json),
-           columns)
+    with cfg.ledger().report(query, bound, timeout_s=timeout_s or None) as rows:
+        stream_rows(rows.columns, rows, pick(fmt, as_json))
 
 
 @click.command()
