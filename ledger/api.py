@@ -61,7 +61,9 @@ class Ledger:
 
     *pid* is the process the changes are attributed to and that owns the lock
     (default: this process; the CLI passes its caller's). With *strict*, every
-    change is refused unless *pid* holds the lock.
+    change is refused unless *pid* holds the lock. A home (or database) without a
+    ledger gets a new one; with *create* False it is refused with ``NoLedger`` and
+    nothing is made: the way to open a ledger only to read it.
 
     Effects beyond the ledger (the metrics textfile, snapshots, notifications) are
     listeners: callables in ``after_change``, ``after_save``, ``during_run`` and
@@ -84,15 +86,12 @@ class Ledger:
         strict: bool = False,
         lock_timeout_s: float = 4 * 3600,
         wired: bool = True,
+        create: bool = True,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.home = Home.at(home, env)
-        self.home.ensure()
-        self.home.clean_tmp()
-        if db_url is None:
-            self.home.prepare_db_file()
-        self.db: Database = open_database(db_url, self.home.db_path)
+        self.db: Database = self._open(db_url, create)
         self.pid = os.getpid() if pid is None else pid
         self.user = host.user_name() or str(os.geteuid())
         self.hostname = host.hostname()
@@ -112,6 +111,26 @@ class Ledger:
         if wired:
             for wire in Ledger.default_wiring:
                 wire(self)
+
+    def _open(self, db_url: str | None, create: bool) -> Database:
+        """Prepare the home and open the database (see the class docstring)."""
+        if db_url is None:
+            if not create:
+                self.home.require_ledger()  # before anything is made
+            self.home.ensure()
+            self.home.clean_tmp()
+            self.home.prepare_db_file()
+            return open_database(None, self.home.db_path, create=create)
+        if create:
+            self.home.ensure()
+        db = open_database(db_url, None, create=create)
+        try:
+            self.home.ensure()  # the views and the lock of a --db ledger live here
+            self.home.clean_tmp()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         """Release the database connection."""

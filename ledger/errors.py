@@ -60,6 +60,10 @@ class NotFound(LedgerError, LookupError):
     """The upgrade, phase or component named does not exist."""
 
 
+class NoLedger(NotFound):
+    """A home without a ledger, opened by something that only reads: nothing is made."""
+
+
 class Conflict(LedgerError):
     """The request is well formed but the ledger's current state refuses it."""
 
@@ -102,6 +106,10 @@ class NotLockOwner(LockError):
 
 class StorageError(LedgerError, OSError):
     """The home or a file in it cannot be created, written or read."""
+
+
+class NotAHome(StorageError):
+    """An existing folder given as the home holds other things and no ledger."""
 
 
 class CorruptLedger(LedgerError):

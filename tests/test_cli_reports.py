@@ -106,7 +106,8 @@ def test_status_json_shape(cli, fleet) -> None:
     assert data["stuck"][0]["why"] == "upgrading while no live process holds the lock"
 
 
-def test_status_before_any_upgrade(cli) -> None:
+def test_status_before_any_upgrade(cli, home: Path) -> None:
+    Ledger(home).close()  # a ledger without upgrades (status on no ledger is refused)
     data = json.loads(out_of(cli, "status", "--json"))
     assert (data["upgrade_id"], data["state"], data["stuck"]) == (None, "IDLE", [])
 
@@ -170,7 +171,8 @@ def test_history_in_text_formats(cli, fleet, fmt) -> None:
         assert lines[2].split()[0] == "u-live"
 
 
-def test_history_of_an_empty_ledger_prints_nothing_but_json_is_a_list(cli) -> None:
+def test_history_of_an_empty_ledger_prints_nothing_but_json_is_a_list(cli, home: Path) -> None:
+    Ledger(home).close()
     assert out_of(cli, "history") == ""
     assert json.loads(out_of(cli, "history", "--json")) == []
 

@@ -103,6 +103,9 @@ def foreign(db: Path) -> None:
     conn.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);"
                        "INSERT INTO users (name) VALUES ('alice');")
     conn.close()
+    # As private as the ledger it replaces: a loose mode would be reported by doctor
+    # (never changed by a command), and this damage is about the content.
+    db.chmod(0o600)
 
 
 def emptied(db: Path) -> None:

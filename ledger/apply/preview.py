@@ -9,6 +9,7 @@ temporary file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from ledger.apply.plan import Component, Plan
 from ledger.apply.runner import plan_digest
 from ledger.apply.shell import Running
 from ledger.core import states
+from ledger.errors import NoLedger
 from ledger.lock import DEFAULT_TIMEOUT_S
 from ledger.store.home import Home
 
@@ -31,8 +33,9 @@ def preview_home(home: str | os.PathLike[str] | None, plan: Plan, *,
     its ledger only if it has one: a home without a ledger stays untouched."""
     where = Home.at(home, env)
     ledger = None
-    if db_url is not None or where.db_path.exists():
-        ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s)
+    with contextlib.suppress(NoLedger):  # then previewed as a first run
+        ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s,
+                        create=False)
     try:
         return preview(where, ledger, plan, supersede=supersede, again=again)
     finally:
@@ -46,6 +49,8 @@ def preview(home: Home, ledger: Ledger | None, plan: Plan, *, supersede: bool = 
     to, installed, action}]}`` for a run of *plan* in *home*, whose *ledger* is None
     when the home has none yet."""
     uid, action, known = _upgrade_action(ledger, plan, supersede=supersede, again=again)
+    if ledger is None:  # said in the header line: a typo in --home shows here
+        action += f" (there is no ledger at {home.root} yet: a run creates it)"
     rows = []
     earlier: set[str] = set()  # components with a stage before this one
     for c in plan.components():

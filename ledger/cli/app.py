@@ -66,14 +66,18 @@ class Config:
     fmt: str | None = None  # the root's --format: the default of every command's -f
     _ledger: Ledger | None = field(default=None, repr=False)
 
-    def ledger(self) -> Ledger:
-        """The ledger, opened (and created or migrated if needed) on first use."""
+    def ledger(self, *, create: bool = True) -> Ledger:
+        """The ledger, opened (and created or migrated if needed) on first use. A
+        command that only reads passes *create* False: a home without a ledger is then
+        one line (``NoLedger``, exit 5) and nothing is made (a typo in --home, or no
+        --home at all, must not leave a new home behind)."""
         if self._ledger is None:
             # Imported on first use, so that --help and completion stay quick.
             from ledger.api import Ledger  # noqa: PLC0415
 
             self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
-                                  strict=self.strict, lock_timeout_s=self.lock_timeout_s)
+                                  strict=self.strict, lock_timeout_s=self.lock_timeout_s,
+                                  create=create)
         return self._ledger
 
     def close(self) -> None:

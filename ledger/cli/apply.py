@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ledger.cli.app import Config, fail, pass_config
+from ledger.cli.app import EXIT_INTERRUPTED, Config, fail, pass_config
 from ledger.cli.output import output_option, pick, render
 
 if TYPE_CHECKING:
@@ -114,8 +114,13 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
     from ledger.apply import runner  # noqa: PLC0415
 
     # The run itself owns the lock (not the calling shell, as per-step commands do).
-    ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(), strict=cfg.strict,
-                    lock_timeout_s=cfg.lock_timeout_s)
+    try:
+        ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(), strict=cfg.strict,
+                        lock_timeout_s=cfg.lock_timeout_s)
+    except KeyboardInterrupt:
+        # A new ledger is created whole or not at all, and nothing is recorded yet.
+        fail("interrupted before the run started; nothing was recorded: run the same apply "
+             "again", EXIT_INTERRUPTED)
     console = Console(bar=sys.stdout.isatty() and not plain)
     options = runner.Options(rollback=not no_rollback, supersede=supersede, again=again)
     try:

@@ -49,7 +49,7 @@ def lock_release(cfg: Config, owner_pid: int | None) -> None:
 @click.pass_context
 def lock_held(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 if a live process holds the lock, 1 if not (a stale lock is not held)."""
-    answer(ctx, cfg.ledger().lock_held(), verbose)
+    answer(ctx, cfg.ledger(create=False).lock_held(), verbose)
 
 
 @lock.command("status")
@@ -57,7 +57,7 @@ def lock_held(ctx: click.Context, cfg: Config, verbose: bool) -> None:
 @pass_config
 def lock_status(cfg: Config, fmt: str, as_json: bool) -> None:
     """Who holds the lock, since when, from which host, and whether it looks stale."""
-    status = cfg.ledger().lock_status().as_dict()
+    status = cfg.ledger(create=False).lock_status().as_dict()
     holder = status.pop("holder") or {}
     out = pick(fmt, as_json)
     render({**status, "holder": holder or None} if out == "json" else

@@ -30,7 +30,7 @@ EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "use
 def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
     """The current upgrade at a glance: state, phase, component, progress, lock,
     rollback points and stuck components."""
-    data = cfg.ledger().status(stuck_after_s=stuck_after_s)
+    data = cfg.ledger(create=False).status(stuck_after_s=stuck_after_s)
     out = pick(fmt, as_json)
     if out == "json":
         render(data, out)
@@ -67,8 +67,9 @@ def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
             component: str | None, host: str | None, since: str | None, until: str | None,
             fmt: str, as_json: bool) -> None:
     """List upgrades, newest first."""
-    rows = cfg.ledger().history(None if everything else limit, state=state, since=since,
-                                until=until, component=component, host=host)
+    rows = cfg.ledger(create=False).history(None if everything else limit, state=state,
+                                            since=since, until=until, component=component,
+                                            host=host)
     render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else HISTORY_COLUMNS)
 
 
@@ -79,7 +80,7 @@ def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
 def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
     """Everything about one upgrade (default: the current one): phases, components with
     versions, attempts, errors and durations, rollback points and the event trail."""
-    data = cfg.ledger().show(upgrade_id)
+    data = cfg.ledger(create=False).show(upgrade_id)
     out = pick(fmt, as_json)
     if out == "json":
         render(data, out)
@@ -127,8 +128,9 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
                       upgrade_id=upgrade_id, component=component, kind=kind, since=since,
                       after_id=after_id)
         return
-    rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,
-                               since=since, after_id=after_id, limit=limit)
+    rows = cfg.ledger(create=False).events(upgrade_id=upgrade_id, component=component,
+                                           kind=kind, since=since, after_id=after_id,
+                                           limit=limit)
     out = pick(fmt, as_json)
     render(rows, out, None if out == "json" else EVENT_COLUMNS)
 
@@ -156,7 +158,7 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt:
         if not sep or not name.isidentifier():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         bound[name] = value
-    with cfg.ledger().report(query, bound, timeout_s=timeout_s or None) as rows:
+    with cfg.ledger(create=False).report(query, bound, timeout_s=timeout_s or None) as rows:
         stream_rows(rows.columns, rows, pick(fmt, as_json))
 
 
@@ -168,7 +170,7 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt:
 def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
     """Rewrite state.json and the history files from the ledger, or write one
     upgrade's document to a path or stdout."""
-    ledger = cfg.ledger()
+    ledger = cfg.ledger(create=False)
     if output is None and upgrade_id is None:
         written = ledger.export_views()
         click.echo(f"wrote {len(written)} file(s)", err=True)

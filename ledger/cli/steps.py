@@ -202,7 +202,7 @@ def component_status(cfg: Config, name: str, fmt: str, as_json: bool) -> None:
 @click.pass_context
 def component_is_upgraded(ctx: click.Context, cfg: Config, name: str, verbose: bool) -> None:
     """Exit 0 if NAME is completed in the current upgrade, 1 if not."""
-    answer(ctx, cfg.ledger().is_upgraded(name), verbose)
+    answer(ctx, cfg.ledger(create=False).is_upgraded(name), verbose)
 
 
 @component.command("version")
@@ -284,7 +284,7 @@ def resume_point(cfg: Config, fmt: str, as_json: bool) -> None:
 @click.pass_context
 def can_resume(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 if the current upgrade stopped mid-run and can be resumed, 1 if not."""
-    answer(ctx, cfg.ledger().can_resume(), verbose)
+    answer(ctx, cfg.ledger(create=False).can_resume(), verbose)
 
 
 @click.command("in-progress")
@@ -293,7 +293,7 @@ def can_resume(ctx: click.Context, cfg: Config, verbose: bool) -> None:
 @click.pass_context
 def in_progress(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 while an upgrade is running (PLANNING ... ROLLING_BACK), 1 if not."""
-    answer(ctx, cfg.ledger().in_progress(), verbose)
+    answer(ctx, cfg.ledger(create=False).in_progress(), verbose)
 
 
 @click.command()

@@ -12,7 +12,11 @@ Layout (each path can be moved by the legacy ``UPGRADE_*`` variables)::
     history/         <upgrade_id>.json per upgrade saved to history
     logs/            command output of ``apply`` runs
 
-Folders are 0700 and files 0600 whatever the caller's umask.
+Folders and files the ledger creates are 0700 and 0600 whatever the caller's umask;
+what exists already keeps its mode (``doctor`` reports a loose one and ``--repair``
+fixes it). An existing folder is used as a home only when it is empty or looks like
+one (``Home.ensure``); a new ``ledger.db`` is built aside and renamed into place
+(``ledger.store.connect``), so it is never seen empty or half made.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.core import host
-from ledger.errors import CorruptLedger, StorageError
+from ledger.errors import CorruptLedger, NoLedger, NotAHome, StorageError
 from ledger.store.files import (
-    FILE_MODE,
     make_private_dir,
     same_device,
     temp_writer_pid,
@@ -36,6 +39,14 @@ from ledger.store.files import (
 )
 
 DEFAULT_HOME = "/var/lib/observability-upgrades"
+#: Names that show an existing folder to be a ledger home although it has no
+#: ledger.db yet: what a ``--db`` ledger keeps in its home, and what the old bash
+#: library left behind (a host switching over).
+HOME_MARKERS = ("ledger.db", "state.json", "views.sig", "upgrade.lock.d",
+                "upgrade.lock.d.guard", "history")
+#: Folders the ledger makes in a home before its ledger.db exists (another process
+#: may be making the same home right now): a folder of these only is a home too.
+HOME_FOLDERS = ("tmp", "backups", "logs", "snapshots")
 
 
 def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -85,10 +96,12 @@ class Home:
         )
 
     def ensure(self) -> None:
-        """Create the home's folders (0700); one clear error when that is impossible."""
+        """Create the home's missing folders (0700); one clear error when that is
+        impossible, or when the root exists but is not a ledger home."""
         # The root itself may be a symbolic link to a folder (a home moved to another
         # disk): the operator chose that path. Folders inside it may not be links.
-        make_private_dir(self.root, follow=True)
+        if not make_private_dir(self.root, follow=True):
+            self._refuse_if_not_a_home()
         for folder in (self.tmp_dir, self.backups_dir, self.history_dir,
                        self.state_file.parent, self.lock_dir.parent):
             if folder != self.root:
@@ -99,11 +112,58 @@ class Home:
                 "choose another with --home DIR (or LEDGER_HOME)"
             )
 
-    def prepare_db_file(self) -> None:
-        """Make sure ledger.db is a private regular file before SQLite opens it, and
-        refuse to start a new ledger over one that was truncated or deleted."""
-        _create_private(self.db_path)
+    def _refuse_if_not_a_home(self) -> None:
+        """An existing root is a home when it holds what a home holds (``HOME_MARKERS``,
+        or the paths the legacy variables put in it), or nothing but what the ledger
+        makes in one (``HOME_FOLDERS``, temp files); anything else (``/``, ``/etc``, a
+        typo that names a busy folder) is refused, untouched."""
+        markers = [self.root / name for name in HOME_MARKERS]
+        markers += [p for p in (self.db_path, self.state_file, self.lock_dir, self.history_dir)
+                    if p.parent == self.root]
+        if any(os.path.lexists(path) for path in markers):
+            return
+        known = {*HOME_MARKERS, *HOME_FOLDERS,
+                 *(p.name for p in (self.tmp_dir, self.backups_dir) if p.parent == self.root)}
+        try:
+            others = sorted(entry.name for entry in self.root.iterdir()
+                            if entry.name not in known and temp_writer_pid(entry.name) is None)
+        except OSError as exc:
+            raise StorageError(f"cannot read the ledger home {self.root} ({exc.strerror}); "
+                               "choose another home with --home DIR (or LEDGER_HOME)") from exc
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                             if len(others) > 3 else "")
+            raise NotAHome(f"{self.root} is not a ledger home: it holds other files "
+                           f"({shown}) and no {self.db_path.name}; choose a new or empty "
+                           "folder with --home DIR (or LEDGER_HOME)")
+
+    def require_ledger(self) -> None:
+        """Raise ``NoLedger`` unless this home has a ledger.db (for what only reads:
+        nothing is created), ``CorruptLedger`` when it had one that was lost."""
         _refuse_lost_ledger(self)
+        try:
+            empty = os.lstat(self.db_path).st_size == 0
+        except OSError:
+            empty = True
+        if empty:
+            raise NoLedger(f"there is no ledger at {self.root} (no {self.db_path.name}); "
+                           "check --home (or LEDGER_HOME); a command that records something "
+                           "(init, apply) creates it")
+
+    def prepare_db_file(self) -> None:
+        """Make sure ledger.db, if there is one, is a regular file, and refuse to start
+        a new ledger over one that was truncated or deleted. Its mode is left as it is
+        (doctor reports a loose one); a new one is created whole, and private, by
+        ``ledger.store.connect``."""
+        _refuse_lost_ledger(self)
+        try:
+            st = os.lstat(self.db_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _unusable(self.db_path, exc.strerror) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise _unusable(self.db_path, "not a regular file")
 
     def history_file(self, upgrade_id: str) -> Path:
         """``history/<id>.json``; ids are validated, so this never leaves the folder."""
@@ -143,58 +203,29 @@ class Home:
         return removed
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (its -wal and -shm files copy
-    the database file's mode).
-
-    An existing file is looked at by path, never opened: closing a descriptor of
-    ledger.db drops every POSIX lock this process holds on it, those of a SQLite
-    connection already open here included, and another process would then take
-    that connection for gone and delete the WAL under it.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    except FileExistsError:
-        fd = None
-    except OSError as exc:
-        raise _unusable(path, exc.strerror) from exc
-    if fd is not None:  # new, so no connection of this process can have locks on it
-        try:
-            os.fchmod(fd, FILE_MODE)  # the umask may have removed bits
-        finally:
-            os.close(fd)
-        return
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise _unusable(path, exc.strerror) from exc
-    # Outside the try: StorageError is an OSError, and would lose its reason there.
-    if not stat.S_ISREG(st.st_mode):
-        raise _unusable(path, "not a regular file")
-    if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
-        try:
-            path.chmod(FILE_MODE)
-        except OSError as exc:
-            raise _unusable(path, exc.strerror) from exc
-
-
 def _unusable(path: Path, why: str | None) -> StorageError:
     return StorageError(f"cannot open {path} ({why}); choose another home with "
                         "--home DIR (or LEDGER_HOME)")
 
 
 def _refuse_lost_ledger(home: Home) -> None:
-    """An empty ledger.db beside a state.json that a ledger wrote (it has a lineage)
-    means the ledger was truncated or deleted: refuse to start a new, empty one over
-    it, which would orphan the views and snapshots. One stat when all is well."""
+    """An empty or missing ledger.db beside a state.json that a ledger wrote (it has a
+    lineage) means the ledger was truncated or deleted: refuse to start a new, empty
+    one over it, which would orphan the views and snapshots. One stat when all is well."""
     try:
         if home.db_path.stat().st_size:
             return
+        how = "empty"
+    except FileNotFoundError:
+        how = "missing"
+    except OSError:
+        return
+    try:
         lineage = json.loads(home.state_file.read_bytes()).get("lineage")
     except (OSError, ValueError, AttributeError):
         return
     if lineage:
         raise CorruptLedger(
-            f"{home.db_path} is empty but {home.state_file} was written by ledger {lineage}: "
+            f"{home.db_path} is {how} but {home.state_file} was written by ledger {lineage}: "
             "the ledger was truncated or deleted; run 'upgrade-ledger restore' (see "
             "docs/operations.md), or move state.json aside to start a new ledger")
