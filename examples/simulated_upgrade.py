@@ -41,7 +41,7 @@ def main(home: Path) -> None:
                 if ledger.is_upgraded(name):
                     continue
                 ledger.component_start(name, old, new)
-                if name == "prometheus" and ledger.component_status(name)["attempts"] == 0:
+                if name == "prometheus" and ledger.component_status(name)["attempts"] == 1:
                     ledger.component_fail(name, "config check failed: retrying")
                     ledger.component_start(name, old, new)
                 ledger.component_complete(name)

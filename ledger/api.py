@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ledger import queries
 from ledger.core import clock, host, states
+from ledger.core.host import check_host
 from ledger.core.validate import (
     MAX_NUMBER,
     check_id,
@@ -41,7 +42,7 @@ from ledger.errors import (
 from ledger.lock import DirLock, Holder, LockStatus
 from ledger.store import meta
 from ledger.store.connect import open_database
-from ledger.store.database import REPORT_TIMEOUT_S, Database, Row, Rows, Tx
+from ledger.store.database import ALL_HOSTS, REPORT_TIMEOUT_S, Database, Row, Rows, Tx
 from ledger.store.home import Home
 from ledger.views import document, importer, patch
 
@@ -52,12 +53,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 #: The longest a reporting query may be allowed to run.
 MAX_REPORT_TIMEOUT_S = 86400.0
 
+#: SQL for a component's attempt in progress: its ``attempts``, and at least 1 once
+#: it has started. ``attempts`` counts as the old bash library did: 1 at the first
+#: start, + 1 at each failure (docs/state-json.md).
+_ATTEMPT_IN_PROGRESS = "CASE WHEN attempts < 1 THEN 1 ELSE attempts END"
+
 #: A planned component: (name, from_version, to_version).
 PlannedComponent = tuple[str, str | None, str | None]
 
 
 class Ledger:
-    """A durable ledger of upgrades in a home folder (or behind a SQLAlchemy URL).
+    """A durable ledger of upgrades in a home folder (or behind a database URL).
+
+    The ledger is this host's (``identity``): every change and every read is scoped
+    to its rows, so many hosts can share one database; ``history``, ``show``,
+    ``events`` and ``status`` can also read another host's rows or every host's.
 
     *pid* is the process the changes are attributed to and that owns the lock
     (default: this process; the CLI passes its caller's). With *strict*, every
@@ -86,15 +96,19 @@ class Ledger:
         strict: bool = False,
         lock_timeout_s: float = 4 * 3600,
         wired: bool = True,
+        host_name: str | None = None,
         create: bool = True,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
+        #: Whose rows this ledger reads and writes: *host_name*, else ``LEDGER_HOST``,
+        #: else the kernel's node name; with this machine's id.
+        self.identity = host.identity(self.env, host_name)
         self.home = Home.at(home, env)
         self.db: Database = self._open(db_url, create)
         self.pid = os.getpid() if pid is None else pid
         self.user = host.user_name() or str(os.geteuid())
-        self.hostname = host.hostname()
+        self.hostname = self.identity.name
         self.strict = strict
         self.lock = DirLock(self.home.lock_dir, timeout_s=lock_timeout_s,
                             on_break=self.record_lock_break)
@@ -120,10 +134,10 @@ class Ledger:
             self.home.ensure()
             self.home.clean_tmp()
             self.home.prepare_db_file()
-            return open_database(None, self.home.db_path, create=create)
+            return open_database(None, self.home.db_path, self.identity, create=create)
         if create:
             self.home.ensure()
-        db = open_database(db_url, None, create=create)
+        db = open_database(db_url, None, self.identity, create=create)
         try:
             self.home.ensure()  # the views and the lock of a --db ledger live here
             self.home.clean_tmp()
@@ -146,28 +160,36 @@ class Ledger:
 
     def _change(self, action: Callable[[Tx], T],
                 touched: list[tuple[str, str, bool]] | None = None) -> T:
-        """Run *action* as one write transaction, then refresh the state.json view.
+        """Run *action* as one write transaction, with the state.json view built in it
+        and put in place once it committed: one transaction per step.
 
         An action that changes no component row beyond those it lists in *touched*
         (``(phase, name, created)``, filled as it runs) lets the view be patched
-        rather than rebuilt whole; see ``ledger.viewpatch``.
+        rather than rebuilt whole; see ``ledger.views.patch``. The view is built
+        under the home's views lock, taken after the change and kept until the view
+        is in place, so this home's views land in commit order and never run ahead
+        of the ledger.
         """
         if self.strict:
             self._require_lock()
-        change = None
-        with self.db.write() as tx:
-            upgrade_id = None if touched is None else meta.current_upgrade(tx)
-            before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
-            result = action(tx)
-            if upgrade_id is not None and before is not None and touched is not None:
-                change = patch.Change(upgrade_id, before,
-                                          patch.serial(tx, upgrade_id), touched)
-        try:
-            self._write_views(change)
-        except StorageError as exc:
-            # Committed is committed: say so, or a caller would redo a step that happened.
-            raise StorageError(f"the change was recorded in the ledger, but {exc}; then run "
-                               "'upgrade-ledger export' to rewrite the views") from exc
+        with contextlib.ExitStack() as held:
+            with self.db.write() as tx:
+                upgrade_id = None if touched is None else meta.current_upgrade(tx)
+                before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
+                result = action(tx)
+                change = None
+                if upgrade_id is not None and before is not None and touched is not None:
+                    change = patch.Change(upgrade_id, before, patch.serial(tx, upgrade_id),
+                                          touched)
+                held.enter_context(self.home.views_lock())
+                view = self._build_view(tx, change)
+            try:
+                self._put_view(view)
+            except StorageError as exc:
+                # Committed is committed: say so, or a caller would redo a step that
+                # happened.
+                raise StorageError(f"the change was recorded in the ledger, but {exc}; then "
+                                   "run 'upgrade-ledger export' to rewrite the views") from exc
         self._changed()
         return result
 
@@ -188,52 +210,62 @@ class Ledger:
     def _event(self, tx: Tx, kind: str, upgrade_id: str | None, subject: str | None = None,
                old: str | None = None, new: str | None = None,
                detail: Mapping[str, Any] | None = None, at: str | None = None) -> None:
-        tx.execute(
-            "INSERT INTO events (at, upgrade_id, kind, subject, from_value, to_value, "
-            "username, hostname, pid, detail) VALUES (:at, :upgrade_id, :kind, :subject, "
-            ":old, :new, :user, :host, :pid, :detail)",
+        event_id = tx.insert(
+            "INSERT INTO events (host, at, upgrade_id, kind, subject, from_value, to_value, "
+            "username, hostname, pid, detail) VALUES (:host, :at, :upgrade_id, :kind, "
+            ":subject, :old, :new, :user, :hostname, :pid, :detail)",
             {"at": at or clock.now(), "upgrade_id": upgrade_id, "kind": kind,
              "subject": subject, "old": old, "new": new, "user": self.user,
-             "host": self.hostname, "pid": self.pid,
+             "hostname": self.hostname, "pid": self.pid,
              "detail": None if detail is None else json.dumps(detail, sort_keys=True)},
         )
+        if upgrade_id is not None:
+            tx.memo["serial", upgrade_id] = event_id  # the upgrade's serial, now
 
     def _current(self, tx: Tx) -> Row:
         upgrade_id = meta.current_upgrade(tx)
         row = None if upgrade_id is None else tx.one(
-            "SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
+            "SELECT * FROM upgrades WHERE host = :host AND id = :id", {"id": upgrade_id})
         if row is None:
-            raise NotFound("no upgrade in this ledger yet; start one with 'upgrade-ledger init'")
+            if tx.host == self.identity.name:
+                raise NotFound("no upgrade in this ledger yet; start one with "
+                               "'upgrade-ledger init'")
+            raise NotFound(f"no upgrade of host {tx.host!r} in this ledger yet")
         return row
 
     def _touch(self, tx: Tx, upgrade_id: str, at: str, **columns: Any) -> None:
         sets = ", ".join(f"{c} = :{c}" for c in columns)
         tx.execute(f"UPDATE upgrades SET updated_at = :at{', ' if sets else ''}{sets} "
-                   "WHERE id = :id", {"at": at, "id": upgrade_id, **columns})
+                   "WHERE host = :host AND id = :id", {"at": at, "id": upgrade_id, **columns})
 
     def write_views(self) -> None:
-        """Rewrite state.json from the ledger (done after every change; also on demand).
+        """Rewrite state.json from the ledger (done after every change; also on demand),
+        in turn with this home's other writers (see ``_change``)."""
+        with contextlib.ExitStack() as held:
+            with self.db.write() as tx:
+                held.enter_context(self.home.views_lock())
+                view = self._build_view(tx, None)
+            self._put_view(view)
 
-        The view is built and renamed into place while holding the database's write
-        lock, so of two writers the later view always lands last.
-        """
-        self._write_views(None)
+    def _build_view(self, tx: Tx, change: patch.Change | None,
+                    ) -> tuple[str, bytes | list[bytes | memoryview], int] | None:
+        """``(upgrade id, state.json bytes, serial)`` of the current upgrade: patched
+        after *change* when that is provably right, else built whole; None before the
+        first upgrade."""
+        upgrade_id = meta.current_upgrade(tx)
+        if upgrade_id is None:
+            return None
+        if change is not None and change.upgrade_id == upgrade_id:
+            pieces = patch.patched(self.home, tx, change)
+            if pieces is not None:
+                return upgrade_id, pieces, change.after
+        doc = document.build(tx, upgrade_id)
+        return upgrade_id, document.dumps(doc), int(doc["serial"])
 
-    def _write_views(self, change: patch.Change | None) -> None:
-        """Rewrite state.json: patched after *change* when that is provably right,
-        else built whole."""
-        with self.db.write() as tx:
-            upgrade_id = meta.current_upgrade(tx)
-            if upgrade_id is None:
-                return
-            data: bytes | list[bytes | memoryview] | None = None
-            if change is not None and change.upgrade_id == upgrade_id:
-                data = patch.patched(self.home, tx, change)
-                serial = change.after
-            if data is None:
-                doc = document.build(tx, upgrade_id)
-                data = document.dumps(doc)
-                serial = doc["serial"]
+    def _put_view(self, view: tuple[str, bytes | list[bytes | memoryview], int] | None,
+                  ) -> None:
+        if view is not None:
+            upgrade_id, data, serial = view
             self.home.write_atomic(self.home.state_file, data)
             patch.remember(self.home, upgrade_id, serial)
 
@@ -261,19 +293,20 @@ class Ledger:
         def action(tx: Tx) -> str:
             at = clock.now()
             new_id = upgrade_id or self._free_id(tx, at)
-            if tx.scalar("SELECT 1 FROM upgrades WHERE id = :id", {"id": new_id}):
+            if tx.scalar("SELECT 1 FROM upgrades WHERE host = :host AND id = :id", {"id": new_id}):
                 raise Conflict(f"upgrade {new_id} exists already; choose another id")
             old_id = meta.current_upgrade(tx)
-            old = old_id and tx.one("SELECT id, state FROM upgrades WHERE id = :id",
+            old = old_id and tx.one("SELECT id, state FROM upgrades WHERE host = :host AND id = "
+                                    ":id",
                                     {"id": old_id})
             if old and states.is_in_progress(old["state"]):
                 if not supersede:
                     raise UpgradeInProgress(old["id"], old["state"])
                 self._supersede(tx, old["id"], old["state"], new_id, at)
             tx.execute(
-                "INSERT INTO upgrades (id, state, started_at, updated_at, hostname, username, "
-                "pid) VALUES (:id, 'IDLE', :at, :at, :host, :user, :pid)",
-                {"id": new_id, "at": at, "host": self.hostname, "user": self.user,
+                "INSERT INTO upgrades (host, id, state, started_at, updated_at, hostname, "
+                "username, pid) VALUES (:host, :id, 'IDLE', :at, :at, :hostname, :user, :pid)",
+                {"id": new_id, "at": at, "hostname": self.hostname, "user": self.user,
                  "pid": self.pid},
             )
             meta.set_current_upgrade(tx, new_id)
@@ -287,7 +320,7 @@ class Ledger:
     @staticmethod
     def _free_id(tx: Tx, at: str) -> str:
         base = "upgrade-" + at[:10].replace("-", "") + "-" + at[11:19].replace(":", "")
-        taken = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE id LIKE :p",
+        taken = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE host = :host AND id LIKE :p",
                                        {"p": base + "%"})}
         if base not in taken:
             return base
@@ -315,7 +348,8 @@ class Ledger:
         tx.execute(
             "UPDATE upgrades SET state = 'FAILED', outcome = COALESCE(outcome, 'FAILED'), "
             "finished_at = :at, updated_at = :at, error = :error, superseded_by = :new "
-            "WHERE id = :id", {"at": at, "error": error, "new": new_id, "id": old_id})
+            "WHERE host = :host AND id = "
+            ":id", {"at": at, "error": error, "new": new_id, "id": old_id})
         self._event(tx, "upgrade.superseded", old_id, old=old_state, new="FAILED", at=at,
                     detail={"superseded_by": new_id})
 
@@ -329,7 +363,7 @@ class Ledger:
         with self.db.read() as tx:
             if upgrade_id is None:
                 upgrade_id = self._current(tx)["id"]
-            elif not tx.scalar("SELECT 1 FROM upgrades WHERE id = :id",
+            elif not tx.scalar("SELECT 1 FROM upgrades WHERE host = :host AND id = :id",
                                {"id": check_id(upgrade_id)}):
                 raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
             return document.build(tx, upgrade_id)
@@ -343,20 +377,13 @@ class Ledger:
         records it), which is how the legacy ``upgrade_state_save`` is honoured. With
         *make_current*, another upgrade still in progress is superseded, not orphaned.
         """
-        if not isinstance(doc, str | bytes):
-            # A mapping must hold what a file could: no NaN, no sets, no objects.
-            try:
-                doc = json.dumps(dict(doc), allow_nan=False)
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise InvalidDocument(
-                    f"document is not JSON data ({exc}); use strings, numbers, true, false, "
-                    "null, lists and objects") from exc
-        data = document.parse(doc)
+        data = document.parse(_json_text(doc))
 
         def action(tx: Tx) -> str:
             current = meta.current_upgrade(tx)
             old = None if current in (None, data["upgrade_id"]) or not make_current else \
-                tx.one("SELECT id, state FROM upgrades WHERE id = :id", {"id": current})
+                tx.one("SELECT id, state FROM upgrades WHERE host = :host AND id = "
+                       ":id", {"id": current})
             upgrade_id = importer.import_upgrade(tx, data)
             if make_current:
                 # Replacing the current upgrade never orphans a run in progress: it
@@ -366,6 +393,56 @@ class Ledger:
                 meta.set_current_upgrade(tx, upgrade_id)
             self._event(tx, "upgrade.import", upgrade_id, new=data["current_state"],
                         detail={"phases": len(data["phases"])})
+            return upgrade_id
+
+        return self._change(action)
+
+    def save_document(self, doc: str | bytes | Mapping[str, Any]) -> str:
+        """Save a state document into the current upgrade, as the legacy
+        ``upgrade_state_save`` is honoured; return the upgrade's id.
+
+        The known fields the document has are validated and applied; those it lacks
+        keep their value (``updated_at`` becomes now). Keys the ledger does not know
+        are kept verbatim and written back in every later view (``document``,
+        ``importer``), so ``{"ticket": "OPS-1"}`` alone is a valid document. A
+        document whose ``upgrade_id`` names another upgrade is saved into that one,
+        which becomes current (an upgrade in progress is superseded, as by
+        ``import_document``); one the ledger does not have needs a whole document.
+        Anything invalid (bad JSON, a bad field, too many kept bytes) changes nothing.
+        """
+        data = document.validate(document.load(_json_text(doc)), whole=False)
+
+        def action(tx: Tx) -> str:
+            current = meta.current_upgrade(tx)
+            upgrade_id = data.get("upgrade_id") or current
+            if upgrade_id is None:
+                raise NotFound("no upgrade to save the document into; start one with "
+                               "'upgrade-ledger init' (upgrade_state_init), or give a whole "
+                               "document with its upgrade_id")
+            row = tx.one("SELECT state, current_phase FROM upgrades WHERE id = :id",
+                         {"id": upgrade_id})
+            if row is None:
+                importer.import_upgrade(tx, document.validate(data))
+            else:
+                if "phases" in data:
+                    document.check_current_phase(
+                        data.get("current_phase", row["current_phase"]), data["phases"])
+                elif "current_phase" in data:
+                    document.check_current_phase(data["current_phase"], {r[0] for r in tx.all(
+                        "SELECT name FROM phases WHERE upgrade_id = :u", {"u": upgrade_id})},
+                        f"upgrade {upgrade_id}'s")
+                importer.merge_upgrade(tx, upgrade_id, data)
+            old = None if current in (None, upgrade_id) else tx.one(
+                "SELECT id, state FROM upgrades WHERE id = :id", {"id": current})
+            if old is not None and states.is_in_progress(old["state"]):
+                self._supersede(tx, old["id"], old["state"], upgrade_id, clock.now())
+            meta.set_current_upgrade(tx, upgrade_id)
+            self._event(tx, "upgrade.save", upgrade_id,
+                        old=None if row is None else row["state"],
+                        new=tx.scalar("SELECT state FROM upgrades WHERE id = :id",
+                                      {"id": upgrade_id}),
+                        detail={"fields": [k for k in data if k in document.TOP_KEYS],
+                                "kept_bytes": importer.kept_size(tx, upgrade_id)})
             return upgrade_id
 
         return self._change(action)
@@ -434,12 +511,13 @@ class Ledger:
             # Positions counted here, not looked up per component: planning n
             # components stays O(n log n), not O(n^2).
             position = tx.scalar("SELECT COALESCE(MAX(position), 0) FROM components "
-                                 "WHERE upgrade_id = :u", {"u": u["id"]})
+                                 "WHERE host = :host AND upgrade_id = :u", {"u": u["id"]})
             for phase, comps in checked:
                 if self._ensure_phase(tx, u["id"], phase):
                     added += 1
                 for name, frm, to in comps:
-                    if tx.scalar("SELECT 1 FROM components WHERE upgrade_id = :u AND "
+                    if tx.scalar("SELECT 1 FROM components WHERE host = :host AND upgrade_id = "
+                                 ":u AND "
                                  "phase = :p AND name = :n", {"u": u["id"], "p": phase,
                                                               "n": name}):
                         continue
@@ -454,13 +532,13 @@ class Ledger:
         self._change(action)
 
     def _ensure_phase(self, tx: Tx, upgrade_id: str, phase: str) -> bool:
-        if tx.scalar("SELECT 1 FROM phases WHERE upgrade_id = :u AND name = :p",
+        if tx.scalar("SELECT 1 FROM phases WHERE host = :host AND upgrade_id = :u AND name = :p",
                      {"u": upgrade_id, "p": phase}):
             return False
         position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM phases "
-                             "WHERE upgrade_id = :u", {"u": upgrade_id})
-        tx.execute("INSERT INTO phases (upgrade_id, name, position, state) "
-                   "VALUES (:u, :p, :pos, 'PENDING')",
+                             "WHERE host = :host AND upgrade_id = :u", {"u": upgrade_id})
+        tx.execute("INSERT INTO phases (host, upgrade_id, name, position, state) "
+                   "VALUES (:host, :u, :p, :pos, 'PENDING')",
                    {"u": upgrade_id, "p": phase, "pos": position})
         return True
 
@@ -471,10 +549,10 @@ class Ledger:
         """Insert a component at *position* (default: after every other one)."""
         if position is None:
             position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM components "
-                                 "WHERE upgrade_id = :u", {"u": upgrade_id})
+                                 "WHERE host = :host AND upgrade_id = :u", {"u": upgrade_id})
         tx.execute(
-            "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
-            "to_version, attempts) VALUES (:u, :p, :n, :pos, :s, :f, :t, 0)",
+            "INSERT INTO components (host, upgrade_id, phase, name, position, state, from_version, "
+            "to_version, attempts) VALUES (:host, :u, :p, :n, :pos, :s, :f, :t, 0)",
             {"u": upgrade_id, "p": phase, "n": name, "pos": position, "s": state,
              "f": frm, "t": to})
 
@@ -486,7 +564,8 @@ class Ledger:
             u = self._current(tx)
             if target == states.IN_PROGRESS:
                 self._ensure_phase(tx, u["id"], name)
-            row = tx.one("SELECT state FROM phases WHERE upgrade_id = :u AND name = :p",
+            row = tx.one("SELECT state FROM phases WHERE host = :host AND upgrade_id = :u AND "
+                         "name = :p",
                          {"u": u["id"], "p": name})
             if row is None:
                 raise NotFound(f"no phase {name!r} in upgrade {u['id']}; start it first")
@@ -500,7 +579,7 @@ class Ledger:
                     + (", error = :e" if target in (states.FAILED, states.SKIPPED) else "")
                     + (", completed_at = NULL, failed_at = NULL, error = NULL"
                        if target == states.IN_PROGRESS else "")
-                    + " WHERE upgrade_id = :u AND name = :p",
+                    + " WHERE host = :host AND upgrade_id = :u AND name = :p",
                     {"s": target, "at": at, "e": error, "u": u["id"], "p": name})
             current = name if target == states.IN_PROGRESS else u["current_phase"]
             if not changed and current == u["current_phase"]:
@@ -533,7 +612,8 @@ class Ledger:
         with self.db.read() as tx:
             u = self._current(tx)
             return tx.scalar(  # type: ignore[no-any-return]
-                "SELECT name FROM phases WHERE upgrade_id = :u AND state = 'PENDING' "
+                "SELECT name FROM phases WHERE host = :host AND upgrade_id = :u AND state = "
+                "'PENDING' "
                 "ORDER BY position LIMIT 1", {"u": u["id"]})
 
     # -- components ----------------------------------------------------------------
@@ -542,19 +622,23 @@ class Ledger:
     def _find_component(tx: Tx, u: Row, name: str, phase: str | None = None) -> Row | None:
         """The component *name*: in *phase*, else in the current phase, else its latest."""
         if phase is None and u["current_phase"] is not None:
-            row = tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p "
+            row = tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND "
+                         "phase = :p "
                          "AND name = :n", {"u": u["id"], "p": u["current_phase"], "n": name})
             if row is not None:
                 return row
         if phase is not None:
-            return tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p "
+            return tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND "
+                          "phase = :p "
                           "AND name = :n", {"u": u["id"], "p": phase, "n": name})
-        return tx.one("SELECT * FROM components WHERE upgrade_id = :u AND name = :n "
+        return tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND name "
+                      "= :n "
                       "ORDER BY position DESC LIMIT 1", {"u": u["id"], "n": name})
 
     def component_start(self, name: str, from_version: str | None = None,
                         to_version: str | None = None, *, phase: str | None = None) -> bool:
-        """Start upgrading a component in the current phase (or *phase*)."""
+        """Start upgrading a component in the current phase (or *phase*); its first
+        start makes ``attempts`` 1, a retry's start leaves it as the failure left it."""
         check_name(name, "component")
         check_version(from_version, "from version")
         check_version(to_version, "to version")
@@ -570,10 +654,11 @@ class Ledger:
                     f"component {name!r}: no phase is current; start one first "
                     "(upgrade-ledger phase start NAME)")
             if phase is not None and not tx.scalar(
-                    "SELECT 1 FROM phases WHERE upgrade_id = :u AND name = :p",
+                    "SELECT 1 FROM phases WHERE host = :host AND upgrade_id = :u AND name = :p",
                     {"u": u["id"], "p": phase}):
                 raise NotFound(f"no phase {phase!r} in upgrade {u['id']}")
-            row = tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p AND "
+            row = tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND "
+                         "phase = :p AND "
                          "name = :n", {"u": u["id"], "p": target_phase, "n": name})
             at = clock.now()
             if row is None:
@@ -583,11 +668,14 @@ class Ledger:
             else:
                 old = row["state"]
                 states.check_transition("component", old, states.UPGRADING)
+            # attempts: 1 at the first start; a retry's start keeps the count that
+            # its failure raised (the attempt in progress).
             tx.execute(
                 "UPDATE components SET state = 'UPGRADING', started_at = :at, "
                 "completed_at = NULL, failed_at = NULL, "
+                f"attempts = {_ATTEMPT_IN_PROGRESS}, "
                 "from_version = COALESCE(:f, from_version), to_version = COALESCE(:t, to_version) "
-                "WHERE upgrade_id = :u AND phase = :p AND name = :n",
+                "WHERE host = :host AND upgrade_id = :u AND phase = :p AND name = :n",
                 {"at": at, "f": from_version, "t": to_version, "u": u["id"],
                  "p": target_phase, "n": name})
             self._touch(tx, u["id"], at, current_component=name)
@@ -618,12 +706,15 @@ class Ledger:
                 return False
             at = clock.now()
             if target == states.FAILED:
-                sets = "failed_at = :at, attempts = attempts + 1, last_error = :text"
+                # the attempt that failed counts, and the next one is due
+                sets = f"failed_at = :at, attempts = {_ATTEMPT_IN_PROGRESS} + 1, " \
+                    "last_error = :text"
             elif target == states.COMPLETED:
                 sets = "completed_at = :at"
             else:  # SKIPPED: the reason is kept as a note
                 sets = "completed_at = :at, note = :text"
-            tx.execute(f"UPDATE components SET state = :s, {sets} WHERE upgrade_id = :u "
+            tx.execute(f"UPDATE components SET state = :s, {sets} WHERE host = :host AND "
+                       f"upgrade_id = :u "
                        "AND phase = :p AND name = :n",
                        {"s": target, "at": at, "text": text, "u": u["id"],
                         "p": row["phase"], "n": name})
@@ -643,7 +734,7 @@ class Ledger:
 
     def component_fail(self, name: str, error: str | None = None, *,
                        phase: str | None = None) -> bool:
-        """Mark a component FAILED: attempts + 1, last_error set."""
+        """Mark a component FAILED: attempts + 1 (the next attempt), last_error set."""
         return self._component_move(name, states.FAILED, error, phase)
 
     def component_skip(self, name: str, reason: str | None = None, *,
@@ -655,15 +746,21 @@ class Ledger:
         """True when the component is COMPLETED in the current upgrade."""
         return self.component_status(name).get("state") == states.COMPLETED
 
-    def component_status(self, name: str) -> dict[str, Any]:
-        """The component's record (as in state.json, plus name and phase); {} if unknown."""
+    def component_status(self, name: str, *, phase: str | None = None) -> dict[str, Any]:
+        """The component's record (as in state.json, plus name and phase); {} if unknown.
+
+        *phase* names the component's phase when it is planned in several; by default
+        the current phase's, else the latest planned.
+        """
         check_name(name, "component")
+        if phase is not None:
+            check_name(phase, "phase")
         with self.db.read() as tx:
             try:
                 u = self._current(tx)
             except NotFound:
                 return {}
-            row = self._find_component(tx, u, name)
+            row = self._find_component(tx, u, name, phase)
             return {} if row is None else queries.component_dict(row)
 
     def installed_version(self, name: str) -> str | None:
@@ -677,7 +774,8 @@ class Ledger:
         with self.db.read() as tx:
             row = tx.one(
                 "SELECT c.from_version, c.to_version, u.outcome FROM components c "
-                "JOIN upgrades u ON u.id = c.upgrade_id WHERE c.name = :n AND "
+                "JOIN upgrades u ON u.host = c.host AND u.id = c.upgrade_id "
+                "WHERE c.host = :host AND c.name = :n AND "
                 "c.state = 'COMPLETED' ORDER BY c.completed_at DESC LIMIT 1", {"n": name})
         if row is None:
             return None
@@ -709,7 +807,8 @@ class Ledger:
                 raise Conflict(f"upgrade {u['id']} is {u['state']}; only a run that stopped "
                                "mid-way (PLANNING … ROLLING_BACK) can be resumed")
             stuck = [queries.component_dict(r) for r in tx.all(
-                "SELECT * FROM components WHERE upgrade_id = :u AND state = 'UPGRADING' "
+                "SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND state = "
+                "'UPGRADING' "
                 "ORDER BY position", {"u": u["id"]})]
             self._event(tx, "upgrade.resume", u["id"], old=u["state"], new=u["state"],
                         detail={"interrupted": [c["name"] for c in stuck],
@@ -779,12 +878,13 @@ class Ledger:
             row = self._find_component(tx, u, component, phase)
             at = clock.now()
             tx.execute(
-                "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
+                "INSERT INTO rollback_points (host, upgrade_id, phase, component, backup_path, "
+                "size_bytes, sha256, created_at) VALUES (:host, :u, :p, :c, :b, :s, :h, :at)",
                 {"u": u["id"], "p": row["phase"] if row else phase or u["current_phase"],
                  "c": component, "b": path, "s": size_bytes, "h": sha256, "at": at})
             if row is not None:
-                tx.execute("UPDATE components SET backup_path = :b WHERE upgrade_id = :u "
+                tx.execute("UPDATE components SET backup_path = :b WHERE host = :host AND "
+                           "upgrade_id = :u "
                            "AND phase = :p AND name = :c",
                            {"b": path, "u": u["id"], "p": row["phase"], "c": component})
             self._touch(tx, u["id"], at)
@@ -803,8 +903,9 @@ class Ledger:
             rows = tx.all(
                 "SELECT r.component, r.backup_path, r.size_bytes, r.sha256, c.from_version, "
                 "c.to_version FROM rollback_points r LEFT JOIN components c "
-                "ON c.upgrade_id = r.upgrade_id AND c.phase = r.phase AND c.name = r.component "
-                "WHERE r.upgrade_id = :u AND r.cleared_at IS NULL ORDER BY r.id", {"u": u["id"]})
+                "ON c.host = r.host AND c.upgrade_id = r.upgrade_id AND c.phase = r.phase "
+                "AND c.name = r.component WHERE r.host = :host AND r.upgrade_id = :u "
+                "AND r.cleared_at IS NULL ORDER BY r.id", {"u": u["id"]})
         return {"rollback_available": bool(rows), "components": [
             {"name": r["component"], "backup_path": r["backup_path"],
              "from_version": r["from_version"], "to_version": r["to_version"],
@@ -820,7 +921,8 @@ class Ledger:
             u = self._current(tx)
             at = clock.now()
             count = tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE "
-                               "upgrade_id = :u AND cleared_at IS NULL", {"at": at, "u": u["id"]})
+                               "host = :host AND upgrade_id = :u AND cleared_at IS "
+                               "NULL", {"at": at, "u": u["id"]})
             self._touch(tx, u["id"], at)
             self._event(tx, "rollback.clear", u["id"], at=at, detail={"cleared": count})
             return count
@@ -843,39 +945,73 @@ class Ledger:
         with self.db.read() as tx:
             return queries.summary(tx, self._current(tx))
 
+    def read_scope(self, host: str | None, all_hosts: bool) -> str | None:
+        """The read scope for *host* / *all_hosts*: None for this host's rows, a host
+        name, or ``ALL_HOSTS``."""
+        if all_hosts:
+            if host is not None:
+                raise BadInput("name one host or every host, not both (--host, --all-hosts)")
+            return ALL_HOSTS
+        return None if host is None else check_host(host)
+
     def history(self, limit: int | None = 10, *, state: str | None = None,
                 since: str | None = None, until: str | None = None,
-                component: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
-        """Upgrades newest first, filtered; see ``queries.history``."""
-        with self.db.read() as tx:
+                component: str | None = None, host: str | None = None,
+                all_hosts: bool = False) -> list[dict[str, Any]]:
+        """Upgrades newest first, filtered; this host's unless *host* names another or
+        *all_hosts*; see ``queries.history``."""
+        with self.db.read(self.read_scope(host, all_hosts)) as tx:
             return queries.history(tx, limit=limit, state=state, since=since, until=until,
-                                   component=component, host=host)
+                                   component=component)
 
-    def show(self, upgrade_id: str | None = None) -> dict[str, Any]:
-        """Everything about one upgrade (default: the current one), events included."""
-        with self.db.read() as tx:
+    def show(self, upgrade_id: str | None = None, *, host: str | None = None,
+             all_hosts: bool = False) -> dict[str, Any]:
+        """Everything about one upgrade (default: the current one), events included;
+        this host's unless *host* names another, or *all_hosts* finds the one host
+        that has *upgrade_id*."""
+        scope = self.read_scope(host, all_hosts)
+        if scope == ALL_HOSTS:
+            if upgrade_id is None:
+                raise BadInput("show --all-hosts needs an upgrade id; or name a host with --host")
+            with self.db.read(ALL_HOSTS) as tx:
+                owners = [r[0] for r in tx.all("SELECT host FROM upgrades WHERE id = :u "
+                                               "ORDER BY host", {"u": check_id(upgrade_id)})]
+            if not owners:
+                raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
+            if len(owners) > 1:
+                raise Conflict(f"upgrade {upgrade_id} exists on {len(owners)} hosts "
+                               f"({', '.join(owners[:5])}); name one with --host")
+            scope = owners[0]
+        with self.db.read(scope) as tx:
             if upgrade_id is None:
                 upgrade_id = self._current(tx)["id"]
             return queries.show(tx, check_id(upgrade_id))
 
-    def events(self, **filters: Any) -> list[dict[str, Any]]:
-        """The audit trail, oldest first; see ``queries.events``."""
-        with self.db.read() as tx:
+    def events(self, *, host: str | None = None, all_hosts: bool = False,
+               **filters: Any) -> list[dict[str, Any]]:
+        """The audit trail, oldest first; this host's unless *host* names another or
+        *all_hosts*; see ``queries.events``."""
+        with self.db.read(self.read_scope(host, all_hosts)) as tx:
             return queries.events(tx, **filters)
 
-    def status(self, *, stuck_after_s: float = 3600.0) -> dict[str, Any]:
-        """The current upgrade at a glance, with the lock and any stuck components.
+    def status(self, *, stuck_after_s: float = 3600.0, host: str | None = None,
+               ) -> dict[str, Any]:
+        """The current upgrade at a glance, with the lock and any stuck components;
+        of this host, or of *host* (whose lock this home cannot see: ``lock`` is None).
 
         A component is stuck when it is UPGRADING while no live process holds the lock,
         or has been UPGRADING for longer than *stuck_after_s*.
         """
-        lock = self.lock.status()
-        with self.db.read() as tx:
+        scope = self.read_scope(host, False)
+        here = scope in (None, self.identity.name)
+        lock = self.lock.status() if here else None
+        with self.db.read(scope) as tx:
             try:
                 u = self._current(tx)
             except NotFound:
                 u = None
             data: dict[str, Any] = {
+                "host": tx.host,
                 "upgrade_id": None, "state": states.IDLE, "outcome": None, "phase": None,
                 "component": None, "progress_percent": 0, "components": {},
                 "rollback_points": 0, "started_at": None, "updated_at": None,
@@ -889,19 +1025,27 @@ class Ledger:
                     started_at=document.second(u["started_at"]),
                     updated_at=document.second(u["updated_at"]),
                     components={r["state"]: r["n"] for r in tx.all(
-                        "SELECT state, COUNT(*) AS n FROM components WHERE upgrade_id = :u "
-                        "GROUP BY state ORDER BY state", {"u": u["id"]})},
+                        "SELECT state, COUNT(*) AS n FROM components WHERE host = :host "
+                        "AND upgrade_id = :u GROUP BY state ORDER BY state", {"u": u["id"]})},
                     rollback_points=tx.scalar(
-                        "SELECT COUNT(*) FROM rollback_points WHERE upgrade_id = :u AND "
-                        "cleared_at IS NULL", {"u": u["id"]}),
+                        "SELECT COUNT(*) FROM rollback_points WHERE host = :host AND "
+                        "upgrade_id = :u AND cleared_at IS NULL", {"u": u["id"]}),
                 )
-                stuck = queries.stuck(tx, u["id"], lock_live=lock.held and not lock.stale,
-                                      threshold_s=stuck_after_s)
-        data["lock"] = lock.as_dict()
+                live = lock is None or (lock.held and not lock.stale)
+                stuck = queries.stuck(tx, u["id"], lock_live=live, threshold_s=stuck_after_s)
+        data["lock"] = None if lock is None else lock.as_dict()
         data["stuck"] = stuck
-        for name, section in self.status_sections.items():
-            data[name] = section()
+        if here:
+            for name, section in self.status_sections.items():
+                data[name] = section()
         return data
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every host of the ledger, with its current upgrade at a glance: ``host``,
+        ``machine_id``, ``upgrade_id``, ``state``, ``outcome``, ``phase``,
+        ``component``, ``progress_percent``, ``updated_at``."""
+        with self.db.read(ALL_HOSTS) as tx:
+            return queries.hosts(tx)
 
     def report(self, sql: str, params: Mapping[str, Any] | None = None, *,
                timeout_s: float | None = REPORT_TIMEOUT_S) -> Rows:
@@ -943,7 +1087,8 @@ class Ledger:
             written.append(self.home.state_file)
         with self.db.read() as tx:
             saved = [r[0] for r in tx.all(
-                "SELECT id FROM upgrades WHERE saved_at IS NOT NULL ORDER BY started_at")]
+                "SELECT id FROM upgrades WHERE host = :host AND saved_at IS NOT NULL "
+                "ORDER BY started_at")]
         for uid in saved:
             target = self.home.history_file(uid)
             self.home.write_atomic(target, self.export_document(uid))
@@ -955,7 +1100,7 @@ class Ledger:
 
         def action(tx: Tx) -> str:
             uid = self._current(tx)["id"] if upgrade_id is None else check_id(upgrade_id)
-            if not tx.execute("UPDATE upgrades SET saved_at = :at WHERE id = :id",
+            if not tx.execute("UPDATE upgrades SET saved_at = :at WHERE host = :host AND id = :id",
                               {"at": clock.now(), "id": uid}):
                 raise NotFound(f"no upgrade {uid!r} in this ledger")
             self._event(tx, "upgrade.history", uid)
@@ -1019,6 +1164,19 @@ class Ledger:
         previous = self.lock.break_lock(reason)  # which checks the reason first
         self._changed()
         return previous
+
+
+def _json_text(doc: str | bytes | Mapping[str, Any]) -> str | bytes:
+    """A document as JSON text; a mapping must hold what a file could (no NaN, no
+    sets, no objects)."""
+    if isinstance(doc, str | bytes):
+        return doc
+    try:
+        return json.dumps(dict(doc), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidDocument(
+            f"document is not JSON data ({exc}); use strings, numbers, true, false, "
+            "null, lists and objects") from exc
 
 
 __all__ = ["Ledger", "PlannedComponent"]

@@ -68,6 +68,10 @@ class Conflict(LedgerError):
     """The request is well formed but the ledger's current state refuses it."""
 
 
+class HostClash(Conflict):
+    """Another machine already claimed this host name in a shared ledger."""
+
+
 class UpgradeInProgress(Conflict):
     """A new upgrade was asked for while another is still in progress."""
 

@@ -1,6 +1,8 @@
 """Read-side queries: history, one upgrade in full, the audit trail, the summary.
 
-Functions take an open transaction so the API decides the snapshot. History
+Functions take an open transaction so the API decides the snapshot, and the
+transaction's host scope decides whose rows they see: one host's, or every host's
+(``in_scope``). History
 queries select the page of upgrades first (by the ``started_at`` index) and only then
 count their components, so they stay fast with 100,000 upgrades in the ledger.
 """
@@ -14,29 +16,36 @@ from ledger.core import clock, states
 from ledger.core.validate import MAX_NAME, MAX_ROW_ID, check_id, check_name, unprintable
 from ledger.errors import BadInput, NotFound
 from ledger.store.database import Row, Tx
-from ledger.views.document import second
+from ledger.views.document import add_kept, second
 
 _COMPONENT_KEYS = ("phase", "name", "state", "from_version", "to_version", "attempts",
                    "last_error", "note", "started_at", "completed_at", "failed_at",
                    "backup_path")
 
 
+def in_scope(tx: Tx, alias: str) -> str:
+    """The condition that keeps the rows of table *alias* in the transaction's scope:
+    its host's, or every host's."""
+    return "1 = 1" if tx.host is None else f"{alias}.host = :host"
+
+
 def component_dict(row: Row) -> dict[str, Any]:
-    """A component row as the API and CLI show it (second-precision timestamps)."""
+    """A component row as the API and CLI show it (second-precision timestamps), with
+    the keys a saved document kept in it after the ledger's own."""
     out = {key: row[key] for key in _COMPONENT_KEYS}
     for key in ("started_at", "completed_at", "failed_at"):
         out[key] = second(out[key])
     out["duration_s"] = clock.seconds_between(row["started_at"],
                                               row["completed_at"] or row["failed_at"])
-    return out
+    return add_kept(out, row["extra"])
 
 
 def progress(tx: Tx, upgrade: Row) -> int:
     """Done (COMPLETED or SKIPPED) components as a whole percentage; a finished upgrade
     with no components counts as 100."""
     row = tx.one("SELECT COUNT(*) AS total, SUM(CASE WHEN state IN ('COMPLETED', 'SKIPPED') "
-                 "THEN 1 ELSE 0 END) AS done FROM components WHERE upgrade_id = :u",
-                 {"u": upgrade["id"]})
+                 "THEN 1 ELSE 0 END) AS done FROM components WHERE host = :host AND "
+                 "upgrade_id = :u", {"u": upgrade["id"], "host": upgrade["host"]})
     total, done = (row["total"] or 0, row["done"] or 0) if row is not None else (0, 0)
     if total == 0:
         return 100 if (upgrade["outcome"] or upgrade["state"]) == states.COMPLETED else 0
@@ -47,11 +56,13 @@ def summary(tx: Tx, upgrade: Row) -> str:
     """The legacy ``upgrade_get_summary`` text, a few lines an operator reads at a glance."""
     uid = upgrade["id"]
     counts = {r["state"]: r["n"] for r in tx.all(
-        "SELECT state, COUNT(*) AS n FROM components WHERE upgrade_id = :u GROUP BY state",
+        "SELECT state, COUNT(*) AS n FROM components WHERE host = :host AND upgrade_id = :u "
+        "GROUP BY state",
         {"u": uid})}
     total = sum(counts.values())
     done = counts.get("COMPLETED", 0) + counts.get("SKIPPED", 0)
-    points = tx.scalar("SELECT COUNT(*) FROM rollback_points WHERE upgrade_id = :u AND "
+    points = tx.scalar("SELECT COUNT(*) FROM rollback_points WHERE host = :host AND upgrade_id = "
+                       ":u AND "
                        "cleared_at IS NULL", {"u": uid})
     lines = [
         f"Upgrade:   {uid}",
@@ -66,7 +77,8 @@ def summary(tx: Tx, upgrade: Row) -> str:
                   if s not in ("COMPLETED", "SKIPPED")) + ")",
         f"Rollback:  {'available (' + str(points) + ' points)' if points else 'none'}",
     ]
-    for p in tx.all("SELECT name, state FROM phases WHERE upgrade_id = :u ORDER BY position",
+    for p in tx.all("SELECT name, state FROM phases WHERE host = :host AND upgrade_id = :u ORDER "
+                    "BY position",
                     {"u": uid}):
         lines.append(f"  phase {p['name']}: {p['state']}")
     if upgrade["error"]:
@@ -76,7 +88,7 @@ def summary(tx: Tx, upgrade: Row) -> str:
 
 def _upgrade_dict(row: Row) -> dict[str, Any]:
     return {
-        "id": row["id"], "state": row["state"], "outcome": row["outcome"],
+        "id": row["id"], "host": row["host"], "state": row["state"], "outcome": row["outcome"],
         "hostname": row["hostname"], "user": row["username"],
         "started_at": second(row["started_at"]), "updated_at": second(row["updated_at"]),
         "finished_at": second(row["finished_at"]),
@@ -87,14 +99,14 @@ def _upgrade_dict(row: Row) -> dict[str, Any]:
 
 def history(tx: Tx, *, limit: int | None = 10, state: str | None = None,
             since: str | None = None, until: str | None = None,
-            component: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
-    """Upgrades newest first. *state* matches the current state or the outcome (a
-    COMPLETED run reset to IDLE is still found as COMPLETED); *since*/*until* bound
-    ``started_at`` (dates, times or ages, see ``clock.parse_when``); *component* keeps
-    upgrades that touched it; *host* matches the hostname."""
+            component: str | None = None) -> list[dict[str, Any]]:
+    """Upgrades newest first, of the transaction's host (or every host's). *state*
+    matches the current state or the outcome (a COMPLETED run reset to IDLE is still
+    found as COMPLETED); *since*/*until* bound ``started_at`` (dates, times or ages,
+    see ``clock.parse_when``); *component* keeps upgrades that touched it."""
     if limit is not None and (isinstance(limit, bool) or not 0 < limit <= 1_000_000):
         raise BadInput("limit must be a whole number from 1 to 1000000")
-    where: list[str] = []
+    where: list[str] = [in_scope(tx, "u")]
     params: dict[str, Any] = {}
     if state is not None:
         states.check_state("upgrade", state)
@@ -107,45 +119,43 @@ def history(tx: Tx, *, limit: int | None = 10, state: str | None = None,
         where.append("u.started_at < :until")
         params["until"] = clock.parse_when(until)
     if component is not None:
-        where.append("EXISTS (SELECT 1 FROM components c WHERE c.upgrade_id = u.id "
-                     "AND c.name = :component)")
+        where.append("EXISTS (SELECT 1 FROM components c WHERE c.host = u.host "
+                     "AND c.upgrade_id = u.id AND c.name = :component)")
         params["component"] = check_name(component, "component")
-    if host is not None:
-        if not isinstance(host, str) or unprintable(host):
-            raise BadInput(f"host {host!r} is not printable text")
-        where.append("u.hostname = :host")
-        params["host"] = host
-    sql = ("SELECT u.* FROM upgrades u" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY u.started_at DESC, u.id DESC"
+    sql = ("SELECT u.* FROM upgrades u WHERE " + " AND ".join(where)
+           + " ORDER BY u.started_at DESC, u.id DESC, u.host"
            + (" LIMIT :limit" if limit is not None else ""))
     if limit is not None:
         params["limit"] = limit
     rows = tx.all(sql, params)
     if not rows:
         return []
-    ids = {r["id"]: i for i, r in enumerate(rows)}
+    ids = {(r["host"], r["id"]): i for i, r in enumerate(rows)}
     out = [dict(_upgrade_dict(r), components=0, completed=0, failed=0) for r in rows]
     # Count the page's components in one query (bind ids in chunks: SQLite caps
     # the number of parameters).
-    id_list = list(ids)
+    id_list = sorted({uid for _, uid in ids})
     for start in range(0, len(id_list), 500):
         chunk = id_list[start:start + 500]
         marks = ", ".join(f":i{n}" for n in range(len(chunk)))
         for c in tx.all(
-            "SELECT upgrade_id, COUNT(*) AS total, "
-            "SUM(CASE WHEN state = 'COMPLETED' THEN 1 ELSE 0 END) AS completed, "
-            "SUM(CASE WHEN state = 'FAILED' THEN 1 ELSE 0 END) AS failed "
-            f"FROM components WHERE upgrade_id IN ({marks}) GROUP BY upgrade_id",
+            "SELECT c.host, c.upgrade_id, COUNT(*) AS total, "
+            "SUM(CASE WHEN c.state = 'COMPLETED' THEN 1 ELSE 0 END) AS completed, "
+            "SUM(CASE WHEN c.state = 'FAILED' THEN 1 ELSE 0 END) AS failed "
+            f"FROM components c WHERE {in_scope(tx, 'c')} AND c.upgrade_id IN ({marks}) "
+            "GROUP BY c.host, c.upgrade_id",
             {f"i{n}": uid for n, uid in enumerate(chunk)},
         ):
-            item = out[ids[c["upgrade_id"]]]
+            if (c["host"], c["upgrade_id"]) not in ids:
+                continue  # another host's upgrade of the same id, not on this page
+            item = out[ids[c["host"], c["upgrade_id"]]]
             item.update(components=c["total"], completed=c["completed"], failed=c["failed"])
     return out
 
 
 def show(tx: Tx, upgrade_id: str) -> dict[str, Any]:
     """One upgrade in full: phases with durations, components, rollback points, events."""
-    row = tx.one("SELECT * FROM upgrades WHERE id = :u", {"u": upgrade_id})
+    row = tx.one("SELECT * FROM upgrades WHERE host = :host AND id = :u", {"u": upgrade_id})
     if row is None:
         raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
     out = _upgrade_dict(row)
@@ -158,16 +168,19 @@ def show(tx: Tx, upgrade_id: str) -> dict[str, Any]:
          "duration_s": clock.seconds_between(p["started_at"],
                                              p["completed_at"] or p["failed_at"]),
          "error": p["error"]}
-        for p in tx.all("SELECT * FROM phases WHERE upgrade_id = :u ORDER BY position",
+        for p in tx.all("SELECT * FROM phases WHERE host = :host AND upgrade_id = :u ORDER BY "
+                        "position",
                         {"u": upgrade_id})
     ]
     out["components"] = [component_dict(c) for c in tx.all(
-        "SELECT * FROM components WHERE upgrade_id = :u ORDER BY position", {"u": upgrade_id})]
+        "SELECT * FROM components WHERE host = :host AND upgrade_id = :u ORDER BY "
+        "position", {"u": upgrade_id})]
     out["rollback_points"] = [
         {"component": r["component"], "backup_path": r["backup_path"],
          "size_bytes": r["size_bytes"], "sha256": r["sha256"],
          "created_at": second(r["created_at"]), "cleared_at": second(r["cleared_at"])}
-        for r in tx.all("SELECT * FROM rollback_points WHERE upgrade_id = :u ORDER BY id",
+        for r in tx.all("SELECT * FROM rollback_points WHERE host = :host AND upgrade_id = :u "
+                        "ORDER BY id",
                         {"u": upgrade_id})
     ]
     out["events"] = events(tx, upgrade_id=upgrade_id, limit=None)
@@ -177,7 +190,7 @@ def show(tx: Tx, upgrade_id: str) -> dict[str, Any]:
 def event_dict(row: Row) -> dict[str, Any]:
     """An event row as the API, CLI and notifications show it."""
     return {
-        "id": row["id"], "at": row["at"], "upgrade_id": row["upgrade_id"],
+        "id": row["id"], "host": row["host"], "at": row["at"], "upgrade_id": row["upgrade_id"],
         "kind": row["kind"], "subject": row["subject"], "from": row["from_value"],
         "to": row["to_value"], "user": row["username"], "hostname": row["hostname"],
         "pid": row["pid"],
@@ -188,15 +201,16 @@ def event_dict(row: Row) -> dict[str, Any]:
 def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None, after_id: int = 0,
            limit: int | None = 1000) -> list[dict[str, Any]]:
-    """The audit trail oldest first, filtered. *kind* matches exactly or as a prefix
-    ending in '.' (``component.`` for every component event); *after_id* pages."""
+    """The audit trail oldest first, of the transaction's host (or every host's),
+    filtered. *kind* matches exactly or as a prefix ending in '.' (``component.`` for
+    every component event); *after_id* pages."""
     if isinstance(after_id, bool) or not isinstance(after_id, int) or \
             not 0 <= after_id <= MAX_ROW_ID:
         raise BadInput(f"after_id must be a whole number from 0 to {MAX_ROW_ID}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or
                               not 0 < limit <= MAX_ROW_ID):
         raise BadInput(f"limit must be a whole number from 1 to {MAX_ROW_ID}")
-    where = ["e.id > :after"]
+    where = [in_scope(tx, "e"), "e.id > :after"]
     params: dict[str, Any] = {"after": after_id}
     if upgrade_id is not None:
         where.append("e.upgrade_id = :u")
@@ -229,7 +243,8 @@ def stuck(tx: Tx, upgrade_id: str, *, lock_live: bool, threshold_s: float,
     """Components UPGRADING with no live lock holder, or for longer than *threshold_s*."""
     now = clock.now()
     out = []
-    for row in tx.all("SELECT * FROM components WHERE upgrade_id = :u AND state = 'UPGRADING' "
+    for row in tx.all("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND state "
+                      "= 'UPGRADING' "
                       "ORDER BY position", {"u": upgrade_id}):
         age = clock.seconds_between(row["started_at"], now) or 0.0
         if not lock_live:
@@ -239,4 +254,25 @@ def stuck(tx: Tx, upgrade_id: str, *, lock_live: bool, threshold_s: float,
         else:
             continue
         out.append({"name": row["name"], "phase": row["phase"], "age_s": age, "why": why})
+    return out
+
+
+def hosts(tx: Tx) -> list[dict[str, Any]]:
+    """Every host with its current upgrade at a glance, by host name."""
+    rows = tx.all(
+        "SELECT h.name, h.machine_id, u.id, u.state, u.outcome, u.current_phase, "
+        "u.current_component, u.updated_at, u.started_at, u.host FROM hosts h "
+        "LEFT JOIN upgrades u ON u.host = h.name AND u.id = h.current_upgrade "
+        "ORDER BY h.name")
+    out = []
+    for r in rows:
+        out.append({
+            "host": r["name"], "machine_id": r["machine_id"], "upgrade_id": r["id"],
+            "state": r["state"] or states.IDLE, "outcome": r["outcome"],
+            "phase": r["current_phase"], "component": r["current_component"],
+            "progress_percent": 0 if r["id"] is None else progress(
+                tx, {"id": r["id"], "host": r["name"], "outcome": r["outcome"],
+                     "state": r["state"]}),
+            "updated_at": second(r["updated_at"]),
+        })
     return out

@@ -14,9 +14,10 @@
 # - The calling shell ($BASHPID) is the process every change is attributed to and
 #   the owner of the lock, so a lock taken in a background subshell belongs to it.
 # - Nothing leaks into the caller: no `set`/`shopt` changes, only the documented
-#   UPGRADE_* variables, the functions below, and internal names starting with
-#   `_upgrade_state` / `_UPGRADE_STATE`. It works under `set -euo pipefail`, with
-#   USER and HOSTNAME unset, and when sourced twice.
+#   UPGRADE_* variables, the functions below, internal names starting with
+#   `_upgrade_state` / `_UPGRADE_STATE`, and (as the old library had) an EXIT trap
+#   that releases the lock, installed when the file is sourced. It works under
+#   `set -euo pipefail`, with USER and HOSTNAME unset, and when sourced twice.
 
 if [ -z "${BASH_VERSION:-}" ]; then
     echo "ERROR: upgrade-state.sh needs bash" >&2
@@ -128,18 +129,30 @@ _upgrade_state_usage() {
 
 # -- releasing the lock when the shell ends --------------------------------------------
 #
-# A lock taken with upgrade_lock_acquire is released when the shell that took it
-# exits, including when TERM or INT kill it: bash runs the EXIT trap in both cases.
-# The release is chained onto whatever EXIT trap the shell already has (the existing
-# command runs first and keeps its `$?`; ours runs after it), and re-chained on every
-# library call while the lock is held, in case the script replaced the trap since.
-# A script whose own TERM/INT trap keeps the shell running keeps the lock: it still
-# owns it. A shell killed with KILL runs nothing: its lock is stale, and the next
-# acquirer takes it over (the lock records the holder's PID and start time).
+# As with the old library, sourcing this file installs the release of the lock on
+# EXIT; bash also runs the EXIT trap when TERM or INT end the shell. The release is
+# chained after whatever EXIT trap the shell already has (that command runs first and
+# keeps its `$?`), and does nothing unless this shell holds the lock. The script
+# stays in charge of its traps; at each library call while it holds the lock (and
+# at upgrade_lock_acquire) the drop-in looks at the EXIT trap again:
+# - the release is there: nothing to do;
+# - the script replaced the trap with its own command: the release is chained again
+#   after it;
+# - the script removed the trap (`trap - EXIT`, as a test simulating a crash does):
+#   that is the script's choice, as it was with the old library. The lock stays when
+#   the shell exits, like a crashed holder's, and the drop-in never installs the
+#   release in this shell (or its subshells) again.
+# A subshell runs none of its parent's traps. Until it changes a trap, bash still
+# *shows* it the parent's; so when a subshell takes the lock, the traps it shows say
+# what the script chose: the release (or a command of the script's own) gets the
+# release installed in the subshell, and no EXIT trap at all counts as removed.
+# A shell killed with KILL runs nothing: its lock is stale, and the next acquirer
+# takes it over (the lock records the holder's PID and start time).
 
 # _UPGRADE_STATE_LOCK_PID: the shell that (may) hold the lock; set before asking for
 # it, so that a shell killed mid-acquire still releases on exit.
 # _UPGRADE_STATE_TRAPS_PID: the shell whose EXIT trap carries our release.
+# _UPGRADE_STATE_TRAP_REMOVED: set once the script was seen to remove the release.
 
 _upgrade_state_on_exit() {
     if [[ ${_UPGRADE_STATE_LOCK_PID:-} == "$BASHPID" ]]; then
@@ -149,21 +162,39 @@ _upgrade_state_on_exit() {
     return 0
 }
 
+# _upgrade_state_arm_exit_trap [install]: make sure this shell's EXIT trap carries
+# the release, unless the script removed it; `install` (when the file is sourced)
+# puts it in place whatever happened before, as sourcing the old library did.
 _upgrade_state_arm_exit_trap() {
     local _ul_cur _ul_sig _ul_nl=$'\n'
     local -a _ul_words
+    if [[ ${1:-} == install ]]; then
+        unset _UPGRADE_STATE_TRAP_REMOVED
+    elif [[ -n ${_UPGRADE_STATE_TRAP_REMOVED:-} ]]; then
+        return 0
+    fi
+    _ul_cur=$(trap -p EXIT)
+    if [[ $_ul_cur == *_upgrade_state_on_exit* && ${_UPGRADE_STATE_TRAPS_PID:-} == "$BASHPID" ]]
+    then
+        return 0
+    fi
+    if [[ -z ${1:-} && -z $_ul_cur && -n ${_UPGRADE_STATE_TRAPS_PID:-} ]]; then
+        # Installed here (or in the parent whose traps a subshell still shows) and gone
+        # now: removed by the script.
+        _UPGRADE_STATE_TRAP_REMOVED=1
+        return 0
+    fi
     if [[ ${_UPGRADE_STATE_TRAPS_PID:-} != "$BASHPID" ]] && ((BASHPID != $$)); then
-        # In a subshell bash still *shows* the parent's traps (which will not run
-        # here) until a trap is changed. Reset one that is unused, so that what
-        # `trap -p` shows next is what this shell will really run.
+        # A subshell: reset a trap that is unused, so that what `trap -p` shows next
+        # is what this shell will really run.
         for _ul_sig in RETURN XFSZ VTALRM PROF; do
             if [[ -z $(trap -p "$_ul_sig") ]]; then
                 trap - "$_ul_sig"
                 break
             fi
         done
+        _ul_cur=$(trap -p EXIT)
     fi
-    _ul_cur=$(trap -p EXIT)
     if [[ $_ul_cur != *_upgrade_state_on_exit* ]]; then
         _ul_words=(trap -- '' EXIT)
         if [[ -n $_ul_cur ]]; then
@@ -216,17 +247,19 @@ upgrade_state_load() {
     _upgrade_state_do "$BASHPID" export -o -
 }
 
-# Replace the current upgrade with a whole state document (validated first: an
-# invalid one changes nothing and exits 1).
+# Save a state document into the current upgrade: the known fields it has are
+# validated and applied, the others are left as they are, and keys the ledger does not
+# know are kept in state.json and the history file. Invalid JSON (or an invalid field)
+# changes nothing and exits 1.
 upgrade_state_save() {
     _upgrade_state_usage 1 "upgrade_state_save JSON" "$@" || return 1
-    _upgrade_state_do "$BASHPID" import - <<<"$1" >/dev/null
+    _upgrade_state_do "$BASHPID" legacy save - <<<"$1" >/dev/null
 }
 
 # Same as upgrade_state_save: every write of the ledger is atomic.
 upgrade_state_write_atomic() {
     _upgrade_state_usage 1 "upgrade_state_write_atomic JSON" "$@" || return 1
-    _upgrade_state_do "$BASHPID" import - <<<"$1" >/dev/null
+    _upgrade_state_do "$BASHPID" legacy save - <<<"$1" >/dev/null
 }
 
 # Print the current state (IDLE when no upgrade was ever started).
@@ -428,3 +461,7 @@ upgrade_cleanup() {
     if [[ ${_UPGRADE_STATE_LOCK_PID:-} == "$BASHPID" ]]; then unset _UPGRADE_STATE_LOCK_PID; fi
     return "$_ul_rc"
 }
+
+# As the old library did when it was sourced: the lock is released when this shell
+# exits (see "releasing the lock when the shell ends" above).
+_upgrade_state_arm_exit_trap install

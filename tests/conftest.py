@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pgserver import Server, Unavailable, start
 
 from ledger.api import Ledger
 
@@ -28,6 +29,30 @@ def slow_mode(request: pytest.FixtureRequest) -> bool:
     """True with ``pytest --slow`` or ``LEDGER_SLOW_TESTS=1``: tests scale up their sweeps."""
     return bool(request.config.getoption("--slow")) or \
         os.environ.get("LEDGER_SLOW_TESTS", "") not in ("", "0")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """A PostgreSQL server for the session (see tests/pgserver.py). Where none can be
+    had the PostgreSQL tests are skipped, except under CI (CI=true), where they fail."""
+    try:
+        server = start()
+    except Unavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"PostgreSQL is required under CI: {exc}", pytrace=False)
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server: Server) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of this test's own."""
+    url = pg_server.new_database()
+    yield url
+    pg_server.drop_database(url)
 
 
 def walk_to_upgrading(led: Ledger, upgrade_id: str | None = None) -> str:

@@ -51,7 +51,8 @@ def test_concurrent_writers_never_lose_an_update(home: Path) -> None:
         comps = doc["phases"]["p"]["components"]
         assert sorted(comps) == [f"c{n}" for n in range(workers)]
         for comp in comps.values():
-            assert (comp["state"], comp["attempts"]) == ("COMPLETED", rounds)
+            # each round failed an attempt; the last one (attempt rounds + 1) worked
+            assert (comp["state"], comp["attempts"]) == ("COMPLETED", rounds + 1)
             assert comp["last_error"] == f"round {rounds - 1}"
         events = led.events(after_id=first_event, limit=None)
         # per worker: a plan, then start+fail per round, then start+complete
@@ -191,7 +192,7 @@ def test_show_has_phases_components_points_and_events(two_runs: Ledger) -> None:
     assert shown["id"] == "u2" and shown["state"] == "UPGRADING"
     assert [p["name"] for p in shown["phases"]] == ["exporters", "server"]
     assert [(c["phase"], c["name"], c["state"], c["attempts"]) for c in shown["components"]] == \
-        [("exporters", "node", "UPGRADING", 1), ("server", "prom", "PENDING", 0)]
+        [("exporters", "node", "UPGRADING", 2), ("server", "prom", "PENDING", 0)]
     assert [p["backup_path"] for p in shown["rollback_points"]] == ["/b/node-1.8.tgz"]
     assert {e["upgrade_id"] for e in shown["events"]} == {"u2"}
     assert shown["events"][0]["kind"] == "upgrade.init"

@@ -242,7 +242,8 @@ def test_retries_with_backoff_then_success(tmp_path: Path, home: Path, cli) -> N
     with ledger_of(home) as led:
         comp = led.component_status("a")
         log = (home / "logs" / led.current_id() / "a.log").read_text()
-    assert comp["state"] == "COMPLETED" and comp["attempts"] == 2
+    assert comp["state"] == "COMPLETED" and comp["attempts"] == 3  # the third one worked
+    assert "one/a: 1.0 -> 2.0: upgraded and validated (attempt 3)" in result.out
     assert log.count("upgrade attempt") == 3
     assert log.count("upgrade of a fails on purpose") == 2
 
@@ -255,7 +256,7 @@ def test_retries_run_out(tmp_path: Path, home: Path, cli) -> None:
     assert result.code == 11
     assert "one/a: upgrade exit 1 (attempt 2 of 2)" in result.err
     with ledger_of(home) as led:
-        assert led.component_status("a")["attempts"] == 2
+        assert led.component_status("a")["attempts"] == 3  # two failed: the next is 3
 
 
 def test_a_command_over_its_timeout_is_killed_with_its_process_group(

@@ -107,8 +107,13 @@ def test_sigkill_mid_run_then_apply_again_completes_without_upgrading_twice(
         resumes = led.events(kind="upgrade.resume")
     assert doc["current_state"] == "COMPLETED"
     comps = doc["phases"]["two"]["components"]
-    assert comps["c"]["attempts"] == 0  # validated: completed without upgrading again
-    assert comps["d"]["attempts"] == 1  # did not validate: upgraded once more
+    assert comps["c"]["attempts"] == 1  # validated: completed without upgrading again
+    assert comps["d"]["attempts"] == 2  # did not validate: upgraded once more
+    # apply counts the attempts the ledger counts, across the two runs
+    assert "UPGRADING two/d: 1.0 -> 2.0: upgraded and validated (attempt 2)\n" in \
+        result.stdout, result.stdout
+    d_log = (home / "logs" / doc["upgrade_id"] / "d.log").read_text()
+    assert "two/d upgrade attempt 2 " in d_log and "two/d upgrade attempt 1 " in d_log
     assert comps["d"]["last_error"].startswith("interrupted; validation after resume")
     assert sorted(int(e["detail"]["pid"]) for e in stopped) == groups
     assert resumes[0]["detail"]["interrupted"] == ["c", "d"]

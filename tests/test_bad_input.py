@@ -27,6 +27,7 @@ from ledger.errors import (
     InvalidTransition,
     LedgerError,
     NoCurrentPhase,
+    NotFound,
     UnknownState,
 )
 
@@ -418,6 +419,52 @@ def test_bad_documents_are_refused_and_change_nothing(
     assert_refused(running, call, InvalidDocument, message)
 
 
+SAVED: list[tuple[str, Callable[[Ledger], Any], str]] = [
+    ("not-json", lambda led: led.save_document('{"test": "data", '), "not valid JSON"),
+    ("array", lambda led: led.save_document("[1, 2]"), "document must be a JSON object"),
+    ("kept-too-big", lambda led: led.save_document({"blob": "x" * 70_000}),
+     r"would take 700\d\d bytes; at most 65536 are kept per upgrade"),
+    ("kept-too-big-inside", lambda led: led.save_document(
+        {**good_document(led), "phases": {"p": {"state": "IN_PROGRESS", "components": {
+            f"c{n}": {"state": "PENDING", "pad": "x" * 1000} for n in range(70)}}}}),
+     "at most 65536 are kept per upgrade"),
+    ("number-overflow", lambda led: led.save_document('{"n": 1e400}'),
+     "document contains the number 1e400, which is out of range"),
+    ("lone-surrogate", lambda led: led.save_document('{"s": "\\ud800"}'),
+     r"not valid Unicode \(a lone surrogate\) at s$"),
+    ("unknown-state", lambda led: led.save_document({"current_state": "DONE", "x": 1}),
+     "unknown upgrade state 'DONE'"),
+    ("current-phase-unknown", lambda led: led.save_document({"current_phase": "nope"}),
+     "current_phase 'nope' is not one of upgrade .*'s phases"),
+    ("phases-without-the-current", lambda led: led.save_document({"phases": {}}),
+     "current_phase 'p' is not one of the document's phases"),
+    ("new-id-partial", lambda led: led.save_document({"upgrade_id": "other", "x": 1}),
+     "document lacks current_state, started_at"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), [c[1:] for c in SAVED],
+                         ids=[c[0] for c in SAVED])
+def test_bad_saves_are_refused_and_change_nothing(
+        running: Ledger, call: Callable[[Ledger], Any], message: str) -> None:
+    assert_refused(running, call, InvalidDocument, message)
+
+
+def test_the_kept_size_counts_what_the_upgrade_keeps_already(running: Ledger) -> None:
+    doc = good_document(running)
+    for n, comp_ in enumerate(doc["phases"]["p"]["components"].values()):
+        comp_["pad"] = str(n) * 30_000
+    running.save_document(doc)  # 60,000 bytes and a little: kept
+    assert_refused(running, lambda led: led.save_document({"more": "y" * 6_000}),
+                   InvalidDocument, "at most 65536 are kept per upgrade")
+    running.save_document({"more": "y" * 5_000})  # fits beside them
+
+
+def test_a_save_with_no_upgrade_yet_is_refused(ledger: Ledger) -> None:
+    assert_refused(ledger, lambda led: led.save_document({"test": "data"}), NotFound,
+                   "no upgrade to save the document into")
+
+
 def test_the_running_document_itself_imports(running: Ledger) -> None:
     """The documents above are spoilt copies of one that imports: each refusal is down
     to its one change."""
@@ -433,6 +480,7 @@ CLI_CALLS = [
     ("bad-id", ["init", "../x", "--supersede"], 6, "upgrade id '../x' is not allowed"),
     ("long-phase", ["phase", "start", "p" * 129], 6, "129 characters long"),
     ("bad-document", ["import", "-"], 6, "document has the key 'a' twice"),
+    ("bad-save", ["legacy", "save", "-"], 6, "document has the key 'a' twice"),
 ]
 
 

@@ -50,7 +50,7 @@ def test_the_example_runs_to_the_end_inside_its_demo_folder(tmp_path: Path) -> N
     assert {n: c["to_version"] for n, c in components.items()} == EXPORTERS
     assert {c["state"] for c in components.values()} == {"COMPLETED"}
     postgres = components["postgres_exporter"]
-    assert postgres["attempts"] == 1 and "sha256 mismatch" in postgres["last_error"]
+    assert postgres["attempts"] == 2 and "sha256 mismatch" in postgres["last_error"]
     points = shown["rollback_points"]
     assert sorted(p["component"] for p in points) == sorted(EXPORTERS)
     assert all(Path(p["backup_path"]).is_file() for p in points)

@@ -218,7 +218,7 @@ check current_after upgrade_state_get_current
     ok(calls["fail"])
     failed = json.loads(calls["failed_status"].out)
     assert (failed["state"], failed["attempts"], failed["last_error"]) == (
-        "FAILED", 1, "download failed")
+        "FAILED", 2, "download failed")  # attempt 1 failed: 2 is next
     assert failed["from_version"] is None and failed["to_version"] == "0.5.0"
     ok(calls["progress"], "50\n")
 
@@ -503,9 +503,12 @@ declare -F | sed 's/^declare -f //' > {tmp_path}/functions
     sourced = (tmp_path / "sourced").read_text().splitlines()
     called = (tmp_path / "called").read_text().splitlines()
     added = sorted(set(sourced) - set(before))
-    # UPGRADE_STATE_DIR came from the environment; the others get their defaults
-    assert added == sorted(f"declare -- {name}" for name in DEFAULTS
-                           if name != "UPGRADE_STATE_DIR"), added
+    # UPGRADE_STATE_DIR came from the environment; the others get their defaults. As
+    # with the old library, sourcing installs the release of the lock on EXIT.
+    assert added == sorted([*(f"declare -- {name}" for name in DEFAULTS
+                              if name != "UPGRADE_STATE_DIR"),
+                            "declare -- _UPGRADE_STATE_TRAPS_PID",
+                            "trap -- '_upgrade_state_on_exit' EXIT"]), added
     assert set(before) - set(sourced) == set()
     assert sorted(set(called) - set(sourced)) == ["declare -- id"]  # the script's own
     functions = set((tmp_path / "functions").read_text().split()) - {"take"}
@@ -697,3 +700,127 @@ def test_a_failure_whose_text_is_not_utf8_is_still_recorded(tmp_path: Path) -> N
     assert len(chatty) <= 64 * 1024 and chatty.startswith("xxx") and chatty.endswith("xxxEND")
     assert "characters cut" in chatty
     assert phase_error == "bad \\xff\\xfe bytes\tand a tab"
+
+
+# -- attempts ----------------------------------------------------------------------------
+
+def test_attempts_count_the_attempt_in_progress_or_the_next_one(tmp_path: Path) -> None:
+    # As the old library counted: 1 at the first start, + 1 at each failure. Unlike it,
+    # the start of a retry does not set the count back to 1.
+    home = tmp_path / "home"
+    setup_upgrade(home, "run-1", "PLANNING", "BACKING_UP", "UPGRADING")
+    script = """
+        set -euo pipefail
+        source "$LIB"
+        attempts() { jq -r ".phases.exporters.components.$1.attempts" "$UPGRADE_STATE_FILE"; }
+        upgrade_phase_start exporters
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        echo "started: $(attempts node_exporter)"
+        upgrade_component_fail node_exporter "download failed"
+        echo "failed once: $(attempts node_exporter)"
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        echo "retry started: $(attempts node_exporter)"
+        upgrade_component_fail node_exporter "checksum mismatch"
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        upgrade_component_complete node_exporter
+        echo "completed on the third: $(attempts node_exporter)"
+        echo "status: $(upgrade_component_get_status node_exporter | jq .attempts)"
+        upgrade_component_start blackbox_exporter 0.24.0 0.25.0
+        upgrade_component_complete blackbox_exporter
+        echo "first time right: $(attempts blackbox_exporter)"
+    """
+    done = run_bash(script, bash_env(home))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "started: 1", "failed once: 2", "retry started: 2", "completed on the third: 3",
+        "status: 3", "first time right: 1"]
+
+
+# -- keys a script keeps in state.json ---------------------------------------------------
+
+def test_save_keeps_the_keys_a_script_wrote_in_every_later_view(tmp_path: Path) -> None:
+    # The old library wrote any JSON it was given: scripts stash their own keys in
+    # state.json with jq and read them back later, also from the history file.
+    home = tmp_path / "home"
+    setup_upgrade(home, "run-1", "PLANNING", "BACKING_UP", "UPGRADING")
+    script = """
+        set -euo pipefail
+        source "$LIB"
+        kept() {
+            jq -c '[.maintenance_window, .phases.exporters.components.node_exporter.ticket,
+                    .phases.exporters.components.node_exporter.state, .current_state]' "$1"
+        }
+        upgrade_phase_start exporters
+        upgrade_component_start node_exporter 1.7.0 1.9.1
+        upgrade_state_save "$(upgrade_state_load | jq '.maintenance_window = "sun"
+            | .phases.exporters.components.node_exporter.ticket = {"id": "OPS-1", "n": [1, 2]}')"
+        echo "saved: $(kept "$UPGRADE_STATE_FILE")"
+        upgrade_component_complete node_exporter
+        echo "completed: $(kept "$UPGRADE_STATE_FILE")"
+        upgrade_component_start blackbox_exporter "" 0.25.0
+        upgrade_state_set VALIDATING
+        echo "validating: $(kept "$UPGRADE_STATE_FILE")"
+        upgrade_save_to_history
+        echo "history: $(kept "$UPGRADE_HISTORY_DIR/run-1.json")"
+        upgrade_state_write_atomic "$(upgrade_state_load | jq 'del(.maintenance_window)')"
+        echo "deleted: $(kept "$UPGRADE_STATE_FILE")"
+        echo "status: $(upgrade_component_get_status node_exporter | jq -c .ticket)"
+    """
+    done = run_bash(script, bash_env(home))
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    ticket = '{"id":"OPS-1","n":[1,2]}'
+    assert done.stdout.splitlines() == [
+        f'saved: ["sun",{ticket},"UPGRADING","UPGRADING"]',
+        f'completed: ["sun",{ticket},"COMPLETED","UPGRADING"]',
+        f'validating: ["sun",{ticket},"COMPLETED","VALIDATING"]',
+        f'history: ["sun",{ticket},"COMPLETED","VALIDATING"]',
+        f'deleted: [null,{ticket},"COMPLETED","VALIDATING"]',
+        f"status: {ticket}"]
+    with Ledger(home) as led:  # what a rebuilt view says, too
+        doc = led.document()
+    assert doc["phases"]["exporters"]["components"]["node_exporter"]["ticket"] == {
+        "id": "OPS-1", "n": [1, 2]}
+    assert json.loads((home / "state.json").read_text()) == doc
+
+
+def test_a_document_with_no_known_field_is_kept_as_it_is(harness: Harness) -> None:
+    uid = setup_upgrade(harness.home, "run-1", "PLANNING")
+    calls = harness.run("""
+check before upgrade_state_load
+check save upgrade_state_save '{"test": "data", "number": 123}'
+check atomic upgrade_state_write_atomic '{"test": "data", "number": 124, "nested": {"a": [null]}}'
+check step upgrade_state_set BACKING_UP
+check load upgrade_state_load
+check test_key jq -r .test "$UPGRADE_STATE_FILE"
+""")
+    ok(calls["save"])
+    ok(calls["atomic"])
+    ok(calls["step"])
+    ok(calls["test_key"], "data\n")
+    before, after = json.loads(calls["before"].out), json.loads(calls["load"].out)
+    assert (after["test"], after["number"], after["nested"]) == ("data", 124, {"a": [None]})
+    assert after["upgrade_id"] == uid and after["current_state"] == "BACKING_UP"
+    assert after["phases"] == before["phases"] and after["metadata"] == before["metadata"]
+    assert list(after)[-3:] == ["test", "number", "nested"]  # after the ledger's own fields
+
+
+def test_save_refuses_bad_json_and_too_much_kept_data_changing_nothing(
+        harness: Harness) -> None:
+    setup_upgrade(harness.home, "run-1", "PLANNING")
+    calls = harness.run("""
+check kept upgrade_state_save '{"ticket": "OPS-1"}'
+check garbage upgrade_state_save '{"test": "data", '
+check not_object upgrade_state_write_atomic '[1, 2]'
+big=$(printf '%*s' 70000 '' | tr ' ' x)
+check too_big upgrade_state_save "{\\"blob\\": \\"$big\\"}"
+check state_typo upgrade_state_save '{"current_state": "PLANING", "ticket": "OPS-2"}'
+check load upgrade_state_load
+""")
+    ok(calls["kept"])
+    refused(calls["garbage"], "not valid JSON")
+    refused(calls["not_object"], "object")
+    refused(calls["too_big"], "65536")
+    refused(calls["state_typo"], "PLANING")
+    for name in ("garbage", "not_object", "too_big", "state_typo"):
+        assert calls[name].state == calls["kept"].state, name
+    assert json.loads(calls["load"].out)["ticket"] == "OPS-1"

@@ -240,3 +240,85 @@ echo "not interrupted"
     assert proc.returncode == -sig, err
     assert out == "" and err == ""
     assert not (home / "upgrade.lock.d").exists()
+
+
+# -- a script that removes the library's trap ------------------------------------------
+#
+# The old library installed `trap 'upgrade_lock_release' EXIT TERM INT` when sourced; a
+# script (or a test simulating a crash) that removes it keeps its lock at exit, exactly
+# as a crashed holder would, and the next shell finds that holder dead.
+
+
+def check_stale_from_another_shell(home: Path) -> subprocess.CompletedProcess[str]:
+    return run_bash("""
+upgrade_lock_is_held || echo "held: no"
+upgrade_lock_check_stale
+[[ -e $UPGRADE_LOCK_FILE.d ]] && echo "still locked" || echo "stale lock removed"
+""", home)
+
+
+def test_a_script_that_removes_the_trap_keeps_its_lock_at_exit(home: Path) -> None:
+    crashed = run_bash("""
+trap - EXIT TERM INT
+upgrade_lock_acquire
+echo "$BASHPID"
+exit 0
+""", home)
+    assert (crashed.returncode, crashed.stderr) == (0, "")
+    holder = int(crashed.stdout)
+    assert lock_pid(home) == holder  # upgrade.lock.d/lock.info left behind
+    checked = check_stale_from_another_shell(home)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == "held: no\nstale lock removed\n"
+    assert "stale" in checked.stderr
+    with Ledger(home) as led:
+        (broken,) = led.events(kind="lock.break")
+    assert int(broken["from"]) == holder
+
+
+def test_a_subshell_that_removes_the_trap_keeps_its_lock(home: Path, tmp_path: Path) -> None:
+    done = run_bash(f"""
+( trap - EXIT TERM INT; upgrade_lock_acquire; echo "$BASHPID" >{tmp_path}/holder; exit 0 )
+[[ -e $UPGRADE_LOCK_FILE.d ]] && echo "kept" || echo "released"
+""", home)
+    assert (done.returncode, done.stdout) == (0, "kept\n"), done.stderr
+    assert lock_pid(home) == int((tmp_path / "holder").read_text())
+    checked = check_stale_from_another_shell(home)
+    assert checked.stdout == "held: no\nstale lock removed\n", checked.stderr
+
+
+def test_the_removal_holds_for_an_exit_trap_the_script_sets_afterwards(home: Path) -> None:
+    # Once the script has removed the library's trap, the drop-in does not put it back,
+    # not even chained onto a trap of the script's own: the choice was made.
+    done = run_bash("""
+trap - EXIT
+upgrade_lock_acquire
+trap 'echo "own trap ran"' EXIT
+upgrade_lock_is_held
+exit 0
+""", home)
+    assert (done.returncode, done.stdout) == (0, "own trap ran\n"), done.stderr
+    assert (home / "upgrade.lock.d" / "lock.info").is_file()
+
+
+def test_sourcing_again_installs_the_release_again(home: Path) -> None:
+    done = run_bash("""
+trap - EXIT
+source "$LIB"
+upgrade_lock_acquire
+exit 0
+""", home)
+    assert done.returncode == 0, done.stderr
+    assert not (home / "upgrade.lock.d").exists()
+
+
+def test_a_subshell_reads_the_choice_from_the_traps_it_was_shown(home: Path) -> None:
+    done = run_bash("""
+( trap 'echo term' TERM; trap : EXIT; upgrade_lock_acquire; exit 0 )
+[[ -e $UPGRADE_LOCK_FILE.d ]] && echo "own EXIT trap: kept" || echo "own EXIT trap: released"
+trap - EXIT
+( upgrade_lock_acquire; exit 0 )
+[[ -e $UPGRADE_LOCK_FILE.d ]] && echo "removed in the parent: kept" || echo "removed: released"
+""", home)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "own EXIT trap: released\nremoved in the parent: kept\n"

@@ -65,24 +65,24 @@ def run(uid: str, host: str, state: str, start: str, end: str,
 RUNS = [
     run("a-2026-01", "alpha", "COMPLETED", "2026-01-05T10:00:00Z", "2026-01-05T10:30:00Z", {
         "exporters": ("COMPLETED", "10:00", "10:10", {
-            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "10:01", "10:03", 0, None)}),
+            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "10:01", "10:03", 1, None)}),
         "servers": ("COMPLETED", "10:10", "10:30", {
-            "prometheus": ("COMPLETED", "2.45", "2.53", "10:10", "10:25", 0, None)}),
+            "prometheus": ("COMPLETED", "2.45", "2.53", "10:10", "10:25", 1, None)}),
     }),
     run("b-2026-01", "beta", "COMPLETED", "2026-01-20T12:00:00Z", "2026-01-20T12:20:00Z", {
         "exporters": ("COMPLETED", "12:00", "12:20", {
-            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "12:01", "12:05", 0, None)}),
+            "node_exporter": ("COMPLETED", "1.7.0", "1.9.1", "12:01", "12:05", 1, None)}),
     }),
     run("a-2026-02", "alpha", "FAILED", "2026-02-03T09:00:00Z", "2026-02-03T09:40:00Z", {
         "exporters": ("COMPLETED", "09:00", "09:05", {
-            "node_exporter": ("COMPLETED", "1.9.1", "1.10.0", "09:01", "09:02", 0, None)}),
+            "node_exporter": ("COMPLETED", "1.9.1", "1.10.0", "09:01", "09:02", 1, None)}),
         "servers": ("FAILED", "09:05", "09:40", {
-            "prometheus": ("FAILED", "2.53", "3.0.0", "09:05", "09:35", 2,
+            "prometheus": ("FAILED", "2.53", "3.0.0", "09:05", "09:35", 3,
                            "tsdb migration failed")}),
     }),
     run("b-2026-02", "beta", "ROLLED_BACK", "2026-02-15T08:00:00Z", "2026-02-15T08:30:00Z", {
         "servers": ("FAILED", "08:00", "08:30", {
-            "prometheus": ("FAILED", "2.53", "3.0.0", "08:05", "08:20", 1, "WAL replay")}),
+            "prometheus": ("FAILED", "2.53", "3.0.0", "08:05", "08:20", 2, "WAL replay")}),
     }),
 ]
 HERE = socket.gethostname()
@@ -92,13 +92,19 @@ HERE = socket.gethostname()
 def reports_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four finished upgrades on hosts alpha and beta, and one running on this host."""
     home = tmp_path_factory.mktemp("sql") / "home"
-    with Ledger(home) as led:
-        for doc in RUNS:
+    fill(home)
+    return home
+
+
+def fill(home: Path, url: str | None = None) -> None:
+    """The reports ledger: each run imported as its own host's, the live one here's."""
+    for doc in RUNS:
+        with Ledger(home, db_url=url, host_name=doc["metadata"]["hostname"]) as led:
             led.import_document(doc, make_current=False)
+    with Ledger(home, db_url=url) as led:
         walk_to_upgrading(led, "live")
         led.phase_start("exporters")
         led.component_start("node_exporter", "1.10.0", "1.11.0")
-    return home
 
 
 @pytest.fixture
@@ -149,8 +155,8 @@ EXPECTED = {
          "prometheus", "3.0.0", "WAL replay"),
     ],
     "Components that needed retries": lambda: [
-        ("a-2026-02", "alpha", "prometheus", "3.0.0", "FAILED", 2, "tsdb migration failed"),
-        ("b-2026-02", "beta", "prometheus", "3.0.0", "FAILED", 1, "WAL replay"),
+        ("a-2026-02", "alpha", "prometheus", "3.0.0", "FAILED", 3, "tsdb migration failed"),
+        ("b-2026-02", "beta", "prometheus", "3.0.0", "FAILED", 2, "WAL replay"),
     ],
     "The audit trail of one upgrade": lambda: [
         ("upgrade.init", None, None, "IDLE"),
@@ -160,9 +166,25 @@ EXPECTED = {
         ("phase.in_progress", "exporters", "PENDING", "IN_PROGRESS"),
         ("component.upgrading", "node_exporter", None, "UPGRADING"),
     ],
+    "Failures per component version across hosts": lambda: [
+        ("prometheus", "3.0.0", 2, 2, 2, 3),
+        ("node_exporter", "1.10.0", 1, 0, 0, 0),
+        ("node_exporter", "1.9.1", 2, 0, 0, 0),
+        ("prometheus", "2.53", 1, 0, 0, 0),
+    ],
+    "Hosts still on an old version": lambda: [
+        ("beta", "node_exporter", "1.9.1", "2026-01-20T12:05:00.000Z", "b-2026-01"),
+    ],
+    "Mean duration per component per host": lambda: [
+        ("alpha", "node_exporter", 2, 90.0),
+        ("alpha", "prometheus", 1, 900.0),
+        ("beta", "node_exporter", 1, 240.0),
+    ],
 }
 PARAMS = {"Recent failures": {"since": "2026-02-10"},
-          "The audit trail of one upgrade": {"id": "live"}}
+          "The audit trail of one upgrade": {"id": "live"},
+          "Hosts still on an old version": {"component": "node_exporter",
+                                            "version": "1.10.0"}}
 #: Columns to compare, for queries whose rows carry times of the live upgrade.
 PICK = {"What is running now": (0, 1, 2, 4, 5, 6, 7),
         "The audit trail of one upgrade": (2, 3, 4, 5)}
@@ -183,6 +205,18 @@ def test_each_documented_query_gives_the_expected_rows(reports: Path, title: str
     pick = PICK.get(title)
     got = [tuple(row[i] for i in pick) if pick else tuple(row) for row in rows]
     assert got == EXPECTED[title]()
+
+
+def test_each_documented_query_gives_the_same_rows_on_postgres(tmp_path: Path,
+                                                               pg_url: str) -> None:
+    fill(tmp_path / "home", pg_url)
+    with Ledger(tmp_path / "home", db_url=pg_url) as led:
+        for title, sql in doc_queries().items():
+            columns, rows = led.query(sql, PARAMS.get(title))
+            pick = PICK.get(title)
+            got = [tuple(row[i] for i in pick) if pick else tuple(row) for row in rows]
+            assert got == EXPECTED[title](), title
+            assert len(set(columns)) == len(columns)
 
 
 def test_a_documented_query_through_the_cli_as_csv(cli, reports: Path) -> None:
@@ -219,7 +253,7 @@ def test_sql_reads_pragmas_that_only_read(cli, reports: Path) -> None:
     result = cli("sql", "PRAGMA table_info(upgrade_summary)", "-f", "json")
     assert result.code == 0
     names = [c["name"] for c in json.loads(result.out)]
-    assert names[:3] == ["upgrade_id", "state", "outcome"]
+    assert names[:3] == ["host", "upgrade_id", "state"]
 
 
 def test_an_empty_result_has_no_rows_but_csv_keeps_its_header(cli, reports: Path) -> None:

@@ -161,7 +161,7 @@ def test_component_lifecycle_and_status_json_shape(cli) -> None:
     status = json.loads(ok(cli, "component", "status", "node_exporter"))
     assert list(status) == COMPONENT_KEYS
     assert (status["state"], status["attempts"], status["last_error"]) == \
-        ("COMPLETED", 1, "checksum mismatch")
+        ("COMPLETED", 2, "checksum mismatch")  # the second attempt worked
     assert (status["from_version"], status["to_version"]) == ("1.7.0", "1.9.1")
     assert ok(cli, "component", "version", "node_exporter") == "1.9.1\n"
 

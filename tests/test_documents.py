@@ -117,7 +117,7 @@ def test_legacy_jq_reads_work(ledger: Ledger) -> None:
     path = ledger.home.state_file
     assert jq(".current_state", path) == "UPGRADING"
     assert jq(".phases.exporters.components.node_exporter.state", path) == "COMPLETED"
-    assert jq(".phases.exporters.components.blackbox.attempts", path) == "1"
+    assert jq(".phases.exporters.components.blackbox.attempts", path) == "2"  # failed once
     assert jq('[.phases[].components[] | select(.state == "FAILED")] | length', path) == "1"
     assert jq(".rollback_points[0].backup_path", path) == "/var/backups/node_exporter-1.7.0.tgz"
 
@@ -379,3 +379,74 @@ def test_the_documented_example_is_a_valid_document() -> None:
     VALIDATOR.validate(example)
     for field in ("serial", "lineage", "outcome", "rollback_points"):
         assert field in example
+
+
+# -- saving a document into an upgrade (the legacy upgrade_state_save) -------------------
+
+def with_kept_keys(doc: dict[str, Any]) -> dict[str, Any]:
+    """*doc* with keys of a script's own at every level the legacy format has."""
+    doc = json.loads(json.dumps(doc))
+    doc["maintenance_window"] = {"day": "sun", "hours": [2, 4]}
+    doc["metadata"]["ticket"] = "OPS-1"
+    for phase in doc["phases"].values():
+        phase["owner"] = "team-a"
+        for comp in phase["components"].values():
+            comp["checked_by"] = ["probe", None, 1.5, True]
+    return doc
+
+
+def test_kept_keys_survive_export_and_import(rich: Ledger, tmp_path: Path) -> None:
+    rich.save_document(with_kept_keys(rich.document("u-1")))
+    saved = rich.document("u-1")
+    assert saved["maintenance_window"] == {"day": "sun", "hours": [2, 4]}
+    assert saved["metadata"]["ticket"] == "OPS-1"
+    assert saved["phases"]["exporters"]["owner"] == "team-a"
+    assert saved["phases"]["exporters"]["components"]["blackbox"]["checked_by"] == [
+        "probe", None, 1.5, True]
+    VALIDATOR.validate(saved)  # the schema allows them (additionalProperties)
+    assert rich.home.state_file.read_bytes() == document.dumps(saved)
+    rich.save_to_history("u-1")
+    assert json.loads(rich.home.history_file("u-1").read_text()) == \
+        {**rich.document("u-1"), "serial": saved["serial"] + 1}
+    with Ledger(tmp_path / "other") as other:
+        other.import_document(rich.export_document("u-1"))
+        moved = other.document("u-1")
+    ignore = {"serial": 0, "lineage": None}
+    assert {**moved, **ignore} == {**rich.document("u-1"), **ignore}
+
+
+def test_a_saved_document_is_merged_into_the_upgrade(rich: Ledger) -> None:
+    before = rich.document()  # u-3, current, IDLE
+    rich.save_document(with_kept_keys(before))
+    rich.save_document({"current_state": "PLANNING", "ticket": "OPS-2"})
+    after = rich.document()
+    # the known field is applied, the others are left; the top-level keys the ledger
+    # does not know are the document's (maintenance_window is gone), metadata's and
+    # the phases' stay since the document does not carry those objects
+    assert after["current_state"] == "PLANNING" and after["ticket"] == "OPS-2"
+    assert "maintenance_window" not in after
+    assert after["metadata"] == {**before["metadata"], "ticket": "OPS-1"}
+    assert after["started_at"] == before["started_at"]
+    assert after["updated_at"] >= before["updated_at"]
+    assert after["rollback_points"] == before["rollback_points"]
+    assert rich.events(upgrade_id="u-3")[-1]["kind"] == "upgrade.save"
+
+
+def test_a_partial_save_keeps_phases_components_and_rollback_points(rich: Ledger) -> None:
+    rich.save_document(with_kept_keys(rich.document("u-1")))
+    before = rich.document("u-1")
+    rich.save_document({"upgrade_id": "u-1", "note": "reviewed"})
+    after = rich.document("u-1")
+    assert rich.current_id() == "u-1"  # the upgrade it names becomes current
+    assert after["phases"] == before["phases"]
+    assert after["rollback_points"] == before["rollback_points"]
+    assert after["rollback_available"] == before["rollback_available"]
+    assert after["note"] == "reviewed" and "maintenance_window" not in after
+
+
+def test_a_whole_document_saved_for_a_new_id_creates_the_upgrade(rich: Ledger) -> None:
+    doc = {**with_kept_keys(rich.document("u-1")), "upgrade_id": "u-9"}
+    assert rich.save_document(doc) == "u-9"
+    created = rich.document("u-9")
+    assert created["maintenance_window"] == doc["maintenance_window"]
+    assert rich.current_id() == "u-9"

@@ -169,4 +169,4 @@ def test_history_filters_and_events_by_upgrade_use_indexes(home: Path) -> None:
             assert checked, f"{name}: no query of upgrades or events was traced"
         events_plan = [p for s, p in plans(led, lambda: led.events(upgrade_id="u1"))
                        if "FROM events" in s]
-        assert any("ix_events_upgrade_id_id" in line for plan in events_plan for line in plan)
+        assert any("ix_events_host_upgrade_id_id" in line for plan in events_plan for line in plan)

@@ -105,3 +105,14 @@ def test_the_probe_sees_alembic_when_a_new_ledger_is_migrated(tmp_path: Path) ->
     assert "alembic" in heavy and "sqlalchemy" in heavy
     # ... and once migrated, the same command is back on the light path.
     assert probe(home, "state", "get")[3] == []
+
+
+def test_the_drop_ins_save_is_a_per_step_command(running: Path, home: Path,
+                                                  tmp_path: Path) -> None:
+    shutil.copytree(running, home, symlinks=True)
+    saved = tmp_path / "saved.json"
+    saved.write_text('{"ticket": "OPS-1"}')
+    got, out, err, heavy = probe(home, "legacy", "save", str(saved))
+    assert (got, out, err) == (0, "u1\n", "")
+    assert state_doc(home)["ticket"] == "OPS-1"
+    assert heavy == []

@@ -152,6 +152,28 @@ def test_stdout_is_the_same_text_format(cli, busy: Ledger) -> None:
     assert value(m, "upgrade_ledger_upgrade_state", upgrade_id="new-2", state="UPGRADING") == 1
 
 
+def test_attempts_are_the_ledgers_attempts(ledger: Ledger) -> None:
+    # One meaning everywhere: the attempt in progress or the next one (1 at the first
+    # start, + 1 at each failure); failures are the attempts that did not succeed.
+    walk_to_upgrading(ledger, "u1")
+    ledger.phase_start("p")
+    for name, fails, restart in (("once", 0, False), ("failed", 1, False),
+                                 ("retried", 2, True)):
+        ledger.component_start(name)
+        for n in range(fails):
+            ledger.component_fail(name, "no")
+            if restart or n < fails - 1:
+                ledger.component_start(name)
+    m = parse(metrics.exposition(ledger).decode())
+    ids = {"upgrade_id": "u1", "phase": "p"}
+    for name, attempts, failures in (("once", 1, 0), ("failed", 2, 1), ("retried", 3, 2)):
+        assert ledger.component_status(name)["attempts"] == attempts, name
+        assert value(m, "upgrade_ledger_component_attempts_total", component=name,
+                     **ids) == attempts, name
+        assert value(m, "upgrade_ledger_component_failures_total", component=name,
+                     **ids) == failures, name
+
+
 def test_label_values_are_escaped(cli, busy: Ledger) -> None:
     text = cli("metrics").out
     assert 'component="exporter \\"quoted\\" {a=\\"b\\"} \u00fc"' in text

@@ -20,7 +20,7 @@ from ledger.store import migrate
 from ledger.store.database import SCHEMA_REVISION
 from ledger.store.schema import metadata
 
-TABLES = {"ledger_meta", "upgrades", "phases", "components", "rollback_points", "events",
+TABLES = {"ledger_meta", "hosts", "upgrades", "phases", "components", "rollback_points", "events",
           "notify_cursors"}
 VIEWS = {"upgrade_summary", "component_runs", "phase_runs", "failures"}
 
@@ -116,10 +116,10 @@ HISTORY = [
                       "completed_at": "2026-01-01T10:25:00Z", "components": {
                           "a": {"state": "COMPLETED", "from_version": "1", "to_version": "2",
                                 "started_at": "2026-01-01T10:05:00Z",
-                                "completed_at": "2026-01-01T10:10:00Z", "attempts": 0},
+                                "completed_at": "2026-01-01T10:10:00Z", "attempts": 1},
                           "b": {"state": "COMPLETED", "from_version": "1", "to_version": "2",
                                 "started_at": "2026-01-01T10:10:00Z",
-                                "completed_at": "2026-01-01T10:20:30Z", "attempts": 1},
+                                "completed_at": "2026-01-01T10:20:30Z", "attempts": 2},
                           "c": {"state": "SKIPPED", "from_version": "2", "to_version": "2",
                                 "attempts": 0}}}}),
     # Failed after 10 minutes: its one component failed twice.
@@ -129,14 +129,14 @@ HISTORY = [
                       "components": {
                           "a": {"state": "FAILED", "from_version": "2", "to_version": "3",
                                 "started_at": "2026-01-02T08:01:00Z",
-                                "failed_at": "2026-01-02T08:08:00Z", "attempts": 2,
+                                "failed_at": "2026-01-02T08:08:00Z", "attempts": 3,
                                 "last_error": "timeout"}}}}, error="exporters failed"),
     # Still running: no duration yet.
     doc("u3", "UPGRADING", "2026-01-03T09:00:00Z", "2026-01-03T09:01:00Z", {
         "exporters": {"state": "IN_PROGRESS", "started_at": "2026-01-03T09:00:30Z",
                       "components": {
                           "a": {"state": "UPGRADING", "from_version": "2", "to_version": "3",
-                                "started_at": "2026-01-03T09:00:30Z", "attempts": 0}}}}),
+                                "started_at": "2026-01-03T09:00:30Z", "attempts": 1}}}}),
 ]
 
 
@@ -160,14 +160,14 @@ def test_upgrade_summary_has_durations_and_counts(history: Ledger) -> None:
     assert got == [
         {"upgrade_id": "u1", "state": "COMPLETED", "outcome": "COMPLETED", "hostname": "web1",
          "duration_s": 1800.0, "phases": 2, "components": 3, "components_completed": 2,
-         "components_failed": 0, "components_skipped": 1, "attempts": 1, "error": None},
+         "components_failed": 0, "components_skipped": 1, "attempts": 3, "error": None},
         {"upgrade_id": "u2", "state": "FAILED", "outcome": "FAILED", "hostname": "web1",
          "duration_s": 600.0, "phases": 1, "components": 1, "components_completed": 0,
-         "components_failed": 1, "components_skipped": 0, "attempts": 2,
+         "components_failed": 1, "components_skipped": 0, "attempts": 3,
          "error": "exporters failed"},
         {"upgrade_id": "u3", "state": "UPGRADING", "outcome": None, "hostname": "web1",
          "duration_s": None, "phases": 1, "components": 1, "components_completed": 0,
-         "components_failed": 0, "components_skipped": 0, "attempts": 0, "error": None},
+         "components_failed": 0, "components_skipped": 0, "attempts": 1, "error": None},
     ]
 
 
@@ -176,11 +176,11 @@ def test_component_runs_have_a_row_and_a_duration_per_run(history: Ledger) -> No
                         "attempts, duration_s, upgrade_outcome FROM component_runs "
                         "ORDER BY upgrade_id, component")
     assert [tuple(r.values()) for r in got] == [
-        ("u1", "a", "COMPLETED", "1", "2", 0, 300.0, "COMPLETED"),
-        ("u1", "b", "COMPLETED", "1", "2", 1, 630.0, "COMPLETED"),
+        ("u1", "a", "COMPLETED", "1", "2", 1, 300.0, "COMPLETED"),
+        ("u1", "b", "COMPLETED", "1", "2", 2, 630.0, "COMPLETED"),
         ("u1", "c", "SKIPPED", "2", "2", 0, None, "COMPLETED"),
-        ("u2", "a", "FAILED", "2", "3", 2, 420.0, "FAILED"),
-        ("u3", "a", "UPGRADING", "2", "3", 0, None, None),
+        ("u2", "a", "FAILED", "2", "3", 3, 420.0, "FAILED"),
+        ("u3", "a", "UPGRADING", "2", "3", 1, None, None),
     ]
     # The question the views are for: how long does component a take when it works?
     assert history.query("SELECT AVG(duration_s) FROM component_runs "
@@ -202,7 +202,7 @@ def test_failures_list_every_level_that_went_wrong(history: Ledger) -> None:
     got = rows(history, "SELECT level, upgrade_id, phase, component, at, error, attempts "
                         "FROM failures ORDER BY at, level")
     assert [tuple(r.values()) for r in got] == [
-        ("component", "u2", "exporters", "a", "2026-01-02T08:08:00.000Z", "timeout", 2),
+        ("component", "u2", "exporters", "a", "2026-01-02T08:08:00.000Z", "timeout", 3),
         ("phase", "u2", "exporters", None, "2026-01-02T08:09:00.000Z", "gave up", None),
         ("upgrade", "u2", None, None, "2026-01-02T08:10:00.000Z", "exporters failed", None),
     ]
@@ -224,3 +224,86 @@ def test_views_see_a_run_made_through_the_api(ledger: Ledger) -> None:
             summary["components_failed"]) == (2, 1, 1)
     assert [r["component"] for r in rows(ledger, "SELECT * FROM failures "
                                                  "WHERE level = 'component'")] == ["b"]
+
+
+# -- data migrations -----------------------------------------------------------------------
+
+def ledger_at(revision: str, home: Path) -> str:
+    """A new ledger file in *home* migrated to *revision* only; its SQLAlchemy URL."""
+    home.mkdir(mode=0o700)
+    url = f"sqlite:///{home / 'ledger.db'}"
+    migrate.upgrade(url, revision)
+    return url
+
+
+#: Components as a 0002 ledger recorded them, where ``attempts`` counted failures:
+#: (name, state, attempts, started_at, failed_at) -> attempts from revision 0003 on.
+BEFORE_0003 = {
+    ("planned", "PENDING", 0, None, None): 0,
+    ("skipped", "SKIPPED", 0, None, None): 0,
+    ("first_try", "UPGRADING", 0, "2026-01-01T10:00:00.000Z", None): 1,
+    ("done_at_once", "COMPLETED", 0, "2026-01-01T10:00:00.000Z", None): 1,
+    ("failed_once", "FAILED", 1, "2026-01-01T10:00:00.000Z", "2026-01-01T10:01:00.000Z"): 2,
+    ("done_on_the_third", "COMPLETED", 2, "2026-01-01T10:05:00.000Z", None): 3,
+    ("skipped_after_a_start", "SKIPPED", 0, "2026-01-01T10:00:00.000Z", None): 1,
+    ("completed_no_stamps", "COMPLETED", 0, None, None): 1,  # loaded from a legacy file
+}
+
+
+def test_revision_0003_counts_attempts_and_adds_the_kept_keys(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    url = ledger_at("0002", home)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        conn.execute("INSERT INTO upgrades (id, state, started_at, updated_at) VALUES "
+                     "('u1', 'UPGRADING', '2026-01-01T09:00:00.000Z', "
+                     "'2026-01-01T10:05:00.000Z')")
+        conn.execute("INSERT INTO phases (upgrade_id, name, position, state) "
+                     "VALUES ('u1', 'p', 1, 'IN_PROGRESS')")
+        for n, (name, state, attempts, started, failed) in enumerate(BEFORE_0003, start=1):
+            conn.execute("INSERT INTO components (upgrade_id, phase, name, position, state, "
+                         "attempts, started_at, failed_at) VALUES ('u1', 'p', ?, ?, ?, ?, ?, ?)",
+                         (name, n, state, attempts, started, failed))
+        conn.execute("INSERT INTO ledger_meta (key, value) VALUES ('current_upgrade', 'u1')")
+    conn.close()
+
+    with Ledger(home) as led:  # opening a ledger behind the code migrates it
+        doc = led.document("u1")
+        shown = {c["name"]: c["attempts"] for c in led.show("u1")["components"]}
+        assert "ticket" not in doc  # no kept keys before any save
+        led.save_document({"ticket": "OPS-1"})  # the new columns keep them
+        assert led.document("u1")["ticket"] == "OPS-1"
+    got = {name: c["attempts"] for name, c in doc["phases"]["p"]["components"].items()}
+    expected = {key[0]: after for key, after in BEFORE_0003.items()}
+    assert got == expected
+    assert shown == expected
+
+    migrate.downgrade(url, "0002")  # and back: the failure counts they were
+    with sqlite3.connect(home / "ledger.db") as conn:
+        back = dict(conn.execute("SELECT name, attempts FROM components").fetchall())
+        columns = {row[1] for table in ("upgrades", "phases", "components")
+                   for row in conn.execute(f"PRAGMA table_info({table})")}
+    conn.close()
+    assert back == {key[0]: key[2] for key in BEFORE_0003}
+    assert not columns & {"extra", "metadata_extra"}
+
+
+def test_postgres_gets_the_declared_schema_and_round_trips(tmp_path: Path, pg_url: str) -> None:
+    with Ledger(tmp_path / "home", db_url=pg_url) as led:
+        led.init("before")
+    eng = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        assert drift(eng) == []
+        assert set(inspect(eng).get_view_names()) == VIEWS
+        migrate.downgrade(pg_url, "base")
+        eng.dispose()
+        assert set(inspect(eng).get_table_names()) == {"alembic_version"}
+        migrate.upgrade(pg_url)
+        eng.dispose()
+        assert drift(eng) == []
+        # Event ids still come from a sequence after the tables were re-keyed.
+        with Ledger(tmp_path / "home", db_url=pg_url) as led:
+            led.init("after")
+            led.set_state("PLANNING")
+            assert [e["id"] for e in led.events(limit=None)] == [1, 2]
+    finally:
+        eng.dispose()

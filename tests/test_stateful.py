@@ -269,6 +269,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if comp is None:
             comp = m.add_component(m.current_phase, name, states.UPGRADING, frm, to)
         comp.state = states.UPGRADING
+        comp.attempts = max(comp.attempts, 1)  # the first start is attempt 1; a retry keeps it
         comp.from_version = frm or comp.from_version
         comp.to_version = to or comp.to_version
         m.current_component = name
@@ -300,7 +301,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert call(name) is True
         comp.state = target
         if target == states.FAILED:
-            comp.attempts += 1
+            comp.attempts += 1  # the next attempt
         if m.current_component == name:
             m.current_component = None
         m.events += 1

@@ -212,7 +212,7 @@ def test_components_record_versions_states_and_times(ledger: Ledger) -> None:
     ledger.component_complete("node_exporter")
     status = ledger.component_status("node_exporter")
     assert status["state"] == "COMPLETED" and status["completed_at"]
-    assert status["attempts"] == 0
+    assert status["attempts"] == 1  # the first attempt worked
     doc = state_json(ledger)
     assert doc["current_component"] is None
     comp = doc["phases"]["exporters"]["components"]["node_exporter"]
@@ -447,19 +447,20 @@ def test_component_failures_count_attempts_and_keep_the_last_error(ledger: Ledge
     ledger.component_fail("a", "timeout")
     status = ledger.component_status("a")
     assert (status["state"], status["attempts"], status["last_error"]) == \
-        ("FAILED", 1, "timeout")
+        ("FAILED", 2, "timeout")  # attempt 1 failed: the next is 2
     assert status["failed_at"]
-    ledger.component_start("a")  # a retry
-    assert ledger.component_status("a")["state"] == "UPGRADING"
+    ledger.component_start("a")  # a retry: attempt 2, not back to 1
+    assert (ledger.component_status("a")["state"], ledger.component_status("a")["attempts"]) \
+        == ("UPGRADING", 2)
     ledger.component_fail("a", "checksum mismatch")
     status = ledger.component_status("a")
-    assert (status["attempts"], status["last_error"]) == (2, "checksum mismatch")
+    assert (status["attempts"], status["last_error"]) == (3, "checksum mismatch")
     comp = state_json(ledger)["phases"]["p"]["components"]["a"]
-    assert (comp["attempts"], comp["last_error"]) == (2, "checksum mismatch")
+    assert (comp["attempts"], comp["last_error"]) == (3, "checksum mismatch")
     with pytest.raises(InvalidTransition, match="FAILED -> COMPLETED"):
         ledger.component_complete("a")
     failures = ledger.query("SELECT component, error, attempts FROM failures")[1]
-    assert failures == [("a", "checksum mismatch", 2)]
+    assert failures == [("a", "checksum mismatch", 3)]
 
 
 # -- 13. in-progress detection ---------------------------------------------------------

@@ -100,12 +100,57 @@ def test_patches_are_what_the_steps_use(home: Path) -> None:
     led.close()
 
 
-def _note_change(led: Ledger) -> patch.Change:
+#: Keys a script keeps, shaped to look like the structure the patch searches for.
+KEPT_TOP = {"maintenance_window": "sun", "x": {"phases": {"components": {}}},
+            "rollback_available ": [{"\n  },": "}"}]}
+KEPT_PHASE = {"owner": {"components": {"a": {"state": "x"}}, "  }": ["\n    }"]}}
+KEPT_COMPONENT = {"ticket": {"id": "OPS-1", "components": {"z": [1, {"y": None}]}},
+                  "phases": "not the phases"}
+
+
+def test_kept_keys_survive_patched_views(home: Path) -> None:
+    rnd = random.Random(7)
+    led = started(home, {PHASES[0]: [("node_exporter", "1", "2"), (NAMES[3], "1", "2")],
+                         PHASES[2]: [(NAMES[2], None, None)]})
+    doc = led.document()
+    doc.update(KEPT_TOP)
+    doc["metadata"]["ticket"] = "OPS-1"
+    for phase in doc["phases"].values():
+        phase.update(KEPT_PHASE)
+        for comp in phase["components"].values():
+            comp.update(KEPT_COMPONENT)
+    led.save_document(doc)
+    led.component_start("node_exporter")
+    change = _note_change(led, "node_exporter", PHASES[0])
+    data = patch_of(led, change)
+    assert data is not None and data == whole(led)  # patched, not rebuilt, and right
+    led.write_views()
+    steps = [
+        lambda n: led.component_start(n, rnd.choice([None, "1.0"]), phase=rnd.choice(PHASES)),
+        led.component_complete,
+        lambda n: led.component_fail(n, "boom"),
+        lambda n: led.mark_rollback_point(n, f"/backups/{n}.tgz"),
+        lambda _: led.phase_start(rnd.choice(PHASES)),
+    ]
+    for _ in range(60):
+        with contextlib.suppress(LedgerError):
+            rnd.choice(steps)(rnd.choice(NAMES[:4]))
+        assert led.home.state_file.read_bytes() == whole(led)
+    view = document.parse(led.home.state_file.read_bytes())
+    assert {k: view[k] for k in KEPT_TOP} == KEPT_TOP
+    assert view["metadata"]["ticket"] == "OPS-1"
+    assert {k: view["phases"][PHASES[0]][k] for k in KEPT_PHASE} == KEPT_PHASE
+    comp = view["phases"][PHASES[0]]["components"]["node_exporter"]
+    assert {k: comp[k] for k in KEPT_COMPONENT} == KEPT_COMPONENT
+    led.close()
+
+
+def _note_change(led: Ledger, name: str = "c1", phase: str = "p") -> patch.Change:
     with led.db.write() as tx:
-        tx.execute("UPDATE components SET note = 'changed' WHERE name = 'c1'")
         before = patch.serial(tx, "up-1")
-        led._event(tx, "component.note", "up-1", "c1")
-        return patch.Change("up-1", before, patch.serial(tx, "up-1"), [("p", "c1", False)])
+        tx.execute("UPDATE components SET note = 'changed' WHERE name = :n", {"n": name})
+        led._event(tx, "component.note", "up-1", name)
+        return patch.Change("up-1", before, patch.serial(tx, "up-1"), [(phase, name, False)])
 
 
 def test_a_hand_edited_view_is_rebuilt_whole_not_patched(home: Path) -> None:

@@ -132,8 +132,13 @@ class Jobs:
                     led.component_fail(c.name, error, phase=c.phase)
                     return False
             frm = self.versions.get(c.key) or c.from_version
-            for attempt in range(1, c.retries + 2):
+            last = 0
+            for tries in range(c.retries + 1):
                 led.component_start(c.name, frm, c.to_version, phase=c.phase)
+                # Numbered as the ledger counts attempts, so that the output, the log and
+                # LEDGER_ATTEMPT say what `show` says, also across a resumed run.
+                attempt = led.component_status(c.name, phase=c.phase)["attempts"]
+                last = last or attempt + c.retries
                 result = cast(Result, (yield Exec(c, "upgrade", attempt)))
                 step = "upgrade"
                 if result.ok:
@@ -144,11 +149,11 @@ class Jobs:
                     self._finished(c, f"{frm or '?'} -> {c.to_version}: upgraded and "
                                       f"validated (attempt {attempt})")
                     return True
-                error = f"{step} {result.describe()} (attempt {attempt} of {c.retries + 1})"
+                error = f"{step} {result.describe()} (attempt {attempt} of {last})"
                 led.component_fail(c.name, error, phase=c.phase)
-                if attempt > c.retries:
+                if tries == c.retries:
                     return self._failed(c, error, result)
-                delay = c.backoff_s * 2 ** (attempt - 1)
+                delay = c.backoff_s * 2 ** tries
                 self._say(c, "UPGRADING", f"{error}; retrying in {delay:g} s")
                 yield Pause(delay)
             return False  # not reached: the last attempt returns above

@@ -28,14 +28,14 @@ from ledger.store.home import Home
 def preview_home(home: str | os.PathLike[str] | None, plan: Plan, *,
                  db_url: str | None = None, env: Mapping[str, str] | None = None,
                  lock_timeout_s: float = DEFAULT_TIMEOUT_S, supersede: bool = False,
-                 again: bool = False) -> dict[str, Any]:
+                 again: bool = False, host_name: str | None = None) -> dict[str, Any]:
     """``preview`` of *plan* for the home at *home* (resolved as everywhere), opening
     its ledger only if it has one: a home without a ledger stays untouched."""
     where = Home.at(home, env)
     ledger = None
     with contextlib.suppress(NoLedger):  # then previewed as a first run
         ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s,
-                        create=False)
+                        host_name=host_name, create=False)
     try:
         return preview(where, ledger, plan, supersede=supersede, again=again)
     finally:

@@ -64,6 +64,7 @@ class Config:
     lock_timeout_s: float
     traceback: bool
     fmt: str | None = None  # the root's --format: the default of every command's -f
+    host_name: str | None = None  # --host-name / LEDGER_HOST: whose rows (default: uname)
     _ledger: Ledger | None = field(default=None, repr=False)
 
     def ledger(self, *, create: bool = True) -> Ledger:
@@ -77,7 +78,7 @@ class Config:
 
             self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
                                   strict=self.strict, lock_timeout_s=self.lock_timeout_s,
-                                  create=create)
+                                  host_name=self.host_name, create=create)
         return self._ledger
 
     def close(self) -> None:
@@ -202,7 +203,11 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               show_envvar=True,
               help="Ledger home folder. [default: /var/lib/observability-upgrades]")
 @click.option("--db", "db_url", metavar="URL", envvar="LEDGER_DB_URL", show_envvar=True,
-              help="SQLAlchemy URL of a shared ledger instead of DIR/ledger.db.")
+              help="URL of a shared ledger instead of DIR/ledger.db: postgresql://... "
+                   "(docs/postgres.md) or any SQLAlchemy URL.")
+@click.option("--host-name", metavar="NAME", envvar="LEDGER_HOST", show_envvar=True,
+              help="The host whose upgrades this is (its rows in a shared ledger) "
+                   "[default: the kernel's node name].")
 @click.option("--pid", type=int, envvar="LEDGER_PID", show_envvar=True,
               callback=_positive_pid, metavar="PID",
               help="Process the changes are attributed to and that owns the lock "
@@ -223,8 +228,9 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               help="Show the full Python traceback on errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="upgrade-ledger")
 @click.pass_context
-def cli(ctx: click.Context, *, home: str | None, db_url: str | None, pid: int | None,
-        strict: bool, lock_timeout_s: float, fmt: str | None, traceback: bool) -> None:
+def cli(ctx: click.Context, *, home: str | None, db_url: str | None, host_name: str | None,
+        pid: int | None, strict: bool, lock_timeout_s: float, fmt: str | None,
+        traceback: bool) -> None:
     """Track an upgrade of many components on a host: resumable after a crash,
     never run twice, reported on afterwards.
 
@@ -232,5 +238,6 @@ def cli(ctx: click.Context, *, home: str | None, db_url: str | None, pid: int | 
     full reference and the exit codes.
     """
     ctx.obj = Config(home=home, db_url=db_url, pid=pid or os.getppid(), strict=strict,
-                     lock_timeout_s=lock_timeout_s, traceback=traceback, fmt=fmt)
+                     lock_timeout_s=lock_timeout_s, traceback=traceback, fmt=fmt,
+                     host_name=host_name)
     ctx.call_on_close(ctx.obj.close)

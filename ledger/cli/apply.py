@@ -116,7 +116,7 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
     # The run itself owns the lock (not the calling shell, as per-step commands do).
     try:
         ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(), strict=cfg.strict,
-                        lock_timeout_s=cfg.lock_timeout_s)
+                        lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name)
     except KeyboardInterrupt:
         # A new ledger is created whole or not at all, and nothing is recorded yet.
         fail("interrupted before the run started; nothing was recorded: run the same apply "
@@ -144,7 +144,7 @@ def _dry_run(cfg: Config, plan: Plan, *, supersede: bool, again: bool, fmt: str)
     from ledger.apply.preview import preview_home  # noqa: PLC0415
 
     data = preview_home(cfg.home, plan, db_url=cfg.db_url, lock_timeout_s=cfg.lock_timeout_s,
-                        supersede=supersede, again=again)
+                        supersede=supersede, again=again, host_name=cfg.host_name)
     if fmt == "json":
         render(data, fmt)
         return

@@ -6,6 +6,8 @@ that each function stays one ``upgrade-ledger`` process.
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import click
 
 from ledger.cli.app import Config, pass_config
@@ -49,6 +51,20 @@ def legacy_component_start(cfg: Config, name: str, from_version: str | None,
     yet; the ledger records that as no version (null) rather than refusing it.
     """
     cfg.ledger().component_start(name, from_version or None, to_version or None)
+
+
+@legacy.command("save")
+@click.argument("source", type=click.File("rb"), default="-")
+@pass_config
+def legacy_save(cfg: Config, source: BinaryIO) -> None:
+    """``upgrade_state_save``: save a state document (SOURCE, '-' for stdin, the
+    default) into the current upgrade, and print its id.
+
+    The old library wrote whatever JSON it was given. The known fields the document
+    has are validated and applied, those it lacks are left as they are, and keys the
+    ledger does not know are kept in every later state.json and history file.
+    """
+    click.echo(cfg.ledger().save_document(source.read()))
 
 
 @legacy.command("adopt")

@@ -174,7 +174,7 @@ def subscribers_remove(cfg: Config, name: str) -> None:
 
 def follow_events(cfg: Config, *, fmt: str, interval_s: float, upgrade_id: str | None,
                   component: str | None, kind: str | None, since: str | None,
-                  after_id: int) -> None:
+                  after_id: int, scope: str | None = None) -> None:
     """Print matching events, then new ones as other processes record them, until
     SIGINT or SIGTERM (a clean stop: exit status 0) or until stdout is closed."""
     from ledger.observe.follow import follow  # noqa: PLC0415
@@ -184,7 +184,7 @@ def follow_events(cfg: Config, *, fmt: str, interval_s: float, upgrade_id: str |
     with _stop_on_signals(stopping):
         stream = follow(ledger, stop=lambda: bool(stopping), interval_s=interval_s,
                         upgrade_id=upgrade_id, component=component, kind=kind,
-                        since=since, after_id=after_id)
+                        since=since, after_id=after_id, host=scope)
         try:
             if fmt == "csv":
                 _write(_csv_line(STREAM_COLUMNS))

@@ -4,14 +4,16 @@ cleanup."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
 from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
 from ledger.cli.output import output_option, pick, render, stream_rows
 from ledger.core.validate import MAX_ROW_ID
+from ledger.errors import BadInput
 from ledger.store.database import REPORT_TIMEOUT_S
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
@@ -19,19 +21,42 @@ HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished
 COMPONENT_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "attempts",
                      "duration_s", "last_error"]
 EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "user", "pid"]
+HOSTS_COLUMNS = ["host", "upgrade_id", "state", "outcome", "phase", "component",
+                 "progress_percent", "updated_at"]
+
+
+def host_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--host NAME`` and ``--all-hosts``: whose *what* a command reads (default: this
+    host's, as named by --host-name / LEDGER_HOST or the kernel)."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--all-hosts", is_flag=True,
+                            help=f"The {what} of every host of the ledger.")(func)
+        return click.option("--host", metavar="NAME",
+                            help=f"The {what} of host NAME instead of this host's.")(func)
+
+    return decorate
 
 
 @click.command()
 @click.option("--stuck-after", "stuck_after_s", type=NumberRange(0, MAX_SECONDS), default=3600.0,
               show_default=True, metavar="SECONDS",
               help="A component upgrading for longer than this is reported as stuck.")
+@host_options("current upgrade")
 @output_option()
 @pass_config
-def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
+def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool, fmt: str,
+           as_json: bool) -> None:
     """The current upgrade at a glance: state, phase, component, progress, lock,
-    rollback points and stuck components."""
-    data = cfg.ledger(create=False).status(stuck_after_s=stuck_after_s)
+    rollback points and stuck components (--all-hosts: one line per host)."""
     out = pick(fmt, as_json)
+    if all_hosts:
+        if host is not None:
+            raise BadInput("name one host or every host, not both (--host, --all-hosts)")
+        rows = cfg.ledger(create=False).hosts()
+        render(rows, out, None if out == "json" else HOSTS_COLUMNS)
+        return
+    data = cfg.ledger(create=False).status(stuck_after_s=stuck_after_s, host=host)
     if out == "json":
         render(data, out)
         return
@@ -39,10 +64,11 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
     flat = {k: v for k, v in data.items()
             if k not in ("lock", "stuck", "components", "notify")}
     flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
-    flat["lock"] = ("free" if not lock["held"] else
+    flat["lock"] = ("not visible from this host" if lock is None else
+                    "free" if not lock["held"] else
                     f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
                     + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))
-    flat["lock_reason"] = lock["reason"]
+    flat["lock_reason"] = None if lock is None else lock["reason"]
     flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None
     if "notify" in data:
         from ledger.cli.observe import notify_line  # noqa: PLC0415
@@ -57,30 +83,34 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="No limit.")
 @click.option("--state", help="Only upgrades in (or that ended in) this state.")
 @click.option("--component", help="Only upgrades that touched this component.")
-@click.option("--host", help="Only upgrades run on this host.")
+@host_options("upgrades")
 @click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "
               "such as 7d).")
 @click.option("--until", metavar="WHEN", help="Started before WHEN.")
 @output_option()
 @pass_config
 def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
-            component: str | None, host: str | None, since: str | None, until: str | None,
-            fmt: str, as_json: bool) -> None:
-    """List upgrades, newest first."""
+            component: str | None, host: str | None, all_hosts: bool, since: str | None,
+            until: str | None, fmt: str, as_json: bool) -> None:
+    """List this host's upgrades (or another's, or every host's), newest first."""
     rows = cfg.ledger(create=False).history(None if everything else limit, state=state,
                                             since=since, until=until, component=component,
-                                            host=host)
-    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else HISTORY_COLUMNS)
+                                            host=host, all_hosts=all_hosts)
+    columns = ["host", *HISTORY_COLUMNS] if all_hosts else HISTORY_COLUMNS
+    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else columns)
 
 
 @click.command()
 @click.argument("upgrade_id", required=False)
+@host_options("upgrade")
 @output_option()
 @pass_config
-def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
+def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool, fmt: str,
+         as_json: bool) -> None:
     """Everything about one upgrade (default: the current one): phases, components with
-    versions, attempts, errors and durations, rollback points and the event trail."""
-    data = cfg.ledger(create=False).show(upgrade_id)
+    versions, attempts, errors and durations, rollback points and the event trail.
+    --host reads another host's upgrade; --all-hosts finds UPGRADE_ID on any host."""
+    data = cfg.ledger(create=False).show(upgrade_id, host=host, all_hosts=all_hosts)
     out = pick(fmt, as_json)
     if out == "json":
         render(data, out)
@@ -115,24 +145,27 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
 @click.option("--interval", "interval_s", type=NumberRange(0.05, 60.0),
               default=0.5, show_default=True, metavar="SECONDS",
               help="With --follow: how often to look for new events.")
+@host_options("events")
 @output_option(default="table")
 @pass_config
 def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: str | None,
            since: str | None, after_id: int, limit: int, follow: bool, interval_s: float,
-           fmt: str, as_json: bool) -> None:
+           host: str | None, all_hosts: bool, fmt: str, as_json: bool) -> None:
     """The audit trail, oldest first (with --follow, as it grows, like tail -f)."""
     if follow:
         from ledger.cli.observe import follow_events  # noqa: PLC0415
 
         follow_events(cfg, fmt=pick(fmt, as_json), interval_s=interval_s,
                       upgrade_id=upgrade_id, component=component, kind=kind, since=since,
-                      after_id=after_id)
+                      after_id=after_id,
+                      scope=cfg.ledger(create=False).read_scope(host, all_hosts))
         return
     rows = cfg.ledger(create=False).events(upgrade_id=upgrade_id, component=component,
                                            kind=kind, since=since, after_id=after_id,
-                                           limit=limit)
+                                           limit=limit, host=host, all_hosts=all_hosts)
     out = pick(fmt, as_json)
-    render(rows, out, None if out == "json" else EVENT_COLUMNS)
+    columns = ["host", *EVENT_COLUMNS] if all_hosts else EVENT_COLUMNS
+    render(rows, out, None if out == "json" else columns)
 
 
 @click.command()

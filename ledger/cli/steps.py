@@ -172,7 +172,7 @@ def component_complete(cfg: Config, name: str, phase_name: str | None) -> None:
 @in_phase_option
 @pass_config
 def component_fail(cfg: Config, name: str, error: str | None, phase_name: str | None) -> None:
-    """Mark component NAME failed (attempts + 1, last error kept)."""
+    """Mark component NAME failed (attempts + 1: the next attempt; last error kept)."""
     cfg.ledger().component_fail(name, error, phase=phase_name)
 
 

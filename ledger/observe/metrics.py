@@ -13,7 +13,6 @@ lists them all.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -86,7 +85,8 @@ def _current_upgrade(tx: Tx) -> list[Family]:
     state = Family(PREFIX + "upgrade_state", "gauge", "The current upgrade's state: one "
                    "series per state, 1 for the state it is in.", ("upgrade_id", "state"))
     uid = meta.current_upgrade(tx)
-    row = None if uid is None else tx.one("SELECT * FROM upgrades WHERE id = :u", {"u": uid})
+    row = None if uid is None else tx.one("SELECT * FROM upgrades WHERE host = :host AND "
+                                          "id = :u", {"u": uid})
     current = row["state"] if row is not None else states.IDLE
     for name in states.UPGRADE_STATES:
         state.add(1 if name == current else 0, str(uid or ""), name)
@@ -102,12 +102,13 @@ def _current_upgrade(tx: Tx) -> list[Family]:
                      "When the current upgrade last changed (Unix time).", ("upgrade_id",))
     by_state = Family(PREFIX + "components", "gauge", "Components of the current upgrade "
                       "by state.", ("upgrade_id", "state"))
-    attempts = Family(PREFIX + "component_attempts", "counter", "Times each component of "
-                      "the current upgrade was started.", ("upgrade_id", "phase", "component"))
+    attempts = Family(PREFIX + "component_attempts", "counter", "Each component's attempts "
+                      "in the current upgrade: 1 at its first start, + 1 at each failure.",
+                      ("upgrade_id", "phase", "component"))
     failures = Family(PREFIX + "component_failures", "counter", "Times each component of "
                       "the current upgrade failed.", ("upgrade_id", "phase", "component"))
-    comps = tx.all("SELECT phase, name, state, attempts FROM components WHERE upgrade_id = :u "
-                   "ORDER BY position", {"u": uid})
+    comps = tx.all("SELECT phase, name, state, attempts FROM components WHERE host = :host "
+                   "AND upgrade_id = :u ORDER BY position", {"u": uid})
     counts = dict.fromkeys(states.COMPONENT_STATES, 0)
     for c in comps:
         counts[c["state"]] = counts.get(c["state"], 0) + 1
@@ -118,14 +119,11 @@ def _current_upgrade(tx: Tx) -> list[Family]:
     progress.add(done / len(comps) if comps else 1.0 if finished else 0.0, uid)
     started.add(_unix(row["started_at"]) or 0, uid)
     updated.add(_unix(row["updated_at"]) or 0, uid)
-    starts: dict[tuple[str, str], int] = {}
-    for e in tx.all("SELECT subject, detail FROM events WHERE upgrade_id = :u AND "
-                    "kind = 'component.upgrading'", {"u": uid}):
-        phase = (json.loads(e["detail"]) if e["detail"] else {}).get("phase") or ""
-        starts[(phase, e["subject"])] = starts.get((phase, e["subject"]), 0) + 1
     for c in comps:
-        attempts.add(starts.get((c["phase"], c["name"]), 0), uid, c["phase"], c["name"])
-        failures.add(c["attempts"], uid, c["phase"], c["name"])
+        # The ledger's attempts (docs/state-json.md): every attempt but the one in
+        # progress or next has failed.
+        attempts.add(c["attempts"], uid, c["phase"], c["name"])
+        failures.add(max(c["attempts"] - 1, 0), uid, c["phase"], c["name"])
     return [state, progress, started, updated, by_state, attempts, failures,
             _last_durations(tx, uid)]
 
@@ -136,12 +134,13 @@ def _last_durations(tx: Tx, uid: str) -> Family:
     fam = Family(PREFIX + "component_last_duration_seconds", "gauge", "How long the latest "
                  "finished (COMPLETED or FAILED) upgrade of each component took.",
                  ("component",))
-    names = [r[0] for r in tx.all("SELECT DISTINCT name FROM components WHERE upgrade_id = :u "
-                                  "ORDER BY name", {"u": uid})]
+    names = [r[0] for r in tx.all("SELECT DISTINCT name FROM components WHERE host = :host "
+                                  "AND upgrade_id = :u ORDER BY name", {"u": uid})]
     for name in names:
         # Two indexed look-ups (name, state, end) rather than a scan of all history.
-        runs = [tx.one(f"SELECT started_at, {end} AS ended FROM components WHERE name = :n "
-                       f"AND state = :s AND started_at IS NOT NULL AND {end} IS NOT NULL "
+        runs = [tx.one(f"SELECT started_at, {end} AS ended FROM components WHERE host = :host "
+                       f"AND name = :n AND state = :s AND started_at IS NOT NULL "
+                       f"AND {end} IS NOT NULL "
                        f"ORDER BY {end} DESC LIMIT 1", {"n": name, "s": s})
                 for s, end in ((states.COMPLETED, "completed_at"), (states.FAILED, "failed_at"))]
         latest = max((r for r in runs if r is not None), key=lambda r: r["ended"], default=None)
@@ -154,7 +153,8 @@ def _history(tx: Tx) -> list[Family]:
     fam = Family(PREFIX + "last_finished_timestamp_seconds", "gauge", "When the latest "
                  "upgrade with each outcome finished (Unix time; 0: never).", ("outcome",))
     for outcome in (states.COMPLETED, states.FAILED, states.ROLLED_BACK):
-        at = tx.scalar("SELECT MAX(finished_at) FROM upgrades WHERE outcome = :o",
+        at = tx.scalar("SELECT MAX(finished_at) FROM upgrades WHERE host = :host AND "
+                       "outcome = :o",
                        {"o": outcome})
         fam.add(_unix(at) or 0, outcome)
     return [fam]
@@ -164,10 +164,12 @@ def _trail(tx: Tx) -> list[Family]:
     total = Family(PREFIX + "events", "counter", "Events in the audit trail (one per change).")
     last = Family(PREFIX + "last_event_timestamp_seconds", "gauge",
                   "When the newest event was recorded (Unix time; 0: none yet).")
-    row = tx.one("SELECT id, at FROM events ORDER BY id DESC LIMIT 1")
-    # Events are append-only, so the newest id is their count (and never goes down).
-    total.add(row["id"] if row is not None else 0)
-    last.add((_unix(row["at"]) if row is not None else None) or 0)
+    # This host's events: append-only, so their count never goes down.
+    row = tx.one("SELECT COUNT(*) AS n, MAX(id) AS newest FROM events WHERE host = :host")
+    at = None if row is None or row["newest"] is None else tx.scalar(
+        "SELECT at FROM events WHERE id = :id", {"id": row["newest"]})
+    total.add(row["n"] if row is not None else 0)
+    last.add(_unix(at) or 0)
     return [total, last]
 
 
@@ -181,8 +183,8 @@ def _notifications(tx: Tx) -> list[Family]:
     behind = Family(PREFIX + "notify_behind_events", "gauge", "Events recorded after the "
                     "subscriber's cursor (still to deliver, or to pass by its kind filter).",
                     ("subscriber",))
-    newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
-    for r in tx.all("SELECT * FROM notify_cursors ORDER BY subscriber"):
+    newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host"))
+    for r in tx.all("SELECT * FROM notify_cursors WHERE host = :host ORDER BY subscriber"):
         delivered.add(r["delivered"], r["subscriber"])
         failures.add(r["failures"], r["subscriber"])
         failing.add(r["attempts"], r["subscriber"])

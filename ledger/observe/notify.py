@@ -204,11 +204,11 @@ def register(ledger: Ledger, sub: Subscriber) -> int:
         else:
             mtime = config_mtime(ledger.home)
             start = tx.scalar(
-                "SELECT COALESCE(MAX(id), 0) FROM events" +
-                ("" if mtime is None else " WHERE at < :t"),
+                "SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host" +
+                ("" if mtime is None else " AND at < :t"),
                 {} if mtime is None else {"t": clock.stamp(datetime.fromtimestamp(mtime, UTC))})
-        tx.execute("INSERT INTO notify_cursors (subscriber, last_event_id, created_at) "
-                   "VALUES (:s, :id, :at)", {"s": sub.name, "id": int(start),
+        tx.execute("INSERT INTO notify_cursors (host, subscriber, last_event_id, created_at) "
+                   "VALUES (:host, :s, :id, :at)", {"s": sub.name, "id": int(start),
                                              "at": clock.now()})
         return int(start)
 
@@ -216,7 +216,8 @@ def register(ledger: Ledger, sub: Subscriber) -> int:
 def forget(ledger: Ledger, name: str) -> bool:
     """Drop *name*'s cursor (after the subscriber was removed); True if there was one."""
     with ledger.db.write() as tx:
-        removed: int = tx.execute("DELETE FROM notify_cursors WHERE subscriber = :s",
+        removed: int = tx.execute("DELETE FROM notify_cursors WHERE host = :host AND "
+                                  "subscriber = :s",
                                   {"s": name})
     return removed > 0
 
@@ -228,8 +229,9 @@ def cursors(ledger: Ledger) -> list[dict[str, Any]]:
 
 def _states(subs: list[Subscriber], db: Database) -> list[dict[str, Any]]:
     with db.read() as tx:
-        rows = {r["subscriber"]: r for r in tx.all("SELECT * FROM notify_cursors")}
-        newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
+        rows = {r["subscriber"]: r for r in tx.all(
+            "SELECT * FROM notify_cursors WHERE host = :host")}
+        newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host"))
     blank = {"last_event_id": None, "delivered": 0, "failures": 0, "attempts": 0,
              "failing_event_id": None, "next_try_at": None, "last_error": None,
              "delivered_at": None}
@@ -291,7 +293,8 @@ def _serve(ledger: Ledger, sub: Subscriber, lineage: str, deadline: float,
             out.state = "deferred"
             break
         with ledger.db.read() as tx:
-            rows = tx.all("SELECT * FROM events WHERE id > :after ORDER BY id LIMIT :n",
+            rows = tx.all("SELECT * FROM events WHERE host = :host AND id > :after "
+                          "ORDER BY id LIMIT :n",
                           {"after": passed, "n": BATCH})
         if not rows:
             break
@@ -326,7 +329,8 @@ def _serve(ledger: Ledger, sub: Subscriber, lineage: str, deadline: float,
 
 
 def _cursor(tx: Tx, name: str) -> Row | None:
-    return tx.one("SELECT * FROM notify_cursors WHERE subscriber = :s", {"s": name})
+    return tx.one("SELECT * FROM notify_cursors WHERE host = :host AND subscriber = :s",
+                  {"s": name})
 
 
 def _lineage(ledger: Ledger) -> str:
@@ -342,8 +346,8 @@ def _move(ledger: Ledger, name: str, *, expect: int, to: int, delivered: bool) -
         sets += (", delivered = delivered + 1, delivered_at = :at, attempts = 0, "
                  "failing_event_id = NULL, next_try_at = NULL, last_error = NULL")
     with ledger.db.write() as tx:
-        moved: int = tx.execute(f"UPDATE notify_cursors SET {sets} WHERE subscriber = :s AND "
-                                "last_event_id = :expect",
+        moved: int = tx.execute(f"UPDATE notify_cursors SET {sets} WHERE host = :host AND "
+                                "subscriber = :s AND last_event_id = :expect",
                                 {"to": to, "at": clock.now(), "s": name, "expect": expect})
     return moved == 1
 
@@ -355,13 +359,14 @@ def _record_failure(ledger: Ledger, sub: Subscriber, out: Outcome, *, expect: in
     now = datetime.now(UTC)
     with ledger.db.write() as tx:
         attempts = 1 + int(tx.scalar(
-            "SELECT attempts FROM notify_cursors WHERE subscriber = :s", {"s": sub.name}) or 0)
+            "SELECT attempts FROM notify_cursors WHERE host = :host AND subscriber = :s",
+            {"s": sub.name}) or 0)
         next_try = clock.stamp(now + timedelta(seconds=sub.retry_delay_s(attempts)))
         changed = tx.execute(
             "UPDATE notify_cursors SET last_event_id = :passed, attempts = :n, "
             "failures = failures + 1, failing_event_id = :e, next_try_at = :next, "
-            "last_error = :err, last_attempt_at = :at WHERE subscriber = :s AND "
-            "last_event_id = :expect",
+            "last_error = :err, last_attempt_at = :at WHERE host = :host AND subscriber = :s "
+            "AND last_event_id = :expect",
             {"passed": passed, "n": attempts, "e": event_id, "next": next_try,
              "err": error[:1000], "at": clock.stamp(now), "s": sub.name, "expect": expect})
     out.state = "failing" if changed else "moved"

@@ -387,9 +387,10 @@ def _history_problems(ctx: Context) -> tuple[list[str], list[str], list[str]]:
     """(saved upgrades whose file is missing or unreadable, files of another ledger or of
     an unknown upgrade, every history file name)."""
     with ctx.database().read() as tx:
-        saved = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE saved_at IS NOT NULL")}
+        saved = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE host = :host AND "
+                                      "saved_at IS NOT NULL")}
         lineage = meta.lineage(tx)
-        known = {r[0] for r in tx.all("SELECT id FROM upgrades")} if \
+        known = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE host = :host")} if \
             ctx.home.history_dir.is_dir() else set()
     broken, foreign, names = [], [], []
     files = sorted(ctx.home.history_dir.glob("*.json")) if ctx.home.history_dir.is_dir() else []
@@ -629,6 +630,7 @@ def run_checks(
     quick: bool = False,
     repair: bool = False,
     checks: Sequence[Check] | None = None,
+    host_name: str | None = None,
 ) -> list[Finding]:
     """Check the ledger at *where* (an open ``Ledger``, a ``Home`` or a home folder;
     default: resolved from the environment as the CLI does) and return one finding
@@ -643,7 +645,7 @@ def run_checks(
         home = Home.at(where, env)
     ctx = Context(home, db_url=db_url, env=env, pid=pid, lock_timeout_s=lock_timeout_s,
                   stuck_after_s=stuck_after_s, wal_warn_bytes=int(wal_warn_bytes),
-                  quick=quick, ledger=ledger)
+                  quick=quick, ledger=ledger, host_name=host_name)
     todo = list(CHECKS if checks is None else checks)
     try:
         findings = [_run_one(check, ctx) for check in todo]

@@ -94,7 +94,7 @@ def restore(home: Home, name: str | None = None, *, force: bool = False,
         result.aside = [target.name for _source, target in moves]
         stage = home.db_path.parent / f".restore.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         try:
-            set_aside = _stage(home, stage, snap, result, owner=owner, breaks=breaks,
+            set_aside = _stage(home, stage, snap, result, owner=owner, env=env, breaks=breaks,
                                detail={"snapshot": snap.name, "problem": problem,
                                        "aside": result.aside, "lock_breaks": len(breaks)})
             # Nothing was replaced up to here: now swap the whole, sealed ledger in.
@@ -115,7 +115,8 @@ def restore(home: Home, name: str | None = None, *, force: bool = False,
 
 
 def _stage(home: Home, stage: Path, snap: Snapshot, result: Restored, *, owner: int,
-           breaks: list[dict[str, Any]], detail: dict[str, Any]) -> list[Path]:
+           env: Mapping[str, str] | None, breaks: list[dict[str, Any]],
+           detail: dict[str, Any]) -> list[Path]:
     """Build the restored ledger in *stage*: the snapshot, the restore event and the
     newer views imported; sealed (no -wal beside it) and fsynced. Returns the views to
     set aside once it is in place (an unreadable or foreign state.json)."""
@@ -126,9 +127,12 @@ def _stage(home: Home, stage: Path, snap: Snapshot, result: Restored, *, owner: 
         raise StorageError(f"cannot stage the restored ledger in {stage} "
                            f"({getattr(exc, 'strerror', None) or exc}); check free space; "
                            "nothing was restored") from exc
-    # A bare ledger of the staging folder only (env={}: no UPGRADE_* path leads out of
-    # it); the home's own views and lock are not touched while it is built.
-    with Ledger(stage, env={}, pid=owner, wired=False) as led:
+    # A bare ledger of the staging folder only: no UPGRADE_* path leads out of it, so
+    # the home's own views and lock are not touched while it is built; the host it
+    # writes as is the same (LEDGER_HOST, LEDGER_MACHINE_ID).
+    stage_env = {k: v for k, v in (os.environ if env is None else env).items()
+                 if not k.startswith("UPGRADE_")}
+    with Ledger(stage, env=stage_env, pid=owner, wired=False) as led:
         with led.db.read() as tx:
             lineage = meta.lineage(tx)
         views, set_aside = _views(home, lineage, result)
@@ -220,11 +224,11 @@ def _record(led: Ledger, views: list[View], detail: dict[str, Any]) -> None:
             raise CorruptLedger(f"event id {top} leaves no room for new events; nothing was "
                                 "restored")
         tx.execute(
-            "INSERT INTO events (id, at, upgrade_id, kind, subject, from_value, to_value, "
-            "username, hostname, pid, detail) VALUES (:id, :at, NULL, 'ledger.restore', "
-            "'ledger.db', NULL, :snap, :user, :host, :pid, :detail)",
+            "INSERT INTO events (id, host, at, upgrade_id, kind, subject, from_value, "
+            "to_value, username, hostname, pid, detail) VALUES (:id, :host, :at, NULL, "
+            "'ledger.restore', 'ledger.db', NULL, :snap, :user, :hostname, :pid, :detail)",
             {"id": top + 1, "at": clock.now(), "snap": detail["snapshot"], "user": led.user,
-             "host": led.hostname, "pid": led.pid,
+             "hostname": led.hostname, "pid": led.pid,
              "detail": json.dumps(detail, sort_keys=True)})
 
 
@@ -249,9 +253,10 @@ def _newer(led: Ledger, doc: dict[str, Any]) -> bool:
     """Whether *doc* knows more about its upgrade than the restored ledger does."""
     uid = doc["upgrade_id"]
     with led.db.read() as tx:
-        row = tx.one("SELECT updated_at FROM upgrades WHERE id = :u", {"u": uid})
-        known = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :u AND "
-                          "kind != 'ledger.restore'", {"u": uid}) or 0
+        row = tx.one("SELECT updated_at FROM upgrades WHERE host = :host AND id = :u",
+                     {"u": uid})
+        known = tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND upgrade_id = :u "
+                          "AND kind != 'ledger.restore'", {"u": uid}) or 0
     serial = doc.get("serial")
     if isinstance(serial, int) and not isinstance(serial, bool):
         return serial > known

@@ -22,10 +22,11 @@ one (``Home.ensure``); a new ``ledger.db`` is built aside and renamed into place
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,18 @@ class Home:
         the temp file in the home's tmp/ when that is on the target's filesystem."""
         folder = self.tmp_dir if same_device(self.tmp_dir, target.parent) else target.parent
         write_file_atomic(target, data, temp_dir=folder)
+
+    @contextlib.contextmanager
+    def views_lock(self) -> Iterator[None]:
+        """An exclusive ``flock`` on the home folder while a writer builds its view,
+        commits and puts the view in place: this home's writers then rewrite
+        state.json in the order their changes committed, so the last view stays."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def clean_tmp(self) -> int:
         """Remove what writers that died mid-write left: temp files in tmp/, and temp

@@ -4,6 +4,10 @@
 package). The ledger is the truth; a document is a view of one upgrade that also
 carries ``serial`` (the ledger's last event id when it was built) and ``lineage``
 (the ledger's id), so a stale or foreign view can be told from a current one.
+
+Keys a saved or imported document carries that the ledger does not know (a script's
+own, at the top level, in ``metadata``, a phase or a component) are kept verbatim
+in the ledger's ``extra`` columns and written back after the ledger's own fields.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -30,6 +35,23 @@ from ledger.store.database import Tx
 
 MAX_DOCUMENT = 32 * 1024 * 1024
 MAX_DEPTH = 16
+#: The most bytes of kept keys (their JSON text, all levels together) per upgrade.
+MAX_KEPT = 64 * 1024
+
+#: The keys the ledger knows at each level of a document; any other key is kept.
+TOP_KEYS = frozenset({
+    "upgrade_id", "current_state", "started_at", "updated_at", "current_phase",
+    "current_component", "phases", "rollback_available", "can_resume", "metadata",
+    "outcome", "rollback_points", "serial", "lineage", "superseded_by", "error"})
+REQUIRED_KEYS = ("upgrade_id", "current_state", "started_at", "updated_at", "current_phase",
+                 "current_component", "phases", "rollback_available", "can_resume",
+                 "metadata")
+METADATA_KEYS = frozenset({"hostname", "user", "pid"})
+PHASE_KEYS = frozenset({"state", "started_at", "completed_at", "failed_at", "error",
+                        "components"})
+COMPONENT_KEYS = frozenset({"state", "from_version", "to_version", "started_at",
+                            "completed_at", "failed_at", "attempts", "last_error",
+                            "backup_path", "note"})
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
@@ -45,27 +67,30 @@ def second(stamp: str | None) -> str | None:
 
 #: The component columns a document shows, in the order ``component`` reads them.
 COMPONENT_COLUMNS = ("phase, name, state, from_version, to_version, attempts, last_error, "
-                     "note, started_at, completed_at, failed_at, backup_path")
+                     "note, started_at, completed_at, failed_at, backup_path, extra")
 
 
 def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
     """The state document of *upgrade_id*, read in the caller's transaction."""
-    u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
+    u = tx.one("SELECT * FROM upgrades WHERE host = :host AND id = :id", {"id": upgrade_id})
     if u is None:
         raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
     phases: dict[str, dict[str, Any]] = {}
     for p in tx.all(
-        "SELECT name, state, started_at, completed_at, failed_at, error FROM phases "
-        "WHERE upgrade_id = :id ORDER BY position", {"id": upgrade_id},
+        "SELECT name, state, started_at, completed_at, failed_at, error, extra FROM phases "
+        "WHERE host = :host AND upgrade_id = :id ORDER BY position", {"id": upgrade_id},
     ):
         phase: dict[str, Any] = {"state": p["state"]}
         _stamps(phase, p)
         if p["error"] is not None:
             phase["error"] = p["error"]
+        # Before "components", which ends a phase: views.patch relies on that.
+        add_kept(phase, p["extra"])
         phase["components"] = {}
         phases[p["name"]] = phase
     for c in tx.all(
-        f"SELECT {COMPONENT_COLUMNS} FROM components WHERE upgrade_id = :id ORDER BY position",
+        f"SELECT {COMPONENT_COLUMNS} FROM components WHERE host = :host AND upgrade_id = :id "
+        f"ORDER BY position",
         {"id": upgrade_id},
     ):
         phases[c["phase"]]["components"][c["name"]] = component(c)
@@ -81,6 +106,7 @@ def component(c: Any) -> dict[str, Any]:
     for key in ("last_error", "backup_path", "note"):
         if c[key] is not None:
             comp[key] = c[key]
+    add_kept(comp, c["extra"])
     return comp
 
 
@@ -92,13 +118,14 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
          "size_bytes": r["size_bytes"], "sha256": r["sha256"]}
         for r in tx.all(
             "SELECT component, backup_path, size_bytes, sha256 FROM rollback_points "
-            "WHERE upgrade_id = :id AND cleared_at IS NULL ORDER BY id", {"id": upgrade_id},
+            "WHERE host = :host AND upgrade_id = :id AND cleared_at IS NULL ORDER BY "
+            "id", {"id": upgrade_id},
         )
     ]
     lineage = meta.lineage(tx)
     # The serial is the id of the upgrade's last event: a view whose serial is behind
     # the ledger's is stale (doctor reports it).
-    serial = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :id", {"id": upgrade_id})
+    serial = upgrade_serial(tx, upgrade_id)
     doc: dict[str, Any] = {
         "upgrade_id": u["id"],
         "current_state": u["state"],
@@ -109,11 +136,11 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "phases": phases,
         "rollback_available": bool(points),
         "can_resume": states.is_resumable(u["state"]),
-        "metadata": {
+        "metadata": add_kept({
             "hostname": u["hostname"],
             "user": u["username"],
             "pid": None if u["pid"] is None else str(u["pid"]),
-        },
+        }, u["metadata_extra"]),
         "outcome": u["outcome"],
         "rollback_points": points,
         "serial": serial or 0,
@@ -123,7 +150,42 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
         doc["superseded_by"] = u["superseded_by"]
     if u["error"] is not None:
         doc["error"] = u["error"]
-    return doc
+    return add_kept(doc, u["extra"])
+
+
+def add_kept(target: dict[str, Any], kept: str | None) -> dict[str, Any]:
+    """Append the kept keys (``extra``, a JSON object as text) after the ledger's own
+    fields; a key the ledger writes itself is never overridden."""
+    if kept:
+        for key, value in json.loads(kept).items():
+            target.setdefault(key, value)
+    return target
+
+
+def kept_text(record: Mapping[str, Any], known: frozenset[str], where: str) -> str | None:
+    """The keys of *record* that are not in *known*, as the JSON text the ledger keeps
+    (``extra``), or None when there are none. ``InvalidDocument`` for a value that
+    JSON text cannot hold (an overflowing number, a lone surrogate)."""
+    kept = {key: value for key, value in record.items() if key not in known}
+    if not kept:
+        return None
+    try:
+        text = json.dumps(kept, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode()
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidDocument(f"document: the keys {where} that the ledger keeps as they "
+                              f"are hold a value JSON cannot carry ({exc})") from None
+    return text
+
+
+def upgrade_serial(tx: Tx, upgrade_id: str) -> int:
+    """The upgrade's serial: the id of its last event (0 before any); known without a
+    query when the transaction read or wrote it (``tx.memo``)."""
+    key = ("serial", upgrade_id)
+    if key not in tx.memo:
+        tx.memo[key] = int(tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND "
+                                     "upgrade_id = :id", {"id": upgrade_id}) or 0)
+    return int(tx.memo[key])
 
 
 def _stamps(target: dict[str, Any], row: Any) -> None:
@@ -150,7 +212,13 @@ def read(handle: BinaryIO) -> bytes:
 
 
 def parse(text: str | bytes) -> dict[str, Any]:
-    """Parse and validate a document; ``InvalidDocument`` names the first problem."""
+    """Parse and validate a whole document; ``InvalidDocument`` names the first problem."""
+    return validate(load(text))
+
+
+def load(text: str | bytes) -> dict[str, Any]:
+    """Parse a document as JSON without looking at its fields: one object, no
+    duplicate keys, no NaN or Infinity, not too big or too deep."""
     if len(text) > MAX_DOCUMENT:
         raise InvalidDocument(f"document is {len(text)} bytes; at most {MAX_DOCUMENT} allowed")
     try:
@@ -160,7 +228,11 @@ def parse(text: str | bytes) -> dict[str, Any]:
         raise InvalidDocument("document is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidDocument(f"document is not valid JSON: {exc}") from exc
-    return validate(doc)
+    if not isinstance(doc, dict):
+        raise InvalidDocument("document must be a JSON object")
+    if _depth(doc) > MAX_DEPTH:
+        raise InvalidDocument(f"document is nested deeper than {MAX_DEPTH} levels")
+    return doc
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -217,10 +289,15 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
-def validate(doc: Any) -> dict[str, Any]:
-    """Check *doc* against state.schema.json's rules and the ledger's input rules."""
+def validate(doc: Any, *, whole: bool = True) -> dict[str, Any]:
+    """Check *doc* against state.schema.json's rules and the ledger's input rules.
+
+    A *whole* document has every field the legacy format requires; otherwise (a
+    document saved into an upgrade the ledger has) each known field it has is
+    checked, and the caller checks ``current_phase`` against the upgrade's phases.
+    """
     try:
-        _validate(doc)
+        _validate(doc, whole)
     except BadInput as exc:
         if isinstance(exc, InvalidDocument):
             raise
@@ -228,29 +305,53 @@ def validate(doc: Any) -> dict[str, Any]:
     return doc  # type: ignore[no-any-return]
 
 
-def _validate(doc: Any) -> None:
+def check_current_phase(current_phase: str | None, phases: Any,
+                        whose: str = "the document's") -> None:
+    """``current_phase`` must name one of the phases (or be null)."""
+    if current_phase is not None and current_phase not in phases:
+        raise InvalidDocument(f"current_phase {current_phase!r} is not one of {whose} "
+                              "phases")
+
+
+def _validate(doc: Any, whole: bool) -> None:
     if not isinstance(doc, dict):
         raise InvalidDocument("document must be a JSON object")
     if _depth(doc) > MAX_DEPTH:
         raise InvalidDocument(f"document is nested deeper than {MAX_DEPTH} levels")
     _unicode(doc)
-    required = ("upgrade_id", "current_state", "started_at", "updated_at", "current_phase",
-                "current_component", "phases", "rollback_available", "can_resume", "metadata")
-    missing = [k for k in required if k not in doc]
-    if missing:
+    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    if missing and whole:
         raise InvalidDocument(f"document lacks {', '.join(missing)}")
-    check_id(doc["upgrade_id"])
-    states.check_state("upgrade", doc["current_state"])
+    if "upgrade_id" in doc:
+        check_id(doc["upgrade_id"])
+    if "current_state" in doc:
+        states.check_state("upgrade", doc["current_state"])
     for key in ("started_at", "updated_at"):
-        _stamp(doc[key], key)
+        if key in doc:
+            _stamp(doc[key], key)
     for key, kind in (("current_phase", "phase"), ("current_component", "component")):
-        if doc[key] is not None:
+        if doc.get(key) is not None:
             check_name(doc[key], kind)
     for key in ("rollback_available", "can_resume"):
-        if not isinstance(doc[key], bool):
+        if key in doc and not isinstance(doc[key], bool):
             raise InvalidDocument(f"{key} must be true or false")
-    meta = doc["metadata"]
-    if not isinstance(meta, dict) or any(k not in meta for k in ("hostname", "user", "pid")):
+    if "metadata" in doc:
+        _validate_metadata(doc["metadata"])
+    if "phases" in doc:
+        phases = doc["phases"]
+        if not isinstance(phases, dict):
+            raise InvalidDocument("phases must be an object")
+        seen_components: set[tuple[str, str]] = set()
+        for name, phase in phases.items():
+            check_name(name, "phase")
+            _validate_phase(name, phase, seen_components)
+        if "current_phase" in doc:
+            check_current_phase(doc["current_phase"], phases)
+    _validate_additions(doc)
+
+
+def _validate_metadata(meta: Any) -> None:
+    if not isinstance(meta, dict) or any(k not in meta for k in METADATA_KEYS):
         raise InvalidDocument("metadata must be an object with hostname, user and pid")
     for key in ("hostname", "user"):
         if meta[key] is not None:
@@ -260,17 +361,6 @@ def _validate(doc: Any) -> None:
     if pid is not None and not (isinstance(pid, str) and pid.isascii() and pid.isdigit()
                                 and len(pid) < 12):
         raise InvalidDocument("metadata.pid must be a decimal process id as a string, or null")
-    phases = doc["phases"]
-    if not isinstance(phases, dict):
-        raise InvalidDocument("phases must be an object")
-    seen_components: set[tuple[str, str]] = set()
-    for name, phase in phases.items():
-        check_name(name, "phase")
-        _validate_phase(name, phase, seen_components)
-    if doc["current_phase"] is not None and doc["current_phase"] not in phases:
-        raise InvalidDocument(f"current_phase {doc['current_phase']!r} is not one of the "
-                              "document's phases")
-    _validate_additions(doc)
 
 
 def _validate_additions(doc: dict[str, Any]) -> None:
