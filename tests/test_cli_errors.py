@@ -250,11 +250,14 @@ def test_a_document_with_numbers_or_text_out_of_range_is_one_line(
     assert fingerprint(home) == before
 
 
-def test_import_reads_at_most_the_documented_maximum(cli, home: Path, template: Path) -> None:
-    """/dev/zero never ends: import reads the limit and one byte more, then refuses."""
+@pytest.mark.parametrize("command", [["import"], ["legacy", "save"]])
+def test_a_document_is_read_up_to_the_documented_maximum(cli, home: Path, template: Path,
+                                                         command: list[str]) -> None:
+    """/dev/zero never ends: import (and the drop-in's save) read the limit and one byte
+    more, then refuse."""
     shutil.copytree(template, home, symlinks=True)
     before = fingerprint(home)
-    result = cli("import", "/dev/zero")
+    result = cli(*command, "/dev/zero")
     assert result.code == 6, result
     assert result.err.splitlines() == [
         f"upgrade-ledger: error: document is more than {32 * 1024 * 1024} bytes; at most "
