@@ -954,6 +954,11 @@ class Ledger:
             return ALL_HOSTS
         return None if host is None else check_host(host)
 
+    def summary_data(self) -> dict[str, Any]:
+        """The summary of the current upgrade as data (``summary --json``)."""
+        with self.db.read() as tx:
+            return queries.summary_data(tx, self._current(tx))
+
     def history(self, limit: int | None = 10, *, state: str | None = None,
                 since: str | None = None, until: str | None = None,
                 component: str | None = None, host: str | None = None,
@@ -990,7 +995,8 @@ class Ledger:
     def events(self, *, host: str | None = None, all_hosts: bool = False,
                **filters: Any) -> list[dict[str, Any]]:
         """The audit trail, oldest first; this host's unless *host* names another or
-        *all_hosts*; see ``queries.events``."""
+        *all_hosts*; see ``queries.events`` (``newest=True`` with a ``limit``: the last
+        events, as ``events -n`` prints them)."""
         with self.db.read(self.read_scope(host, all_hosts)) as tx:
             return queries.events(tx, **filters)
 
@@ -1031,7 +1037,7 @@ class Ledger:
                         "SELECT COUNT(*) FROM rollback_points WHERE host = :host AND "
                         "upgrade_id = :u AND cleared_at IS NULL", {"u": u["id"]}),
                 )
-                live = lock is None or (lock.held and not lock.stale)
+                live = lock is None or lock.held
                 stuck = queries.stuck(tx, u["id"], lock_live=live, threshold_s=stuck_after_s)
         data["lock"] = None if lock is None else lock.as_dict()
         data["stuck"] = stuck
@@ -1114,6 +1120,43 @@ class Ledger:
         for listener in list(self.after_save):
             listener(uid)
         return target
+
+    def record_prune(self, upgrade_id: str, detail: Mapping[str, Any], *,
+                     delete_rows: bool = False) -> dict[str, int]:
+        """Record that retention removed an old upgrade's files (``ledger.ops.prune``).
+
+        One transaction: its history file is gone, so it no longer counts as saved to
+        history (``saved_at`` cleared); with *delete_rows* its rows go as well
+        (components, phases, rollback points, then the upgrade) and their counts are
+        returned. Its events stay, the trail being append-only, and a ``ledger.prune``
+        event with *detail* (and the counts) records what went. The current upgrade
+        and one in progress are refused (``Conflict``), whatever the caller checked.
+        """
+        check_id(upgrade_id)
+
+        def action(tx: Tx) -> dict[str, int]:
+            row = tx.one("SELECT state FROM upgrades WHERE host = :host AND id = :u",
+                         {"u": upgrade_id})
+            if row is None:
+                raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
+            if upgrade_id == meta.current_upgrade(tx) or states.is_in_progress(row["state"]):
+                raise Conflict(f"upgrade {upgrade_id} is the current upgrade or in progress; "
+                               "its files and rows are never pruned")
+            counts: dict[str, int] = {}
+            if delete_rows:
+                for table in ("components", "phases", "rollback_points", "upgrades"):
+                    column = "id" if table == "upgrades" else "upgrade_id"
+                    counts[table] = tx.execute(
+                        f"DELETE FROM {table} WHERE host = :host AND {column} = :u",
+                        {"u": upgrade_id})
+            else:
+                tx.execute("UPDATE upgrades SET saved_at = NULL WHERE host = :host AND id = :u",
+                           {"u": upgrade_id})
+            self._event(tx, "ledger.prune", upgrade_id, "rows" if delete_rows else "files",
+                        detail={**detail, **({"rows": counts} if delete_rows else {})})
+            return counts
+
+        return self._change(action, [])  # not the current upgrade: its view is unchanged
 
     def cleanup(self, owner_pid: int | None = None) -> None:
         """What a script does on exit: save the current upgrade to history, release the

@@ -52,37 +52,52 @@ def progress(tx: Tx, upgrade: Row) -> int:
     return done * 100 // total
 
 
-def summary(tx: Tx, upgrade: Row) -> str:
-    """The legacy ``upgrade_get_summary`` text, a few lines an operator reads at a glance."""
+def summary_data(tx: Tx, upgrade: Row) -> dict[str, Any]:
+    """What the summary says, as data: state, where the run is, progress, components
+    by state, live rollback points, phases and the error."""
     uid = upgrade["id"]
     counts = {r["state"]: r["n"] for r in tx.all(
         "SELECT state, COUNT(*) AS n FROM components WHERE host = :host AND upgrade_id = :u "
-        "GROUP BY state",
-        {"u": uid})}
-    total = sum(counts.values())
-    done = counts.get("COMPLETED", 0) + counts.get("SKIPPED", 0)
-    points = tx.scalar("SELECT COUNT(*) FROM rollback_points WHERE host = :host AND upgrade_id = "
-                       ":u AND "
-                       "cleared_at IS NULL", {"u": uid})
+        "GROUP BY state ORDER BY state", {"u": uid})}
+    return {
+        "upgrade_id": uid, "state": upgrade["state"], "outcome": upgrade["outcome"],
+        "started_at": second(upgrade["started_at"]),
+        "updated_at": second(upgrade["updated_at"]),
+        "phase": upgrade["current_phase"], "component": upgrade["current_component"],
+        "progress_percent": progress(tx, upgrade),
+        "done": counts.get("COMPLETED", 0) + counts.get("SKIPPED", 0),
+        "total": sum(counts.values()), "components": counts,
+        "rollback_points": tx.scalar("SELECT COUNT(*) FROM rollback_points WHERE "
+                                     "host = :host AND upgrade_id = :u AND cleared_at IS NULL",
+                                     {"u": uid}),
+        "phases": [{"name": p["name"], "state": p["state"]} for p in tx.all(
+            "SELECT name, state FROM phases WHERE host = :host AND upgrade_id = :u "
+            "ORDER BY position",
+            {"u": uid})],
+        "error": upgrade["error"],
+    }
+
+
+def summary(tx: Tx, upgrade: Row) -> str:
+    """The legacy ``upgrade_get_summary`` text, a few lines an operator reads at a glance."""
+    data = summary_data(tx, upgrade)
+    points = data["rollback_points"]
     lines = [
-        f"Upgrade:   {uid}",
-        f"State:     {upgrade['state']}"
-        + (f" (outcome {upgrade['outcome']})" if upgrade["outcome"] and
-           upgrade["outcome"] != upgrade["state"] else ""),
-        f"Started:   {second(upgrade['started_at'])}   Updated: {second(upgrade['updated_at'])}",
-        f"Phase:     {upgrade['current_phase'] or '-'}",
-        f"Component: {upgrade['current_component'] or '-'}",
-        f"Progress:  {progress(tx, upgrade)}% ({done}/{total} components"
-        + "".join(f", {n} {s.lower()}" for s, n in sorted(counts.items())
+        f"Upgrade:   {data['upgrade_id']}",
+        f"State:     {data['state']}"
+        + (f" (outcome {data['outcome']})" if data["outcome"] and
+           data["outcome"] != data["state"] else ""),
+        f"Started:   {data['started_at']}   Updated: {data['updated_at']}",
+        f"Phase:     {data['phase'] or '-'}",
+        f"Component: {data['component'] or '-'}",
+        f"Progress:  {data['progress_percent']}% ({data['done']}/{data['total']} components"
+        + "".join(f", {n} {s.lower()}" for s, n in sorted(data["components"].items())
                   if s not in ("COMPLETED", "SKIPPED")) + ")",
         f"Rollback:  {'available (' + str(points) + ' points)' if points else 'none'}",
     ]
-    for p in tx.all("SELECT name, state FROM phases WHERE host = :host AND upgrade_id = :u ORDER "
-                    "BY position",
-                    {"u": uid}):
-        lines.append(f"  phase {p['name']}: {p['state']}")
-    if upgrade["error"]:
-        lines.append(f"Error:     {upgrade['error']}")
+    lines += [f"  phase {p['name']}: {p['state']}" for p in data["phases"]]
+    if data["error"]:
+        lines.append(f"Error:     {data['error']}")
     return "\n".join(lines)
 
 
@@ -200,10 +215,12 @@ def event_dict(row: Row) -> dict[str, Any]:
 
 def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None, after_id: int = 0,
-           limit: int | None = 1000) -> list[dict[str, Any]]:
+           limit: int | None = 1000, newest: bool = False) -> list[dict[str, Any]]:
     """The audit trail oldest first, of the transaction's host (or every host's),
     filtered. *kind* matches exactly or as a prefix ending in '.' (``component.`` for
-    every component event); *after_id* pages."""
+    every component event); *after_id* pages. *limit* keeps the first matching events
+    after *after_id*, or with *newest* the last ones (as ``tail -n`` does), still
+    returned oldest first."""
     if isinstance(after_id, bool) or not isinstance(after_id, int) or \
             not 0 <= after_id <= MAX_ROW_ID:
         raise BadInput(f"after_id must be a whole number from 0 to {MAX_ROW_ID}")
@@ -231,10 +248,15 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
     if since is not None:
         where.append("e.at >= :since")
         params["since"] = clock.parse_when(since)
-    sql = "SELECT e.* FROM events e WHERE " + " AND ".join(where) + " ORDER BY e.id"
+    sql = "SELECT e.* FROM events e WHERE " + " AND ".join(where)
+    if limit is None:
+        sql += " ORDER BY e.id"
+    elif newest:
+        sql = f"SELECT * FROM ({sql} ORDER BY e.id DESC LIMIT :limit) AS tail ORDER BY id"
+    else:
+        sql += " ORDER BY e.id LIMIT :limit"
     if limit is not None:
-        sql += " LIMIT :limit"
-        params["limit"] = limit
+        params["limit"] = int(limit)
     return [event_dict(r) for r in tx.all(sql, params)]
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_ledger
 
 from ledger.api import Ledger
@@ -42,6 +43,7 @@ def rollback_events(led: Ledger) -> list[dict]:
 # -- the example plan, through the real command -----------------------------------------
 
 
+@pytest.mark.slow
 def test_the_example_plan_completes_and_a_second_apply_does_nothing(tmp_path: Path) -> None:
     # As in the README: a relative home, from another folder than the plan's.
     def apply() -> subprocess.CompletedProcess[str]:
@@ -124,6 +126,7 @@ def three_phases(work: Path, **defaults: object) -> Path:
     ], defaults=defaults)
 
 
+@pytest.mark.slow
 def test_a_failed_validation_rolls_back_in_reverse_order_with_verified_backups(
         tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
@@ -157,6 +160,7 @@ def test_a_failed_validation_rolls_back_in_reverse_order_with_verified_backups(
     assert cli("apply", str(plan)).code == 0
 
 
+@pytest.mark.slow
 def test_a_final_validation_failure_rolls_back_too(tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
     plan = three_phases(work)
@@ -274,6 +278,7 @@ def test_a_command_over_its_timeout_is_killed_with_its_process_group(
     assert "<== timed out after" in log
 
 
+@pytest.mark.slow
 def test_max_parallel_is_respected_and_used(tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
     plan = write_plan(work, [
@@ -290,6 +295,7 @@ def test_max_parallel_is_respected_and_used(tmp_path: Path, home: Path, cli) -> 
     assert all(upgrades(work, "wide", f"w{i}") == ["2.0"] for i in range(5))
 
 
+@pytest.mark.slow
 def test_a_probe_at_the_target_skips_with_its_evidence(tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
     plan = write_plan(work, [

@@ -66,6 +66,7 @@ def assert_each_upgraded_once(work: Path) -> None:
             assert upgrades(work, phase, comp["name"]) == ["2.0"], (phase, comp["name"])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_apply_again_completes_without_upgrading_twice(
         tmp_path: Path, home: Path) -> None:
     work, plan, proc = hang_mid_phase(tmp_path, home)
@@ -121,6 +122,7 @@ def test_sigkill_mid_run_then_apply_again_completes_without_upgrading_twice(
     assert "stopped by a later apply" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_mid_run_stops_cleanly_and_resumes(tmp_path: Path, home: Path, sig) -> None:
     work, plan, proc = hang_mid_phase(tmp_path, home)

@@ -226,6 +226,7 @@ def probe(*args: str) -> list[str]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_the_stdlib_path_never_imports_sqlalchemy_on_an_existing_ledger(tmp_path: Path) -> None:
     for root, url in ((tmp_path / "a", None),
                       (tmp_path / "b", f"sqlite+pysqlite:///{tmp_path / 'b.db'}")):

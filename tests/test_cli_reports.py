@@ -172,9 +172,13 @@ def test_history_in_text_formats(cli, fleet, fmt) -> None:
         assert lines[2].split()[0] == "u-live"
 
 
-def test_history_of_an_empty_ledger_prints_nothing_but_json_is_a_list(cli, home: Path) -> None:
-    Ledger(home).close()
-    assert out_of(cli, "history") == ""
+def test_history_of_an_empty_ledger_prints_the_header_and_json_is_a_list(cli,
+                                                                       home: Path) -> None:
+    Ledger(home).close()  # a ledger without upgrades (history on no ledger is refused)
+    table = cli("history")
+    assert (table.code, table.out.split("\n")[0].split(), table.err) == \
+        (0, HISTORY_COLUMNS, "no upgrades match\n")
+    assert out_of(cli, "history", "-f", "plain") == ""
     assert json.loads(out_of(cli, "history", "--json")) == []
 
 
@@ -264,6 +268,34 @@ def test_events_json_shape_and_filters(cli, fleet) -> None:
     assert [e["kind"] for e in by_comp] == ["component.upgrading"]
 
 
+def test_events_n_is_the_newest_n_printed_oldest_first(cli, fleet) -> None:
+    every = [e["id"] for e in json.loads(out_of(cli, "events", "--json"))]
+    newest = json.loads(out_of(cli, "events", "-n", "3", "--json"))
+    assert [e["id"] for e in newest] == every[-3:]
+    table = out_of(cli, "events", "-n", "3").splitlines()[2:]
+    assert [int(line.split()[0]) for line in table] == every[-3:]
+    live = json.loads(out_of(cli, "events", "--upgrade", "u-live", "-n", "2", "--json"))
+    assert [e["kind"] for e in live] == ["component.upgrading", "rollback.mark"]
+    # With --after, -n pages forward from that id.
+    page = json.loads(out_of(cli, "events", "--after", str(every[0]), "-n", "2", "--json"))
+    assert [e["id"] for e in page] == every[1:3]
+
+
+def test_the_events_table_shows_each_events_detail_briefly(cli, fleet) -> None:
+    lines = out_of(cli, "events", "--upgrade", "u-live").splitlines()
+    assert lines[0].split()[-1] == "detail"
+    mark = next(line for line in lines if "rollback.mark" in line)
+    assert mark.rstrip().endswith(" size_bytes=10")  # nulls are left out
+    start = next(line for line in lines if "component.upgrading" in line)
+    assert start.rstrip().endswith(" from_version=2.45 phase=exporters to_version=2.53")
+    with Ledger(fleet) as led:
+        led.annotate("apply.plan", None, {"sha256": "ab" * 32, "path": "/srv/plans/x.toml"})
+        led.annotate("apply.note", None, {"text": "x" * 300})
+    plan, note = out_of(cli, "events", "-n", "2").splitlines()[2:]
+    assert plan.rstrip().endswith(" path=/srv/plans/x.toml sha256=abababababab")  # cut to 12
+    assert len(note.split()[-1]) == 60 and note.rstrip().endswith("…")  # a short column, cut
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_events_in_text_formats(cli, fleet, fmt) -> None:
     out = out_of(cli, "events", "--upgrade", "u-live", "-f", fmt)
@@ -275,7 +307,7 @@ def test_events_in_text_formats(cli, fleet, fmt) -> None:
         assert len(lines) == 7
         assert lines[0].split("\t")[3] == "upgrade.init"
     else:
-        assert lines[0].split() == EVENT_COLUMNS
+        assert lines[0].split() == [*EVENT_COLUMNS, "detail"]
         assert len(lines) == 9
 
 

@@ -88,6 +88,7 @@ STEPS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "code", "did"), STEPS, ids=[" ".join(s[0]) for s in STEPS])
 def test_per_step_commands_import_neither_sqlalchemy_nor_alembic(
         running: Path, home: Path, args: list[str], code: int, did) -> None:
@@ -98,6 +99,7 @@ def test_per_step_commands_import_neither_sqlalchemy_nor_alembic(
     assert heavy == []
 
 
+@pytest.mark.slow
 def test_the_probe_sees_alembic_when_a_new_ledger_is_migrated(tmp_path: Path) -> None:
     home = tmp_path / "new"
     got, out, _err, heavy = probe(home, "state", "get")

@@ -156,6 +156,7 @@ def hook_script(tmp: Path, body: str, name: str = "hook.sh") -> Path:
 # -- webhooks ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_healthy_webhook_receives_every_event_of_a_run_exactly_once(
         cli, home: Path, webhook) -> None:
     server = webhook(0)
@@ -176,6 +177,7 @@ def test_a_healthy_webhook_receives_every_event_of_a_run_exactly_once(
         (events[-1]["id"], len(events), 0)
 
 
+@pytest.mark.slow
 def test_a_webhook_failing_its_first_requests_still_gets_everything_in_order(
         cli, home: Path, webhook) -> None:
     server = webhook(4)
@@ -454,6 +456,7 @@ def test_a_new_subscriber_starts_after_the_events_already_recorded(
     assert [(e["from"], e["to"]) for e in got] == [("PLANNING", "BACKING_UP")]
 
 
+@pytest.mark.slow
 def test_two_deliverers_at_once_send_each_event_once(cli, home: Path, tmp_path: Path) -> None:
     out = tmp_path / "got"
     hook = hook_script(tmp_path, f'cat > /dev/null\necho "$LEDGER_EVENT_ID" >> {out}\n')
@@ -481,6 +484,7 @@ def test_doctor_reports_a_failing_subscriber(cli, home: Path, webhook) -> None:
     assert "web (1 attempt(s) at event 1: HTTP 500" in finding.detail
 
 
+@pytest.mark.slow
 def test_apply_notifies_as_it_goes_and_a_dead_subscriber_never_fails_it(
         cli, home: Path, tmp_path: Path, webhook) -> None:
     server = webhook(0)

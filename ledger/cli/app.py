@@ -221,9 +221,10 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               help="Age after which a lock whose holder cannot be checked counts as stale.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), envvar="LEDGER_FORMAT",
               show_envvar=True,
-              help="Output format of every command that prints data (each command's -f "
-                   "overrides it) [default: table; JSON for component status, rollback "
-                   "info and resume point].")
+              help="Output format of every command that prints tables or records (each "
+                   "command's -f overrides it; commands that print one value, such as "
+                   "state get, keep their bare text) [default: table; JSON for component "
+                   "status, rollback info and resume point].")
 @click.option("--traceback", is_flag=True, envvar="LEDGER_TRACEBACK", show_envvar=True,
               help="Show the full Python traceback on errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="upgrade-ledger")

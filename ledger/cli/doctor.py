@@ -52,7 +52,8 @@ def doctor(ctx: click.Context, cfg: Config, *, repair: bool, stuck_after_s: floa
                                  repair=repair, host_name=cfg.host_name)
     out = pick(fmt, as_json)
     rows = [f.as_dict() for f in findings]
-    render(rows, out, None if out == "json" else COLUMNS + (["repaired"] if repair else []))
+    render(rows, out, None if out == "json" else COLUMNS + (["repaired"] if repair else []),
+           note="hint")  # in a table, each hint goes under its row
     if not checks.healthy(findings, strict=fail_on_warn):
         ctx.exit(EXIT_UNHEALTHY)
 

@@ -21,7 +21,8 @@ from typing import Any
 import click
 
 from ledger.cli.app import Config, fail, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import brief, output_option, pick, render
+from ledger.views.document import second
 
 OUTCOME_COLUMNS = ["subscriber", "state", "delivered", "cursor", "attempts", "next_try_at",
                    "error"]
@@ -109,7 +110,8 @@ def subscribers_list(cfg: Config, fmt: str, as_json: bool) -> None:
 
     rows = delivery.cursors(cfg.ledger())
     out = pick(fmt, as_json)
-    render(rows, out, None if out == "json" else SUBSCRIBER_COLUMNS)
+    render(rows, out, None if out == "json" else SUBSCRIBER_COLUMNS,
+           empty="no subscribers (add one with 'upgrade-ledger subscribers add')")
 
 
 @subscribers.command("add")
@@ -240,15 +242,17 @@ def _stdout_gone() -> bool:
 def _line(event: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(event, ensure_ascii=False) + "\n"
-    cells = ["" if event.get(c) is None else str(event[c]) for c in STREAM_COLUMNS]
+    shown = {**event, "at": second(event["at"])}  # whole seconds, as in `events`
+    cells = ["" if shown.get(c) is None else str(shown[c]) for c in STREAM_COLUMNS]
     if fmt == "csv":
         return _csv_line(cells)
     if fmt == "plain":
         return "\t".join(cells) + "\n"
     ident, at, upgrade, kind, subject, old, new, user, pid = cells
     change = f"{old or '-'} -> {new or '-'}" if old or new else ""
+    detail = brief(event.get("detail"))
     return (f"{ident:>6}  {at}  {upgrade or '-'}  {kind:<20}  {subject or '-'}  {change}  "
-            f"{user} pid {pid}\n")
+            f"{user} pid {pid}{'  ' + detail if detail else ''}\n")
 
 
 def _csv_line(cells: list[str]) -> str:

@@ -11,10 +11,20 @@ from typing import Any, BinaryIO
 import click
 
 from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
-from ledger.cli.output import output_option, pick, render, stream_rows
+from ledger.cli.output import (
+    brief,
+    output_option,
+    pick,
+    render,
+    render_value,
+    stream_rows,
+    value_option,
+)
+from ledger.cli.params import UPGRADE_STATE
 from ledger.core.validate import MAX_ROW_ID
 from ledger.errors import BadInput
 from ledger.store.database import REPORT_TIMEOUT_S
+from ledger.views.document import second
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
@@ -36,6 +46,26 @@ def host_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
                             help=f"The {what} of host NAME instead of this host's.")(func)
 
     return decorate
+
+
+#: The events of ``show``: all of one upgrade, so its id is not repeated on each, and
+#: who made each change is left to ``events`` and JSON, to keep the table narrow.
+SHOW_EVENT_COLUMNS = [c for c in EVENT_COLUMNS if c not in ("upgrade_id", "user", "pid")]
+
+
+def event_columns(fmt: str, columns: list[str] = EVENT_COLUMNS) -> list[str]:
+    """The columns of events: the table adds each event's detail, in brief."""
+    return [*columns, "detail"] if fmt == "table" else columns
+
+
+def event_rows(rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
+    """Events as a format shows them. JSON: as stored (the same object as in
+    notifications). Text: whole seconds, like every other time a report prints; in a
+    table, the detail in a few words."""
+    if fmt == "json":
+        return rows
+    return [{**row, "at": second(row["at"]),
+             **({"detail": brief(row["detail"])} if fmt == "table" else {})} for row in rows]
 
 
 @click.command()
@@ -64,10 +94,7 @@ def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool,
     flat = {k: v for k, v in data.items()
             if k not in ("lock", "stuck", "components", "notify")}
     flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
-    flat["lock"] = ("not visible from this host" if lock is None else
-                    "free" if not lock["held"] else
-                    f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
-                    + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))
+    flat["lock"] = "not visible from this host" if lock is None else lock_line(lock)
     flat["lock_reason"] = None if lock is None else lock["reason"]
     flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None
     if "notify" in data:
@@ -77,11 +104,20 @@ def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool,
     render(flat, out)
 
 
+def lock_line(lock: dict[str, Any]) -> str:
+    """The lock in words, with the verdict of ``lock held``: a stale lock is not held."""
+    pid = lock["holder"]["pid"] if lock["holder"] else "?"
+    if lock["held"]:
+        return f"held by PID {pid}" + (" (suspect)" if lock["suspect"] else "")
+    return f"not held (stale lock of PID {pid})" if lock["stale"] else "free"
+
+
 @click.command()
 @click.option("-n", "--limit", type=click.IntRange(1, 1_000_000), default=10, show_default=True,
               help="At most this many upgrades.")
 @click.option("--all", "everything", is_flag=True, help="No limit.")
-@click.option("--state", help="Only upgrades in (or that ended in) this state.")
+@click.option("--state", type=UPGRADE_STATE,
+              help="Only upgrades in (or that ended in) this state (any case).")
 @click.option("--component", help="Only upgrades that touched this component.")
 @host_options("upgrades")
 @click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "
@@ -96,8 +132,9 @@ def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
     rows = cfg.ledger(create=False).history(None if everything else limit, state=state,
                                             since=since, until=until, component=component,
                                             host=host, all_hosts=all_hosts)
+    out = pick(fmt, as_json)
     columns = ["host", *HISTORY_COLUMNS] if all_hosts else HISTORY_COLUMNS
-    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else columns)
+    render(rows, out, None if out == "json" else columns, empty="no upgrades match")
 
 
 @click.command()
@@ -119,8 +156,11 @@ def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool,
             if k not in ("phases", "components", "rollback_points", "events")}
     sections = [("", head, None), ("Phases", data["phases"], None),
                 ("Components", data["components"], COMPONENT_COLUMNS),
-                ("Rollback points", data["rollback_points"], None),
-                ("Events", data["events"], EVENT_COLUMNS)]
+                ("Rollback points", [{**p, "sha256": (p["sha256"] or "")[:12] or None}
+                                     for p in data["rollback_points"]]
+                 if out == "table" else data["rollback_points"], None),
+                ("Events", event_rows(data["events"], out),
+                 event_columns(out, SHOW_EVENT_COLUMNS))]
     for title, section, columns in sections:
         if title:
             if not section:
@@ -138,7 +178,8 @@ def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool,
               help="Only events with a larger id.")
 @click.option("-n", "--limit", type=click.IntRange(1, MAX_ROW_ID), default=1000,
               show_default=True,
-              help="At most this many events (page on with --after).")
+              help="The newest N matching events, printed oldest first (like tail -n); "
+                   "with --after, the N right after that id (paging on).")
 @click.option("--follow", is_flag=True,
               help="Keep running: after the matching events (no --limit), print new ones as "
                    "they are recorded; JSON is one object per line. Stop with Ctrl-C/SIGTERM.")
@@ -162,10 +203,12 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
         return
     rows = cfg.ledger(create=False).events(upgrade_id=upgrade_id, component=component,
                                            kind=kind, since=since, after_id=after_id,
-                                           limit=limit, host=host, all_hosts=all_hosts)
+                                           limit=limit, host=host, all_hosts=all_hosts,
+                                           newest=not after_id)
     out = pick(fmt, as_json)
-    columns = ["host", *EVENT_COLUMNS] if all_hosts else EVENT_COLUMNS
-    render(rows, out, None if out == "json" else columns)
+    columns = event_columns(out, ["host", *EVENT_COLUMNS] if all_hosts else EVENT_COLUMNS)
+    render(event_rows(rows, out), out, None if out == "json" else columns,
+           empty="no events match")
 
 
 @click.command()
@@ -192,7 +235,7 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         bound[name] = value
     with cfg.ledger(create=False).report(query, bound, timeout_s=timeout_s or None) as rows:
-        stream_rows(rows.columns, rows, pick(fmt, as_json))
+        stream_rows(rows.columns, rows, pick(fmt, as_json), empty="no rows")
 
 
 @click.command()
@@ -220,23 +263,31 @@ def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
 @click.option("--current/--no-current", default=True, show_default=True,
               help="Make the imported upgrade the current one (use --no-current for "
                    "history files).")
+@value_option()
 @pass_config
-def import_(cfg: Config, source: BinaryIO, current: bool) -> None:
-    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger.
+def import_(cfg: Config, source: BinaryIO, current: bool, fmt: str | None,
+            as_json: bool) -> None:
+    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger
+    and print its upgrade id.
 
     The document is validated first; a bad one is refused and changes nothing.
     """
     from ledger.views.document import read  # noqa: PLC0415 (only import needs it)
 
-    click.echo(cfg.ledger().import_document(read(source), make_current=current))
+    upgrade_id = cfg.ledger().import_document(read(source), make_current=current)
+    render_value({"upgrade_id": upgrade_id}, pick(fmt, as_json), upgrade_id)
 
 
 @click.command("save-history")
 @click.argument("upgrade_id", required=False)
+@value_option()
 @pass_config
-def save_history(cfg: Config, upgrade_id: str | None) -> None:
-    """Write history/<id>.json for an upgrade (default: the current one)."""
-    click.echo(cfg.ledger().save_to_history(upgrade_id))
+def save_history(cfg: Config, upgrade_id: str | None, fmt: str | None,
+                 as_json: bool) -> None:
+    """Write history/<id>.json for an upgrade (default: the current one) and print its
+    path."""
+    path = cfg.ledger().save_to_history(upgrade_id)
+    render_value({"upgrade_id": path.stem, "path": str(path)}, pick(fmt, as_json), str(path))
 
 
 @click.command()

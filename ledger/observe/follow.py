@@ -15,6 +15,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from ledger import queries
+from ledger.core import clock
 from ledger.store.database import ALL_HOSTS
 
 if TYPE_CHECKING:
@@ -36,14 +37,24 @@ def follow(ledger: Ledger, *, stop: Callable[[], bool], interval_s: float = 0.5,
 
     Each poll yields a list (empty when nothing new matched), so the caller can check
     its output between polls. Filters are those of ``queries.events``; the events are
-    this host's, *host*'s, or every host's (``ALL_HOSTS``).
+    this host's, *host*'s, or every host's (``ALL_HOSTS``). An age given as *since*
+    (``0s``, ``10m``) is turned into a time here, once, when following starts: taken
+    again at each poll, ``0s`` would always be later than every event.
     """
+    anchored = None if since is None else clock.parse_when(since)
     if host == ALL_HOSTS:
-        yield from _follow_every_host(ledger, stop=stop, interval_s=interval_s,
-                                      after_id=int(after_id),
-                                      filters={"upgrade_id": upgrade_id, "component": component,
-                                               "kind": kind, "since": since})
-        return
+        return _follow_every_host(ledger, stop=stop, interval_s=interval_s,
+                                  after_id=int(after_id),
+                                  filters={"upgrade_id": upgrade_id, "component": component,
+                                           "kind": kind, "since": anchored})
+    return _poll(ledger, stop, interval_s, host=host, upgrade_id=upgrade_id,
+                 component=component, kind=kind, since=anchored, after_id=after_id)
+
+
+def _poll(ledger: Ledger, stop: Callable[[], bool], interval_s: float, *, host: str | None,
+          upgrade_id: str | None, component: str | None, kind: str | None,
+          since: str | None, after_id: int) -> Generator[list[dict[str, Any]], None, None]:
+    """``follow`` over one host's events."""
     last = int(after_id)  # every event up to here has been looked at
     while not stop():
         with ledger.db.read(host) as tx:

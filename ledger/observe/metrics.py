@@ -68,7 +68,7 @@ def collect(ledger: Ledger) -> list[Family]:
     with ledger.db.read() as tx:
         families = [_info(tx), *_current_upgrade(tx), *_history(tx), *_trail(tx),
                     *_notifications(tx)]
-    families += _lock(lock.held, lock.stale, lock.age_s,
+    families += _lock(lock.present, lock.stale, lock.age_s,
                       lock.holder.timestamp if lock.holder else None)
     return families
 

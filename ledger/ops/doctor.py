@@ -155,7 +155,7 @@ def check_lock(ctx: Context) -> Finding:
     """Who holds the lock, and whether it is stale (removable) or suspect (too old)."""
     name = "lock"
     st = ctx.lock().status()
-    if not st.held:
+    if not st.present:
         return Finding(name, OK, "free")
     who = f"PID {st.holder.pid} on {st.holder.hostname or '?'} since " \
           f"{st.holder.timestamp or '?'}" if st.holder else "an unknown holder"
@@ -493,7 +493,7 @@ def check_stuck(ctx: Context) -> Finding:
         with ctx.database().read() as tx:
             uid = meta.current_upgrade(tx)
             stuck = [] if uid is None else queries.stuck(
-                tx, uid, lock_live=lock.held and not lock.stale, threshold_s=ctx.stuck_after_s)
+                tx, uid, lock_live=lock.held, threshold_s=ctx.stuck_after_s)
     except Unavailable as exc:
         return Finding(name, SKIP, f"not checked: {exc}")
     if not stuck:

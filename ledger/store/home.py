@@ -45,9 +45,10 @@ DEFAULT_HOME = "/var/lib/observability-upgrades"
 #: library left behind (a host switching over).
 HOME_MARKERS = ("ledger.db", "state.json", "views.sig", "upgrade.lock.d",
                 "upgrade.lock.d.guard", "history")
-#: Folders the ledger makes in a home before its ledger.db exists (another process
-#: may be making the same home right now): a folder of these only is a home too.
-HOME_FOLDERS = ("tmp", "backups", "logs", "snapshots")
+#: What else the ledger keeps in a home: the folders it makes before its ledger.db
+#: exists (another process may be making the same home right now) and the operator's
+#: configuration files. A folder of these only is a home too.
+HOME_NAMES = ("tmp", "backups", "logs", "snapshots", "notify.toml", "ledger.toml")
 
 
 def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -116,14 +117,14 @@ class Home:
     def _refuse_if_not_a_home(self) -> None:
         """An existing root is a home when it holds what a home holds (``HOME_MARKERS``,
         or the paths the legacy variables put in it), or nothing but what the ledger
-        makes in one (``HOME_FOLDERS``, temp files); anything else (``/``, ``/etc``, a
+        makes in one (``HOME_NAMES``, temp files); anything else (``/``, ``/etc``, a
         typo that names a busy folder) is refused, untouched."""
         markers = [self.root / name for name in HOME_MARKERS]
         markers += [p for p in (self.db_path, self.state_file, self.lock_dir, self.history_dir)
                     if p.parent == self.root]
         if any(os.path.lexists(path) for path in markers):
             return
-        known = {*HOME_MARKERS, *HOME_FOLDERS,
+        known = {*HOME_MARKERS, *HOME_NAMES,
                  *(p.name for p in (self.tmp_dir, self.backups_dir) if p.parent == self.root)}
         try:
             others = sorted(entry.name for entry in self.root.iterdir()
