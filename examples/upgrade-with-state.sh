@@ -32,6 +32,9 @@ case ${BASH_SOURCE[0]} in
 esac
 # shellcheck source=../scripts/upgrade-state.sh
 source "$here/../scripts/upgrade-state.sh"
+# The ledger first: the simulated host below lives in the same folder, and a folder
+# that holds other things but no ledger is not taken for a ledger home.
+upgrade_state_init_dirs
 
 # name:installed version:target version
 EXPORTERS=(

@@ -20,7 +20,15 @@ from typing import Any, ClassVar, TypeVar
 from ledger import queries
 from ledger.core import clock, host, states
 from ledger.core.host import check_host
-from ledger.core.validate import check_id, check_name, check_path, check_text, check_version
+from ledger.core.validate import (
+    MAX_NUMBER,
+    check_id,
+    check_name,
+    check_path,
+    check_text,
+    check_version,
+    clip_text,
+)
 from ledger.errors import (
     BadInput,
     Conflict,
@@ -34,13 +42,16 @@ from ledger.errors import (
 from ledger.lock import DirLock, Holder, LockStatus
 from ledger.store import meta
 from ledger.store.connect import open_database
-from ledger.store.database import ALL_HOSTS, Database, Row, Tx
+from ledger.store.database import ALL_HOSTS, REPORT_TIMEOUT_S, Database, Row, Rows, Tx
 from ledger.store.home import Home
 from ledger.views import document, importer, patch
 
 T = TypeVar("T")
 
 _ANNOTATION_KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: The longest a reporting query may be allowed to run.
+MAX_REPORT_TIMEOUT_S = 86400.0
 
 #: SQL for a component's attempt in progress: its ``attempts``, and at least 1 once
 #: it has started. ``attempts`` counts as the old bash library did: 1 at the first
@@ -60,7 +71,9 @@ class Ledger:
 
     *pid* is the process the changes are attributed to and that owns the lock
     (default: this process; the CLI passes its caller's). With *strict*, every
-    change is refused unless *pid* holds the lock.
+    change is refused unless *pid* holds the lock. A home (or database) without a
+    ledger gets a new one; with *create* False it is refused with ``NoLedger`` and
+    nothing is made: the way to open a ledger only to read it.
 
     Effects beyond the ledger (the metrics textfile, snapshots, notifications) are
     listeners: callables in ``after_change``, ``after_save``, ``during_run`` and
@@ -84,6 +97,7 @@ class Ledger:
         lock_timeout_s: float = 4 * 3600,
         wired: bool = True,
         host_name: str | None = None,
+        create: bool = True,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
@@ -91,11 +105,7 @@ class Ledger:
         #: else the kernel's node name; with this machine's id.
         self.identity = host.identity(self.env, host_name)
         self.home = Home.at(home, env)
-        self.home.ensure()
-        self.home.clean_tmp()
-        if db_url is None:
-            self.home.prepare_db_file()
-        self.db: Database = open_database(db_url, self.home.db_path, self.identity)
+        self.db: Database = self._open(db_url, create)
         self.pid = os.getpid() if pid is None else pid
         self.user = host.user_name() or str(os.geteuid())
         self.hostname = self.identity.name
@@ -117,6 +127,26 @@ class Ledger:
         if wired:
             for wire in Ledger.default_wiring:
                 wire(self)
+
+    def _open(self, db_url: str | None, create: bool) -> Database:
+        """Prepare the home and open the database (see the class docstring)."""
+        if db_url is None:
+            if not create:
+                self.home.require_ledger()  # before anything is made
+            self.home.ensure()
+            self.home.clean_tmp()
+            self.home.prepare_db_file()
+            return open_database(None, self.home.db_path, self.identity, create=create)
+        if create:
+            self.home.ensure()
+        db = open_database(db_url, None, self.identity, create=create)
+        try:
+            self.home.ensure()  # the views and the lock of a --db ledger live here
+            self.home.clean_tmp()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         """Release the database connection."""
@@ -438,7 +468,7 @@ class Ledger:
     def set_state(self, target: str, *, error: str | None = None) -> bool:
         """Move the current upgrade to *target*; False when it was there already."""
         states.check_state("upgrade", target)
-        check_text(error, "error")
+        error = check_text(clip_text(error), "error")
 
         def action(tx: Tx) -> bool:
             u = self._current(tx)
@@ -530,7 +560,7 @@ class Ledger:
 
     def _phase_move(self, name: str, target: str, error: str | None = None) -> bool:
         check_name(name, "phase")
-        check_text(error, "error")
+        error = check_text(clip_text(error), "error")
 
         def action(tx: Tx) -> bool:
             u = self._current(tx)
@@ -662,7 +692,7 @@ class Ledger:
     def _component_move(self, name: str, target: str, text: str | None = None,
                         phase: str | None = None) -> bool:
         check_name(name, "component")
-        check_text(text, "error" if target == states.FAILED else "note")
+        text = check_text(clip_text(text), "error" if target == states.FAILED else "note")
         touched: list[tuple[str, str, bool]] = []
 
         def action(tx: Tx) -> bool:
@@ -844,8 +874,11 @@ class Ledger:
         if phase is not None:
             check_name(phase, "phase")
         path = check_path(os.fspath(backup_path), "backup path")
-        if size_bytes is not None and (isinstance(size_bytes, bool) or size_bytes < 0):
-            raise BadInput("backup size must be a whole number of bytes from 0")
+        if size_bytes is not None and (isinstance(size_bytes, bool) or
+                                       not isinstance(size_bytes, int) or
+                                       not 0 <= size_bytes <= MAX_NUMBER):
+            raise BadInput("backup size must be a whole number of bytes from 0 to "
+                           f"{MAX_NUMBER}")
         if sha256 is not None and (len(sha256) != 64 or
                                    any(ch not in "0123456789abcdef" for ch in sha256)):
             raise BadInput("sha256 must be 64 lower-case hex digits")
@@ -1031,12 +1064,33 @@ class Ledger:
         with self.db.read(ALL_HOSTS) as tx:
             return queries.hosts(tx)
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None,
-              ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run one read-only reporting query; writes are refused before they run."""
+    def report(self, sql: str, params: Mapping[str, Any] | None = None, *,
+               timeout_s: float | None = REPORT_TIMEOUT_S) -> Rows:
+        """Start one read-only reporting query and stream its rows (``rows.columns``,
+        then iterate; close it, or use ``with``). Writes and pragmas that set something
+        are refused before they run; past *timeout_s* seconds (None: no limit) the query
+        is stopped with ``QueryTimeout``, and Ctrl-C stops it too."""
         if not isinstance(sql, str) or not sql.strip():
             raise BadInput("sql: the query is empty")
-        return self.db.report(sql, params)
+        if _SURROGATE.search(sql):
+            raise BadInput("sql: the query is not valid UTF-8 text")
+        for name, value in (params or {}).items():
+            if not isinstance(name, str) or (isinstance(value, str) and
+                                             _SURROGATE.search(value)):
+                raise BadInput(f"sql: parameter {name} is not valid UTF-8 text")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or
+                                      not isinstance(timeout_s, int | float) or
+                                      not 0 < timeout_s <= MAX_REPORT_TIMEOUT_S):
+            raise BadInput(f"sql: the timeout must be a number of seconds from 0 to "
+                           f"{MAX_REPORT_TIMEOUT_S:g}, or None for no limit")
+        return self.db.report(sql, params, timeout_s=timeout_s)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None, *,
+              timeout_s: float | None = REPORT_TIMEOUT_S,
+              ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """``report``, every row collected: ``(columns, rows)``, for small results."""
+        with self.report(sql, params, timeout_s=timeout_s) as rows:
+            return rows.columns, list(rows)
 
     def export_document(self, upgrade_id: str | None = None) -> bytes:
         """The state document of an upgrade (default: the current one), as file bytes."""

@@ -37,6 +37,10 @@ class InvalidDocument(BadInput):
     """A state document (state.json or a history file) that fails validation."""
 
 
+class QueryTimeout(BadInput, TimeoutError):
+    """A reporting query ran longer than its time limit and was stopped."""
+
+
 class InvalidTransition(LedgerError):
     """A state change that the state machine forbids; nothing was changed."""
 
@@ -54,6 +58,10 @@ class InvalidTransition(LedgerError):
 
 class NotFound(LedgerError, LookupError):
     """The upgrade, phase or component named does not exist."""
+
+
+class NoLedger(NotFound):
+    """A home without a ledger, opened by something that only reads: nothing is made."""
 
 
 class Conflict(LedgerError):
@@ -106,6 +114,10 @@ class NotLockOwner(LockError):
 
 class StorageError(LedgerError, OSError):
     """The home or a file in it cannot be created, written or read."""
+
+
+class NotAHome(StorageError):
+    """An existing folder given as the home holds other things and no ledger."""
 
 
 class CorruptLedger(LedgerError):

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from ledger.core import clock, states
-from ledger.core.validate import check_name
+from ledger.core.validate import MAX_NAME, MAX_ROW_ID, check_id, check_name, unprintable
 from ledger.errors import BadInput, NotFound
 from ledger.store.database import Row, Tx
 from ledger.views.document import add_kept, second
@@ -234,15 +234,24 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
     every component event); *after_id* pages. *limit* keeps the first matching events
     after *after_id*, or with *newest* the last ones (as ``tail -n`` does), still
     returned oldest first."""
+    if isinstance(after_id, bool) or not isinstance(after_id, int) or \
+            not 0 <= after_id <= MAX_ROW_ID:
+        raise BadInput(f"after_id must be a whole number from 0 to {MAX_ROW_ID}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or
+                              not 0 < limit <= MAX_ROW_ID):
+        raise BadInput(f"limit must be a whole number from 1 to {MAX_ROW_ID}")
     where = [in_scope(tx, "e"), "e.id > :after"]
-    params: dict[str, Any] = {"after": int(after_id)}
+    params: dict[str, Any] = {"after": after_id}
     if upgrade_id is not None:
         where.append("e.upgrade_id = :u")
-        params["u"] = upgrade_id
+        params["u"] = check_id(upgrade_id)
     if component is not None:
         where.append("e.subject = :c AND e.kind LIKE 'component.%'")
-        params["c"] = component
+        params["c"] = check_name(component, "component")
     if kind is not None:
+        if not isinstance(kind, str) or len(kind) > MAX_NAME or unprintable(kind):
+            raise BadInput(f"event kind {kind!r} is not printable text of at most "
+                           f"{MAX_NAME} characters")
         if kind.endswith("."):
             where.append("e.kind LIKE :k")
             params["k"] = kind + "%"

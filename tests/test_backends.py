@@ -21,7 +21,7 @@ import pytest
 from conftest import child_env
 
 from ledger.api import Ledger
-from ledger.errors import BadInput, InvalidTransition, UpgradeInProgress
+from ledger.errors import BadInput, InvalidTransition, QueryTimeout, UpgradeInProgress
 
 BACKENDS = ["stdlib", "sqlalchemy", "postgres"]
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
@@ -164,10 +164,28 @@ def test_the_sqlalchemy_ledger_lives_at_its_url_and_views_in_the_home(tmp_path: 
 def test_reporting_queries_are_read_only_on_both_paths(backend_ledger: Ledger) -> None:
     backend_ledger.init("u1")
     for sql in ("DELETE FROM events", "UPDATE upgrades SET state = 'IDLE'",
-                "DROP VIEW failures", "INSERT INTO ledger_meta VALUES ('k', 'v')"):
+                "DROP VIEW failures", "INSERT INTO ledger_meta VALUES ('k', 'v')",
+                "WITH x AS (SELECT 1) DELETE FROM events"):
         with pytest.raises(BadInput, match="read-only"):
             backend_ledger.query(sql)
+    with pytest.raises(BadInput):  # a setting: read-only on SQLite, unknown on PostgreSQL
+        backend_ledger.query("PRAGMA page_size = 1024")
     assert backend_ledger.query("SELECT COUNT(*) FROM events")[1] == [(1,)]
+    assert backend_ledger.events(limit=None)[0]["kind"] == "upgrade.init"
+
+
+def test_reporting_queries_stream_and_stop_at_the_timeout_on_both_paths(
+        backend_ledger: Ledger) -> None:
+    backend_ledger.init("u1")
+    with backend_ledger.report("SELECT kind, id FROM events ORDER BY id") as rows:
+        assert rows.columns == ["kind", "id"]
+        assert next(iter(rows)) == ("upgrade.init", 1)
+    endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+               "SELECT COUNT(*) FROM c")
+    with pytest.raises(QueryTimeout, match=r"ran longer than 0\.3 s"):
+        backend_ledger.query(endless, timeout_s=0.3)
+    backend_ledger.set_state("PLANNING")  # the connection is usable again, and writable
+    assert backend_ledger.query("SELECT COUNT(*) FROM events")[1] == [(2,)]
 
 
 def test_a_refused_change_rolls_back_on_both_paths(backend_ledger: Ledger) -> None:

@@ -171,6 +171,35 @@ CALLS: list[tuple[str, Callable[[Ledger], Any], type[LedgerError], str]] = [
      "contains control characters"),
     ("component-del", lambda led: led.component_status("a\x7f"), BadInput,
      "contains control characters"),
+    # "printable" means str.isprintable(): no format, layout or invisible characters
+    ("component-bidi-override", lambda led: led.component_start("a\u202eb"), BadInput,
+     r"component name 'a\\u202eb' contains the invisible or layout character U\+202E"),
+    ("component-bidi-isolate", lambda led: led.component_complete("a\u2066b"), BadInput,
+     "invisible or layout character U\\+2066"),
+    ("component-lrm", lambda led: led.component_status("a\u200e"), BadInput,
+     "invisible or layout character U\\+200E"),
+    ("phase-line-separator", lambda led: led.phase_start("p\u2028q"), BadInput,
+     "invisible or layout character U\\+2028"),
+    ("phase-paragraph-separator", lambda led: led.phase_start("p\u2029"), BadInput,
+     "invisible or layout character U\\+2029"),
+    ("component-next-line", lambda led: led.component_fail("a\x85", "x"), BadInput,
+     "contains control characters"),
+    ("component-lone-space", lambda led: led.component_start(" "), BadInput,
+     "component name ' ' is blank"),
+    ("phase-whitespace-only", lambda led: led.phase_start("  "), BadInput,
+     "phase name '  ' is blank"),
+    ("component-trailing-space", lambda led: led.component_start("a "), BadInput,
+     "component name 'a ' starts or ends with a space"),
+    ("component-no-break-space", lambda led: led.component_start("a\u00a0b"), BadInput,
+     "invisible or layout character U\\+00A0"),
+    ("version-bidi", lambda led: led.component_start("a", "1.0\u202e", "2"), BadInput,
+     "from version .* is not a version"),
+    ("version-lone-space", lambda led: led.component_start("a", " ", "2"), BadInput,
+     "from version ' ' is not a version"),
+    ("version-zero-width", lambda led: led.component_start("a", "1", "2\u200b"), BadInput,
+     "to version .* is not a version"),
+    ("version-line-separator", lambda led: led.component_start("a", "1\u2028", "2"), BadInput,
+     "from version .* is not a version"),
     ("plan-bad-component", lambda led: led.plan({"p": [("ok", None, None), ("", None, None)]}),
      BadInput, "component name must be a non-empty string"),
     ("plan-long-phase", lambda led: led.plan({"x" * 129: []}), BadInput,
@@ -181,10 +210,10 @@ CALLS: list[tuple[str, Callable[[Ledger], Any], type[LedgerError], str]] = [
      "to version .* is not a version"),
     ("error-control", lambda led: led.component_fail("a", "bad\x07bell"), BadInput,
      "error contains control characters"),
-    ("error-huge", lambda led: led.phase_fail("p", "e" * (64 * 1024 + 1)), BadInput,
-     "error is 65537 characters long; at most 65536 allowed"),
     ("state-error-control", lambda led: led.set_state("FAILED", error="\x00"), BadInput,
      "error contains control characters"),
+    ("error-lone-surrogate", lambda led: led.component_fail("a", "caf\udce9"), BadInput,
+     r"error is not valid UTF-8 text"),
     ("backup-path-empty", lambda led: led.mark_rollback_point("a", ""), BadInput,
      "backup path must be a non-empty string"),
     ("backup-path-control", lambda led: led.mark_rollback_point("a", "/b/\n"), BadInput,
@@ -343,6 +372,12 @@ DOCUMENTS: list[tuple[str, Callable[[Ledger], Any], str]] = [
      "upgrade id '../../x' is not allowed"),
     ("component-name-control", mutated(lambda d: d["phases"]["p"]["components"].__setitem__(
         "bad\tname", {"state": "PENDING"})), "component name 'bad\\\\tname' contains control"),
+    ("component-name-bidi", mutated(lambda d: d["phases"]["p"]["components"].__setitem__(
+        "evil\u202e", {"state": "PENDING"})), "invisible or layout character U\\+202E"),
+    ("phase-name-blank", mutated(lambda d: d["phases"].__setitem__(" ", {"state": "PENDING"})),
+     "phase name ' ' is blank"),
+    ("version-separator", mutated(lambda d: comp(d).__setitem__("to_version", "2\u2029")),
+     "to_version .* is not a version"),
     ("version-type", mutated(lambda d: comp(d).__setitem__("to_version", 2)),
      "to_version 2 is not a version"),
     ("outcome-not-terminal", mutated(lambda d: d.__setitem__("outcome", "UPGRADING")),
@@ -356,6 +391,24 @@ DOCUMENTS: list[tuple[str, Callable[[Ledger], Any], str]] = [
      "serial must be a whole number from 0"),
     ("superseded-by-escape", mutated(lambda d: d.__setitem__("superseded_by", "../x")),
      "superseded_by '../x' is not allowed"),
+    # numbers past 64 bits, digits that are not ASCII, text that is not Unicode
+    ("pid-superscript-digit", mutated(lambda d: d["metadata"].__setitem__("pid", "\u00b2")),
+     "metadata.pid must be a decimal process id as a string, or null"),
+    ("pid-arabic-digits", mutated(lambda d: d["metadata"].__setitem__("pid", "\u0663\u0664")),
+     "metadata.pid must be a decimal process id"),
+    ("size-past-64-bits", mutated(lambda d: d["rollback_points"][0].__setitem__(
+        "size_bytes", 10**30)),
+     r"rollback_points\[0\].size_bytes must be a whole number from 0 to 9007199254740991"),
+    ("serial-2-64", mutated(lambda d: d.__setitem__("serial", 2**64)),
+     "serial must be a whole number from 0 to 9007199254740991"),
+    ("serial-2-63-minus-2", mutated(lambda d: d.__setitem__("serial", 2**63 - 2)),
+     "serial must be a whole number from 0 to 9007199254740991"),
+    ("lone-surrogate-value", mutated(lambda d: d["metadata"].__setitem__("user", "\ud800")),
+     r"document holds text that is not valid Unicode \(a lone surrogate\) at metadata.user"),
+    ("lone-surrogate-key", mutated(lambda d: d.__setitem__("x\udc80", 1)),
+     "document holds text that is not valid Unicode"),
+    ("lone-surrogate-error", mutated(lambda d: comp(d).__setitem__("last_error", "a\udcffb")),
+     r"not valid Unicode \(a lone surrogate\) at phases.p.components.a.last_error"),
 ]
 
 
@@ -376,9 +429,9 @@ SAVED: list[tuple[str, Callable[[Ledger], Any], str]] = [
             f"c{n}": {"state": "PENDING", "pad": "x" * 1000} for n in range(70)}}}}),
      "at most 65536 are kept per upgrade"),
     ("number-overflow", lambda led: led.save_document('{"n": 1e400}'),
-     "hold a value JSON cannot carry"),
+     "document contains the number 1e400, which is out of range"),
     ("lone-surrogate", lambda led: led.save_document('{"s": "\\ud800"}'),
-     "hold a value JSON cannot carry"),
+     r"not valid Unicode \(a lone surrogate\) at s$"),
     ("unknown-state", lambda led: led.save_document({"current_state": "DONE", "x": 1}),
      "unknown upgrade state 'DONE'"),
     ("current-phase-unknown", lambda led: led.save_document({"current_phase": "nope"}),
@@ -453,3 +506,20 @@ def test_snapshot_sees_a_change(running: Ledger, tmp_path: Path) -> None:
     assert after["events"] == before["events"] + 1
     assert after["rows"]["components"] != before["rows"]["components"]
     assert after["files"] != before["files"]
+
+
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 70_000, 3 * 1024 * 1024])
+def test_an_error_text_over_64_kib_is_cut_with_a_marker_not_refused(running: Ledger,
+                                                                    size: int) -> None:
+    text = "head " + "x" * (size - 10) + " tail"
+    assert running.component_fail("a", text)
+    kept = running.component_status("a")["last_error"]
+    assert len(kept) <= 64 * 1024
+    assert kept.startswith("head xxx") and kept.endswith("xxx tail")
+    cut = size - len(kept) + len(re.search(r"\n\[\.\.\. (\d+) characters cut[^\]]*\]\n",
+                                           kept)[0])
+    assert f"[... {cut} characters cut" in kept
+    running.phase_fail("p", text)
+    running.set_state("FAILED", error=text)
+    assert len(running.show()["phases"][0]["error"]) <= 64 * 1024
+    assert len(running.show()["error"]) <= 64 * 1024

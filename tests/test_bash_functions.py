@@ -681,6 +681,42 @@ def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> N
         assert led.show()["phases"][0]["error"] == "-1 exit"
 
 
+def test_a_failure_whose_text_is_not_utf8_is_still_recorded(tmp_path: Path) -> None:
+    # The old library recorded these; the ledger once lost them with an internal error,
+    # leaving the component UPGRADING. Bytes that are not UTF-8 and control characters
+    # are recorded as \xNN escapes; a text over 64 KiB is cut with a marker.
+    home = tmp_path / "home"
+    script = r"""
+        set -euo pipefail
+        source "$LIB"
+        upgrade_state_init run-1 >/dev/null
+        upgrade_state_set PLANNING
+        upgrade_state_set BACKING_UP
+        upgrade_state_set UPGRADING
+        upgrade_phase_start p1
+        upgrade_component_start nginx 1.0 2.0
+        upgrade_component_fail nginx "$(printf 'caf\xe9')"
+        upgrade_component_start colour 1 2
+        upgrade_component_fail colour "$(printf 'exit 3: \033[31mERROR\033[0m\r')"
+        upgrade_component_start chatty 1 2
+        upgrade_component_fail chatty "$(head -c 70000 /dev/zero | tr '\0' x)END"
+        upgrade_phase_fail p1 "$(printf 'bad \xff\xfe bytes\tand a tab')"
+    """
+    done = run_bash(script, bash_env(home))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    with Ledger(home) as led:
+        errors = {c: led.component_status(c) for c in ("nginx", "colour", "chatty")}
+        phase_error = led.show()["phases"][0]["error"]
+    assert {c: e["state"] for c, e in errors.items()} == dict.fromkeys(errors, "FAILED")
+    assert errors["nginx"]["last_error"] == "caf\\xe9"
+    assert errors["colour"]["last_error"] == "exit 3: \\x1b[31mERROR\\x1b[0m\\x0d"
+    chatty = errors["chatty"]["last_error"]
+    assert len(chatty) <= 64 * 1024 and chatty.startswith("xxx") and chatty.endswith("xxxEND")
+    assert "characters cut" in chatty
+    assert phase_error == "bad \\xff\\xfe bytes\tand a tab"
+
+
 # -- attempts ----------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ of docs/cli.md equal to ``EXIT_CODES``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -117,9 +118,12 @@ CASES = [
     ("corrupt-ledger-step", ["state", "set", "VALIDATING"], 7, "is corrupt", corrupt),
     ("corrupt-ledger-sql", ["sql", "SELECT 1"], 7, "is corrupt", corrupt),
     ("unreadable-ledger", ["state", "get"], 8, "not a regular file", db_is_a_folder),
-    ("missing-ledger", ["show"], 5, "no upgrade in this ledger yet", empty_home),
-    ("home-under-a-file", ["--home", "{file}/home", "status"], 8,
+    ("missing-ledger", ["show"], 5, "there is no ledger at", empty_home),
+    ("no-upgrade-yet", ["summary"], 5, "no upgrade in this ledger yet", empty_home),
+    ("home-under-a-file", ["--home", "{file}/home", "init"], 8,
      "cannot create ledger folder"),
+    ("home-under-a-file-read", ["--home", "{file}/home", "status"], 5,
+     "there is no ledger at"),
     ("missing-db-folder", ["--db", "sqlite:////nonexistent-folder/x/ledger.db", "status"], 8,
      "cannot connect"),
     ("bad-db-url", ["--db", "nope://x", "status"], 6, "--db: cannot use"),
@@ -134,6 +138,11 @@ CASES = [
     ("sql-attach", ["sql", "ATTACH DATABASE '/tmp/x.db' AS x"], 6, "read-only"),
     ("sql-pragma-write", ["sql", "PRAGMA user_version = 7"], 6, "read-only"),
     ("sql-pragma-journal", ["sql", "PRAGMA journal_mode = DELETE"], 6, "read-only"),
+    ("sql-pragma-page-size", ["sql", "PRAGMA page_size = 1024"], 6, "read-only"),
+    ("sql-surrogate", ["sql", "SELECT 'caf\udce9'"], 6, "sql: the query is not valid UTF-8"),
+    ("sql-param-surrogate", ["sql", "SELECT :a", "-p", "a=\udce9"], 6,
+     "sql: parameter a is not valid UTF-8"),
+    ("sql-huge-cell", ["sql", "SELECT zeroblob(100000000)"], 6, "too big"),
     ("sql-vacuum", ["sql", "VACUUM"], 6, "read-only"),
     ("sql-two-statements", ["sql", "SELECT 1; DELETE FROM events"], 6, "one statement"),
     ("sql-empty", ["sql", "  "], 6, "the query is empty"),
@@ -158,6 +167,21 @@ CASES = [
      "No such file or directory"),
     ("import-not-json", ["import", "-"], 6, "not valid JSON"),
     ("stuck-after-negative", ["doctor", "--stuck-after", "-1"], USAGE, "not in the range"),
+    # numbers past 64 bits, digits that are not ASCII, ages that reach before the year 1
+    ("since-huge-age", ["history", "--since", "999999w"], 6,
+     "cannot read the time '999999w': that age reaches back before the year 1"),
+    ("since-arabic-digits", ["events", "--since", "\u0663d"], 6, "cannot read the time"),
+    ("after-past-64-bits", ["events", "--after", "99999999999999999999"], USAGE,
+     "not in the range"),
+    ("wal-warn-overflow", ["doctor", "--wal-warn", "1e400"], USAGE, "not in the range"),
+    ("wal-warn-nan", ["doctor", "--wal-warn", "nan"], USAGE, "not in the range"),
+    ("stuck-after-infinite", ["status", "--stuck-after", "1e400"], USAGE, "not in the range"),
+    ("size-past-64-bits", ["rollback", "mark", "a", "/b", "--size", str(10**30)], USAGE,
+     "not in the range"),
+    ("lock-timeout-overflow", ["--lock-timeout", "1e400", "status"], USAGE,
+     "must be a number of seconds from 0"),
+    ("wait-overflow", ["lock", "acquire", "--wait", "1e400"], USAGE, "not in the range"),
+    ("limit-past-64-bits", ["history", "-n", str(2**64)], USAGE, "not in the range"),
     ("transition", ["state", "set", "COMPLETED"], 3,
      "invalid upgrade transition UPGRADING -> COMPLETED"),
     ("resume-point-before-any", ["resume", "point"], 5, "no upgrade in this ledger yet",
@@ -194,6 +218,51 @@ def test_bad_input_is_one_line_its_exit_code_and_no_change(
     else:
         assert after == before
     assert not (tmp_path / "x.db").exists()
+
+
+IMPORTS = [
+    ("pid-superscript-digit", lambda d: d["metadata"].__setitem__("pid", "\u00b2"),
+     "metadata.pid must be a decimal process id"),
+    ("size-past-64-bits", lambda d: d["rollback_points"].append(
+        {"component": "a", "backup_path": "/b", "size_bytes": 10**30}),
+     "size_bytes must be a whole number from 0 to 9007199254740991"),
+    ("lone-surrogate", lambda d: d["metadata"].__setitem__("hostname", "\ud800"),
+     "not valid Unicode (a lone surrogate) at metadata.hostname"),
+    ("serial-2-64", lambda d: d.__setitem__("serial", 2**64), "serial must be a whole number"),
+]
+
+
+@pytest.mark.parametrize("case", IMPORTS, ids=[c[0] for c in IMPORTS])
+def test_a_document_with_numbers_or_text_out_of_range_is_one_line(
+        case, cli, home: Path, template: Path, tmp_path: Path) -> None:
+    _name, spoil, message = case
+    shutil.copytree(template, home, symlinks=True)
+    with Ledger(home) as led:
+        doc = led.document()
+    spoil(doc)
+    source = tmp_path / "doc.json"
+    source.write_text(json.dumps(doc))  # ensure_ascii: a lone surrogate is written as \ud800
+    before = fingerprint(home)
+    result = cli("import", str(source))
+    assert result.code == 6, result
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and message in lines[0], result.err
+    assert fingerprint(home) == before
+
+
+@pytest.mark.parametrize("command", [["import"], ["legacy", "save"]])
+def test_a_document_is_read_up_to_the_documented_maximum(cli, home: Path, template: Path,
+                                                         command: list[str]) -> None:
+    """/dev/zero never ends: import (and the drop-in's save) read the limit and one byte
+    more, then refuse."""
+    shutil.copytree(template, home, symlinks=True)
+    before = fingerprint(home)
+    result = cli(*command, "/dev/zero")
+    assert result.code == 6, result
+    assert result.err.splitlines() == [
+        f"upgrade-ledger: error: document is more than {32 * 1024 * 1024} bytes; at most "
+        f"{32 * 1024 * 1024} allowed"]
+    assert fingerprint(home) == before
 
 
 def test_the_fingerprint_sees_a_change(cli, home: Path, template: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -162,6 +163,42 @@ def test_cleanup_releases_the_owners_lock(cli, shells, home) -> None:
     assert cli("cleanup", "--owner", mine).code == 0
     assert cli("lock", "held").code == 1
     assert Path(home / "history" / "u1.json").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="renaming the host in a namespace of its own needs root and "
+                           "unshare(1)")
+def test_a_host_renamed_while_a_shell_holds_the_lock_keeps_it(tmp_path: Path) -> None:
+    """After `hostname hostB`, the shell that took the lock as hostA still owns it:
+    another process cannot take it over (not even past --lock-timeout), and the
+    owner's release works. The rename happens in a UTS namespace of the test's own."""
+    home = tmp_path / "home"
+    other = subprocess.Popen(["sleep", "120"])
+    script = f"""
+        set -u
+        ul() {{ {sys.executable} -m ledger --home {home} "$@"; }}
+        hostname hostA
+        ul lock acquire || exit 10
+        hostname hostB
+        sleep 2.1   # the lock is now older than the --lock-timeout below
+        ul --lock-timeout 1 lock acquire --owner {other.pid}; echo "takeover=$?"
+        ul lock acquire; echo "again=$?"
+        ul lock status --json > {tmp_path}/status.json
+        ul lock release; echo "release=$?"
+        ul lock held; echo "held=$?"
+    """
+    try:
+        done = subprocess.run(["unshare", "--uts", "bash", "-c", script], env=child_env(),
+                              capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        other.kill()
+        other.wait()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["takeover=4", "again=0", "release=0", "held=1"], \
+        (done.stdout, done.stderr)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["held"] and not status["stale"]
+    assert status["holder"]["hostname"] == "hostA"
 
 
 def test_a_dead_holders_lock_gets_one_verdict_in_every_command(cli, home, shells) -> None:

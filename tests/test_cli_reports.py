@@ -106,7 +106,8 @@ def test_status_json_shape(cli, fleet) -> None:
     assert data["stuck"][0]["why"] == "upgrading while no live process holds the lock"
 
 
-def test_status_before_any_upgrade(cli) -> None:
+def test_status_before_any_upgrade(cli, home: Path) -> None:
+    Ledger(home).close()  # a ledger without upgrades (status on no ledger is refused)
     data = json.loads(out_of(cli, "status", "--json"))
     assert (data["upgrade_id"], data["state"], data["stuck"]) == (None, "IDLE", [])
 
@@ -171,7 +172,9 @@ def test_history_in_text_formats(cli, fleet, fmt) -> None:
         assert lines[2].split()[0] == "u-live"
 
 
-def test_history_of_an_empty_ledger_prints_the_header_and_json_is_a_list(cli) -> None:
+def test_history_of_an_empty_ledger_prints_the_header_and_json_is_a_list(cli,
+                                                                       home: Path) -> None:
+    Ledger(home).close()  # a ledger without upgrades (history on no ledger is refused)
     table = cli("history")
     assert (table.code, table.out.split("\n")[0].split(), table.err) == \
         (0, HISTORY_COLUMNS, "no upgrades match\n")
@@ -213,6 +216,36 @@ def test_show_in_text_formats(cli, fleet, fmt) -> None:
         comp = "exporters,prometheus,UPGRADING,2.45,2.53" if fmt == "csv" else \
             "exporters\tprometheus\tUPGRADING\t2.45\t2.53"
         assert any(line.startswith(comp) for line in out.splitlines())
+
+
+SPOOF = "a\tb\nFAKE\tCOMPLETED\u2028\\t"
+
+
+def test_plain_output_escapes_every_field_so_text_cannot_fake_a_row(cli, fleet) -> None:
+    with Ledger(fleet) as led:
+        led.component_fail("prometheus", SPOOF)
+    out = out_of(cli, "sql", "SELECT name, state, last_error FROM components "
+                 "WHERE name = 'prometheus'", "-f", "plain")
+    assert out == "prometheus\tFAILED\ta\\tb\\nFAKE\\tCOMPLETED\\u2028\\\\t\n"
+    shown = out_of(cli, "show", "-f", "plain")
+    assert not any(line.startswith("FAKE") for line in shown.splitlines())
+    assert "last_error: " not in shown  # components are rows, not records
+    assert sum("a\\tb\\nFAKE" in line for line in shown.splitlines()) >= 1
+    record = out_of(cli, "component", "status", "prometheus", "-f", "plain")
+    assert "last_error: a\\tb\\nFAKE\\tCOMPLETED\\u2028\\\\t" in record.splitlines()
+    # JSON and CSV carry the text as it is: their quoting keeps it in its field.
+    rows = list(csv.reader(io.StringIO(out_of(cli, "component", "status", "prometheus",
+                                              "-f", "csv"))))
+    assert ["last_error", SPOOF] in rows
+    assert json.loads(out_of(cli, "component", "status", "prometheus"))["last_error"] == SPOOF
+
+
+def test_tables_show_invisible_characters_escaped(cli, fleet) -> None:
+    with Ledger(fleet) as led:
+        led.component_fail("prometheus", "left\u202eright\tend")
+    out = out_of(cli, "sql", "SELECT last_error FROM components WHERE name = 'prometheus'")
+    assert "left\\u202eright\\tend" in out
+    assert "\u202e" not in out and "\t" not in out
 
 
 # -- events --------------------------------------------------------------------------------

@@ -6,16 +6,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import walk_to_upgrading
+from conftest import child_env, walk_to_upgrading
 
 from ledger.api import Ledger
+from ledger.errors import QueryTimeout
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "sql-reporting.md"
 
@@ -255,3 +260,133 @@ def test_an_empty_result_has_no_rows_but_csv_keeps_its_header(cli, reports: Path
     query = "SELECT upgrade_id FROM upgrade_summary WHERE hostname = 'nowhere'"
     assert cli("sql", query, "--json").out == "[]\n"
     assert cli("sql", query, "-f", "csv").out == "upgrade_id\n"
+
+
+# -- limits: time, memory, Ctrl-C, settings ---------------------------------------------
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT COUNT(*) FROM c"
+
+
+def test_a_query_that_never_ends_is_stopped_by_the_timeout(cli, reports: Path) -> None:
+    result = cli("sql", ENDLESS, "--timeout", "0.5")
+    assert result.code == 6, result
+    assert result.err.splitlines() == [
+        "upgrade-ledger: error: sql: the query ran longer than 0.5 s and was stopped "
+        "(--timeout)"]
+    with Ledger(reports) as led, pytest.raises(QueryTimeout):
+        led.query(ENDLESS, timeout_s=0.2)
+
+
+def test_the_timeout_defaults_to_30_seconds_and_0_means_none(cli, reports: Path) -> None:
+    from ledger.cli.reports import sql  # noqa: PLC0415
+
+    timeout = next(p for p in sql.params if p.name == "timeout_s")
+    assert timeout.default == 30.0
+    assert cli("sql", "SELECT 1", "--timeout", "0").code == 0
+    assert cli("sql", "SELECT 1", "--timeout", "-1").code == 2
+
+
+SETTING_PRAGMAS = ["PRAGMA page_size = 1024", "PRAGMA main.page_size=8192",
+                   "PRAGMA cache_size = 10", "PRAGMA query_only = 0",
+                   "PRAGMA foreign_keys = OFF", "PRAGMA journal_size_limit = 1",
+                   "PRAGMA wal_checkpoint(TRUNCATE)", "PRAGMA optimize",
+                   "PRAGMA user_version = 3", "PRAGMA schema_version = 99",
+                   "PRAGMA writable_schema = ON", "PRAGMA mmap_size = 1048576"]
+
+
+@pytest.mark.parametrize("statement", SETTING_PRAGMAS)
+def test_every_pragma_that_sets_something_is_refused(cli, reports: Path,
+                                                     statement: str) -> None:
+    before = (reports / "ledger.db").read_bytes()
+    result = cli("sql", statement)
+    assert result.code == 6, result
+    assert "only read-only queries are allowed" in result.err
+    assert (reports / "ledger.db").read_bytes() == before
+
+
+@pytest.mark.parametrize(("statement", "column"), [
+    ("PRAGMA journal_mode", "journal_mode"), ("PRAGMA page_size", "page_size"),
+    ("PRAGMA table_info(upgrades)", "name"), ("PRAGMA index_list(events)", "name"),
+    ("PRAGMA user_version", "user_version"), ("PRAGMA quick_check", "quick_check"),
+    ("PRAGMA foreign_key_list(components)", "table")])
+def test_pragmas_that_only_read_are_allowed(cli, reports: Path, statement: str,
+                                            column: str) -> None:
+    result = cli("sql", statement, "--json")
+    assert result.code == 0, result
+    assert column in json.loads(result.out)[0]
+
+
+def _peak_rss_kib(*args: str) -> tuple[int, int]:
+    """(exit status, peak RSS in KiB) of ``upgrade-ledger ARGS`` as a real process whose
+    output goes nowhere; measured by a wrapper whose only child it is."""
+    wrapper = ("import resource, subprocess, sys; "
+               "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+               "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "ledger",
+                           *args], capture_output=True, text=True, check=True,
+                          env=child_env(), timeout=600)
+    code, peak = done.stdout.split()
+    return int(code), int(peak)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "plain", "json"])
+def test_rows_are_streamed_not_collected(reports: Path, fmt: str) -> None:
+    """80 MB of rows go through in a few tens of MB: memory does not grow with the
+    result (it reached gigabytes when every row was collected before printing)."""
+    rows = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 40000) "
+            "SELECT x, printf('%2000d', x) AS pad FROM c")
+    code, peak = _peak_rss_kib("--home", str(reports), "sql", rows, "-f", fmt)
+    assert code == 0
+    assert peak < 64 * 1024, f"peak RSS {peak} KiB for 80 MB of {fmt}"
+
+
+def test_a_table_is_bounded_and_says_which_formats_stream(cli, reports: Path) -> None:
+    many = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 10001) "
+            "SELECT x FROM c")
+    result = cli("sql", many)
+    assert result.code == 6 and result.out == "", result
+    assert result.err.splitlines() == [
+        "upgrade-ledger: error: more than 10000 rows do not fit a table; use -f csv, "
+        "plain or json, which stream any number of rows"]
+    assert len(cli("sql", many.replace("10001", "10000")).out.splitlines()) == 10002
+
+
+def test_ctrl_c_stops_a_running_query(reports: Path) -> None:
+    """SIGINT while SQLite computes: the query stops at once, exit 130, one line."""
+    proc = subprocess.Popen([sys.executable, "-m", "ledger", "--home", str(reports), "sql",
+                             ENDLESS, "--timeout", "0"], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until_querying(proc.pid, reports / "ledger.db")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert err.splitlines() == ["upgrade-ledger: interrupted"]
+
+
+def _wait_until_querying(pid: int, db: Path) -> None:
+    """Until the process has its reporting connection open (its second handle of the
+    ledger, beside the ledger's own), then a moment more: it is inside the query."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            handles = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            handles = []
+        if handles.count(str(db)) >= 2:
+            time.sleep(0.3)
+            return
+        time.sleep(0.01)
+    raise AssertionError("the query never started")
+
+
+def test_blobs_print_as_hex_in_every_format(cli, reports: Path) -> None:
+    for fmt in ("table", "plain", "csv"):
+        result = cli("sql", "SELECT x'00ff10' AS b", "-f", fmt)
+        assert result.code == 0, result
+        assert "X'00FF10'" in result.out
+    assert json.loads(cli("sql", "SELECT x'00ff10' AS b", "--json").out) == [{"b": "X'00FF10'"}]

@@ -14,6 +14,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ledger.api import Ledger
 from ledger.errors import InvalidDocument
@@ -295,6 +297,76 @@ def test_parse_refuses_what_is_not_a_valid_document(text: str | bytes, message: 
 
 def test_the_refused_documents_are_each_one_change_from_a_good_one() -> None:
     assert document.parse(GOOD) == LEGACY
+
+
+# -- any numbers, any text: imported whole, or refused as a document --------------------
+
+#: Whole numbers of every size: past 53 bits (JSON readers), 63 bits (SQLite) and beyond.
+ANY_INT = st.one_of(st.integers(), st.sampled_from(
+    [2**53 - 1, 2**53, 2**63 - 2, 2**63 - 1, 2**63, 2**64,
+     10**30]))
+#: Every code point, lone surrogates ("\ud800" in JSON) and invisible characters included.
+ANY_TEXT = st.text(max_size=10)
+#: Digits of every script: "²" and "٣" are digits to str.isdigit(), not all to int().
+DIGITS = st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=12)
+
+
+@st.composite
+def wild_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """A document of one failed component where one field (drawn first) takes a number
+    or a text from anywhere; the others are plain, so the wild one decides."""
+    wild = draw(st.sampled_from(["name", "phase_error", "from_version", "attempts",
+                                 "last_error", "hostname", "pid", "size_bytes", "serial"]))
+
+    def pick(field: str, plain: Any, anything: st.SearchStrategy[Any]) -> Any:
+        return draw(anything) if field == wild else plain
+
+    name = pick("name", "node_exporter", ANY_TEXT)
+    return {
+        "upgrade_id": "wild", "current_state": "FAILED",
+        "started_at": "2026-01-01T10:00:00Z", "updated_at": "2026-01-01T11:00:00Z",
+        "current_phase": None, "current_component": None,
+        "phases": {"main": {"state": "FAILED",
+                            "error": pick("phase_error", None, st.one_of(st.none(), ANY_TEXT)),
+                            "components": {name: {
+                                "state": "FAILED",
+                                "from_version": pick("from_version", "1.0", ANY_TEXT),
+                                "to_version": "2.0", "attempts": pick("attempts", 1, ANY_INT),
+                                "last_error": pick("last_error", "boom", ANY_TEXT)}}}},
+        "rollback_available": True, "can_resume": False,
+        "metadata": {"hostname": pick("hostname", "h1", ANY_TEXT), "user": "ops",
+                     "pid": pick("pid", "42", st.one_of(st.none(), DIGITS,
+                                                       ANY_INT.map(str)))},
+        "rollback_points": [{"component": name, "backup_path": "/b/x.tgz",
+                             "size_bytes": pick("size_bytes", 10,
+                                                st.one_of(st.none(), ANY_INT))}],
+        "serial": pick("serial", 7, ANY_INT),
+    }
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(doc=wild_documents())
+def test_any_numbers_and_text_import_whole_or_are_refused(ledger: Ledger,
+                                                         doc: dict[str, Any]) -> None:
+    """Never an internal error: a document is imported and reads back as it was, or it
+    is refused as an ``InvalidDocument`` with the ledger unchanged."""
+    before = ledger.events(limit=None)
+    try:
+        uid = ledger.import_document(json.dumps(doc), make_current=False)
+    except InvalidDocument as exc:
+        assert "\n" not in str(exc)
+        assert ledger.events(limit=None) == before
+        return
+    back = document.parse(ledger.export_document(uid))
+    (name, comp), = back["phases"]["main"]["components"].items()
+    sent = doc["phases"]["main"]["components"][name]
+    assert (comp["attempts"], comp["last_error"], comp["from_version"]) == \
+        (sent["attempts"], sent["last_error"], sent["from_version"])
+    assert back["rollback_points"][0]["size_bytes"] == doc["rollback_points"][0]["size_bytes"]
+    assert back["metadata"]["hostname"] == doc["metadata"]["hostname"]
+    sent_pid = doc["metadata"]["pid"]
+    assert back["metadata"]["pid"] == (None if sent_pid is None else str(int(sent_pid)))
 
 
 # -- the documentation's example is a real document -----------------------------------

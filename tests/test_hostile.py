@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import sqlite3
 import stat
 import time
@@ -92,6 +94,15 @@ TEXT = st.text(max_size=12)
 CONTROL = st.sampled_from([chr(c) for c in range(32)] + ["\x7f"])
 TOO_LONG = st.integers(129, 5000).map(lambda n: "n" * n)
 MEGA = st.sampled_from([2 * 1024 * 1024, 3 * 1024 * 1024 + 7]).map(lambda n: "m" * n)
+# A lone surrogate: what Python makes of bytes in argv that are not UTF-8 (\udc80-\udcff),
+# or what "\ud800" in JSON decodes to.
+SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+# Characters that change how a line is laid out or hide in it (see ledger/core/validate.py).
+INVISIBLE = st.sampled_from(["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066",
+                             "\u2067", "\u2068", "\u2069", "\u200e", "\u200f", "\u2028",
+                             "\u2029", "\x85", "\u200b", "\ufeff", "\u00a0", "\u3000"])
+WITH_SURROGATE = st.builds(lambda a, c, b: a + c + b, TEXT, SURROGATE, TEXT)
+WITH_INVISIBLE = st.builds(lambda a, c, b: a + c + b, TEXT, INVISIBLE, TEXT)
 TRAVERSAL = st.sampled_from(["..", ".", "../x", "../../etc/passwd", "a/../b", "a/b", "..\\x",
                              "/abs", "x/..", ""])
 
@@ -100,7 +111,8 @@ BAD_NAME = st.one_of(
     st.builds(lambda a, b: f"{a}/{b}", TEXT, TEXT),
     st.builds(lambda a, b: f"{a}\\{b}", TEXT, TEXT),
     st.builds(lambda a: "-" + a, TEXT),
-    TRAVERSAL, TOO_LONG, MEGA,
+    TRAVERSAL, TOO_LONG, MEGA, WITH_SURROGATE, WITH_INVISIBLE,
+    st.sampled_from([" ", "  ", "a ", " a", "\u00a0"]),
 )
 BAD_ID = st.one_of(
     BAD_NAME,
@@ -116,7 +128,7 @@ BAD_STATE = st.one_of(
 BAD_VERSION = st.one_of(
     st.builds(lambda a, b: f"{a} {b}", TEXT, TEXT),
     st.builds(lambda a, c, b: a + c + b, TEXT, CONTROL, TEXT),
-    TOO_LONG, st.just(""), MEGA,
+    TOO_LONG, st.just(""), MEGA, WITH_SURROGATE, WITH_INVISIBLE,
 )
 BAD_TEXT = st.one_of(
     st.builds(lambda a, c, b: a + c + b, TEXT,
@@ -126,8 +138,10 @@ BAD_TEXT = st.one_of(
 )
 BAD_PATH = st.one_of(
     st.builds(lambda a, c, b: a + c + b, TEXT, CONTROL, TEXT),
-    st.integers(4097, 9000).map(lambda n: "/" + "p" * n), st.just(""), MEGA,
+    st.integers(4097, 9000).map(lambda n: "/" + "p" * n), st.just(""), MEGA, WITH_SURROGATE,
 )
+BAD_HOST = st.one_of(st.builds(lambda a, c, b: a + c + b, TEXT, CONTROL, TEXT), WITH_SURROGATE,
+                     WITH_INVISIBLE)
 
 # (command with the slot marked X, strategy for X)
 CLI_CASES: dict[str, tuple[list[str], st.SearchStrategy[str]]] = {
@@ -137,13 +151,15 @@ CLI_CASES: dict[str, tuple[list[str], st.SearchStrategy[str]]] = {
     "component start NAME": (["component", "start", "X", "1.0", "2.0"], BAD_NAME),
     "component start FROM": (["component", "start", "c2", "X", "2.0"], BAD_VERSION),
     "component start TO": (["component", "start", "c2", "1.0", "X"], BAD_VERSION),
-    "component fail NAME ERROR": (["component", "fail", "c1", "X"], BAD_TEXT),
     "component status NAME": (["component", "status", "X"], BAD_NAME),
     "rollback mark PATH": (["rollback", "mark", "c1", "X"], BAD_PATH),
     "show ID": (["show", "X"], BAD_ID),
     "save-history ID": (["save-history", "X"], BAD_ID),
     "history --state": (["history", "--state", "X"], BAD_STATE),
     "history --component": (["history", "--component", "X"], BAD_NAME),
+    "history --host": (["history", "--host", "X"], BAD_HOST),
+    "events --upgrade": (["events", "--upgrade", "X"], BAD_ID),
+    "events --component": (["events", "--component", "X"], BAD_NAME),
     "restore SNAPSHOT": (["restore", "X"], BAD_ID),
 }
 
@@ -167,6 +183,103 @@ def test_hostile_cli_arguments_are_refused_in_one_line(running: Path, case: str)
         REFUSED[case] += 1
 
     refuse()
+
+
+# -- texts: any bytes are recorded, and stay visible ------------------------------------------
+
+# Bytes as a script passes them: Python hands what is not UTF-8 over as lone surrogates.
+ARGV_TEXT = st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"").decode(
+    "utf-8", "surrogateescape"))
+
+
+def test_any_bytes_in_a_cli_text_are_recorded_and_stay_visible(running: Path,
+                                                               tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(running, home, symlinks=True)
+
+    @settings(SETTINGS, max_examples=60)
+    @given(text=st.one_of(ARGV_TEXT, BAD_TEXT))
+    def record(text: str) -> None:
+        TRIED["component fail ERROR"] += 1
+        assert invoke(home, "component", "start", "c1") == (0, "")
+        code, err = invoke(home, "component", "fail", "--", "c1", text)
+        assert (code, err) == (0, ""), (text[:80], code, err[:300])
+        with Ledger(home) as led:
+            kept = led.component_status("c1")["last_error"]
+        assert len(kept) <= 64 * 1024
+        kept.encode("utf-8")  # valid UTF-8, whatever came in
+        # no control character but tab and newline (outputs escape the rest on display)
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", kept), repr(kept[:80])
+        if len(text) < 1000 and text.isascii() and text.isprintable():
+            assert kept == text  # plain text is kept as it is
+
+    record()
+
+
+# -- numbers and durations: past 64 bits, non-ASCII digits, NaN, huge ages ------------------
+
+# Whole numbers out of every range an option takes, and text that looks like a number.
+BIG = st.one_of(st.integers(min_value=2**53), st.integers(max_value=-1),
+                st.sampled_from([2**63 - 1, 2**63, 2**64, 10**30, 10**400]))
+DIGITS = st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=6).filter(
+    lambda s: not s.isascii())
+NUMBERISH = st.one_of(BIG.map(str), DIGITS, WITH_SURROGATE,
+                      st.sampled_from(["1e400", "-1e400", "inf", "-inf", "nan", "NaN", "0x10",
+                                       "1_000", " 7", "7 ", "", "-0", "+5", "1.5"]))
+REAL = st.one_of(NUMBERISH, st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                 BIG.map(lambda n: f"{n}.5"))
+AGE = st.one_of(
+    st.builds(lambda n, u: f"{n}{u}", st.integers(min_value=0, max_value=10**30),
+              st.sampled_from("smhdw")),
+    st.builds(lambda n, u: f"{n}{u}", DIGITS, st.sampled_from("smhdw")),
+    WITH_SURROGATE,
+    st.sampled_from(["0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-23:59",
+                     "\uff12\uff10\uff12\uff16-01-01", "99999-01-01", "1e400d"]),
+)
+
+# (command with the slot marked X, strategy for X): each either works or is refused in
+# one line, never an internal error.
+NUMBER_CASES: dict[str, tuple[list[str], st.SearchStrategy[str]]] = {
+    "--pid": (["--pid", "X", "state", "get"], NUMBERISH),
+    "--lock-timeout": (["--lock-timeout", "X", "lock", "status"], REAL),
+    "history -n": (["history", "-n", "X"], NUMBERISH),
+    "history --since": (["history", "--since", "X"], AGE),
+    "history --until": (["history", "--until", "X"], AGE),
+    "events --after": (["events", "--after", "X"], NUMBERISH),
+    "events -n": (["events", "-n", "X"], NUMBERISH),
+    "events --since": (["events", "--since", "X"], AGE),
+    "status --stuck-after": (["status", "--stuck-after", "X"], REAL),
+    "doctor --wal-warn": (["doctor", "--quick", "--wal-warn", "X"], REAL),
+    "doctor --stuck-after": (["doctor", "--quick", "--stuck-after", "X"], REAL),
+    "lock acquire --wait": (["lock", "acquire", "--owner", "1", "--wait", "X"], REAL),
+    "lock acquire --owner": (["lock", "acquire", "--owner", "X"], NUMBERISH),
+    "rollback mark --size": (["rollback", "mark", "c1", "/b/c1", "--size", "X"], NUMBERISH),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBER_CASES))
+def test_numbers_and_durations_never_crash(running: Path, tmp_path: Path, case: str) -> None:
+    template, strategy = NUMBER_CASES[case]
+    home = tmp_path / "home"  # a copy: a value in range may take the lock or mark a point
+    shutil.copytree(running, home, symlinks=True)
+
+    @settings(SETTINGS, max_examples=60)
+    @given(value=strategy)
+    def answer(value: str) -> None:
+        TRIED[case] += 1
+        args = [value if part == "X" else part for part in template]
+        before = fingerprint(home)
+        code, err = invoke(home, *args)
+        # 0: a value in range (such as "٣", which int() reads as 3); 1: doctor found
+        # something; 2: usage; 6: bad input; 4: the lock of PID 1 is refused.
+        assert code in (0, 1, 2, 4, 6), (case, value[:80], code, err[:300])
+        if code in (2, 4, 6):
+            lines = err.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("upgrade-ledger: error: "), err
+            assert fingerprint(home) == before
+            REFUSED[case] += 1
+
+    answer()
 
 
 # -- documents ---------------------------------------------------------------------------
@@ -231,13 +344,37 @@ def _wrong_type_fits(path: tuple[Any, ...], value: Any) -> bool:
     """Exclude the few wrong-looking values a field legitimately takes."""
     if path[-1] == "attempts":  # a whole number >= 0 is right
         return not (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    if path[-1] in ("rollback_available", "can_resume"):  # true is right there
+        return not isinstance(value, bool)
     return not (path[-1] == "from_version" and value is None)
 
 
 @st.composite
 def bad_documents(draw: st.DrawFn, base: dict[str, Any]) -> tuple[str, bytes]:
     kind = draw(st.sampled_from(["nan", "duplicate", "wrong-type", "unknown-state", "deep",
-                                 "huge", "control", "traversal", "not-json"]))
+                                 "huge", "control", "traversal", "not-json", "big-number",
+                                 "non-ascii-digits", "surrogate", "invisible"]))
+    if kind == "big-number":  # past what the field (or SQLite, or JSON readers) can hold
+        path = draw(st.sampled_from([("serial",), ("rollback_points", 0, "size_bytes"),
+                                     ("phases", "p1", "components", "c1", "attempts")]))
+        value = draw(st.one_of(BIG.filter(lambda n: n < 10**4000),
+                               st.sampled_from([1e400, -1e400, 1e300, -0.5])))
+        return kind, dumps_pairs(set_at(base, path, value)).encode()
+    if kind == "non-ascii-digits":
+        return kind, json.dumps(set_at(base, ("metadata", "pid"), draw(DIGITS))).encode()
+    if kind == "surrogate":  # "\ud800" is valid JSON, but not text the ledger can keep
+        strings = [p for p in paths(base) if isinstance(_get(base, p), str)]
+        path = draw(st.sampled_from(strings))
+        lone = draw(st.builds(lambda a, c, b: a + c + b, TEXT, SURROGATE, TEXT))
+        if draw(st.booleans()):
+            return kind, json.dumps(set_at(base, path, lone)).encode()
+        doc = json.loads(json.dumps(base))
+        doc["phases"]["p1"]["components"][lone] = {"state": "PENDING"}
+        return kind, json.dumps(doc).encode()
+    if kind == "invisible":
+        path = draw(st.sampled_from([("current_phase",), ("current_component",),
+                                     ("phases", "p1", "components", "c2", "to_version")]))
+        return kind, json.dumps(set_at(base, path, draw(WITH_INVISIBLE))).encode()
     if kind == "nan":
         path = draw(st.sampled_from([p for p in paths(base) if p]))
         value = draw(st.sampled_from([math.nan, math.inf, -math.inf]))

@@ -353,9 +353,12 @@ def test_live_holder_older_than_the_timeout_is_suspect_but_kept(lock_path, sleep
     assert events == []
 
 
+OTHER_BOOT = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"  # another machine's boot, or an old one
+
+
 def test_lock_from_another_host_is_held_until_the_timeout(lock_path):
     lock = DirLock(lock_path, timeout_s=60)
-    other = f"4242|{utc(30)}|elsewhere.example|ops|1234|{local_boot_id()}"
+    other = f"4242|{utc(30)}|elsewhere.example|ops|1234|{OTHER_BOOT}"
     plant(lock_path, other)
     status = lock.status()
     assert status.present and not status.stale and "another host" in status.reason
@@ -363,7 +366,7 @@ def test_lock_from_another_host_is_held_until_the_timeout(lock_path):
         lock.acquire()
     assert lock.check_stale() is False
     shutil.rmtree(lock_path)
-    plant(lock_path, f"4242|{utc(120)}|elsewhere.example|ops|1234|{local_boot_id()}")
+    plant(lock_path, f"4242|{utc(120)}|elsewhere.example|ops|1234|{OTHER_BOOT}")
     events: list[dict] = []
     lock = DirLock(lock_path, timeout_s=60, on_break=events.append)
     assert lock.acquire().pid == os.getpid()
@@ -397,6 +400,33 @@ def test_holder_of_another_user_is_judged_by_its_start_time(tmp_path, children):
                 assert "belongs to another user" in status["reason"]
     finally:
         shutil.rmtree(shared)
+
+
+def test_a_renamed_host_keeps_its_own_lock(lock_path, sleeper):
+    """The machine is the boot id, not the name: a live holder that took the lock
+    before the host was renamed keeps it (past the timeout too: it is no other
+    host's lock), and its owner can still release it."""
+    line = record(sleeper.pid, ts=utc(120), host="old-name.example")
+    plant(lock_path, line)
+    events: list[dict] = []
+    lock = DirLock(lock_path, timeout_s=60, on_break=events.append)
+    status = lock.status()
+    assert status.held and not status.stale, status.reason
+    assert f"held by live PID {sleeper.pid} on this host" in status.reason
+    assert "old-name.example" in status.reason
+    with pytest.raises(LockHeld) as caught:
+        lock.acquire()
+    assert "old-name.example" in str(caught.value)  # the name is what is shown
+    assert lock.check_stale() is False and events == []
+    assert lock.release(sleeper.pid) is True
+    assert not lock_path.exists()
+
+
+def test_the_same_boot_id_under_any_name_is_this_host(lock_path):
+    gone = dead_pid()
+    plant(lock_path, record(gone, ts=utc(5), host="old-name.example"))
+    status = DirLock(lock_path, timeout_s=3600).status()
+    assert status.stale and f"PID {gone} no longer exists" in status.reason
 
 
 def test_lock_from_before_a_reboot_is_stale(lock_path, sleeper):

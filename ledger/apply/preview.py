@@ -9,6 +9,7 @@ temporary file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from ledger.apply.plan import Component, Plan
 from ledger.apply.runner import plan_digest
 from ledger.apply.shell import Running
 from ledger.core import states
+from ledger.errors import NoLedger
 from ledger.lock import DEFAULT_TIMEOUT_S
 from ledger.store.home import Home
 
@@ -31,9 +33,9 @@ def preview_home(home: str | os.PathLike[str] | None, plan: Plan, *,
     its ledger only if it has one: a home without a ledger stays untouched."""
     where = Home.at(home, env)
     ledger = None
-    if db_url is not None or where.db_path.exists():
+    with contextlib.suppress(NoLedger):  # then previewed as a first run
         ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s,
-                        host_name=host_name)
+                        host_name=host_name, create=False)
     try:
         return preview(where, ledger, plan, supersede=supersede, again=again)
     finally:
@@ -49,6 +51,8 @@ def preview(home: Home, ledger: Ledger | None, plan: Plan, *, supersede: bool = 
     component the run would fail on; ``stderr`` holds the last lines its probe
     printed there (``[]`` when it ran no probe)."""
     uid, action, known = _upgrade_action(ledger, plan, supersede=supersede, again=again)
+    if ledger is None:  # said in the header line: a typo in --home shows here
+        action += f" (there is no ledger at {home.root} yet: a run creates it)"
     rows = []
     earlier: set[str] = set()  # components with a stage before this one
     for c in plan.components():

@@ -8,6 +8,7 @@ exit codes in one place (``EXIT_CODES``) and one line on stderr; ``--traceback``
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ import click
 from ledger import errors as e
 from ledger.cli.lazy import LazyGroup
 from ledger.cli.output import FORMATS, echo_or_drop
+from ledger.core.validate import escape_text
 from ledger.core.version import __version__
+from ledger.lock.record import PID_LIMIT
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -64,15 +67,18 @@ class Config:
     host_name: str | None = None  # --host-name / LEDGER_HOST: whose rows (default: uname)
     _ledger: Ledger | None = field(default=None, repr=False)
 
-    def ledger(self) -> Ledger:
-        """The ledger, opened (and created or migrated if needed) on first use."""
+    def ledger(self, *, create: bool = True) -> Ledger:
+        """The ledger, opened (and created or migrated if needed) on first use. A
+        command that only reads passes *create* False: a home without a ledger is then
+        one line (``NoLedger``, exit 5) and nothing is made (a typo in --home, or no
+        --home at all, must not leave a new home behind)."""
         if self._ledger is None:
             # Imported on first use, so that --help and completion stay quick.
             from ledger.api import Ledger  # noqa: PLC0415
 
             self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
                                   strict=self.strict, lock_timeout_s=self.lock_timeout_s,
-                                  host_name=self.host_name)
+                                  host_name=self.host_name, create=create)
         return self._ledger
 
     def close(self) -> None:
@@ -98,9 +104,19 @@ def _wants_traceback(args: list[str] | None) -> bool:
         "--traceback" in (args if args is not None else sys.argv[1:])
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, carried past click, which would print an empty line for it."""
+
+
 class LedgerGroup(LazyGroup):
     """The root group: commands loaded lazily; every failure becomes one line on stderr
     and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -112,7 +128,7 @@ class LedgerGroup(LazyGroup):
                                 standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except (click.Abort, _Interrupted):
             fail("interrupted", EXIT_INTERRUPTED)
         except click.ClickException as exc:
             if show_trace:
@@ -137,6 +153,37 @@ class LedgerGroup(LazyGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class NumberRange(click.FloatRange):
+    """click's FloatRange, refusing NaN as well: NaN compares false with every bound,
+    so a plain FloatRange lets it through. Give every use a maximum (or 1e400, read as
+    infinity, passes too)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value} is not in the range {self._describe_range()}.", param, ctx)
+        return number
+
+
+class FreeText(click.ParamType[Any, Any]):
+    """A free text (an error, a reason) as a script passes it: any bytes are taken, those
+    that are not UTF-8 and control characters kept visible as ``\\xNN`` (see
+    ``ledger.core.validate.escape_text``), so that a failure is never lost for its text."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        return escape_text(value) if isinstance(value, str) else value
+
+
+TEXT = FreeText()
+
+#: The longest duration an option of seconds takes where nothing else bounds it.
+MAX_SECONDS = 10 * 365 * 86400.0
+
+
 def _seconds_in_range(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
     # Refused here, before the home is opened (or created), like every usage error.
     if not 0 <= value <= 30 * 86400:  # also false for NaN
@@ -147,8 +194,8 @@ def _seconds_in_range(_ctx: click.Context, _param: click.Parameter, value: float
 def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | None:
     if value is None:
         return None
-    if value <= 0:
-        raise click.BadParameter("must be a positive process id")
+    if not 0 < value < PID_LIMIT:
+        raise click.BadParameter(f"must be a positive process id (at most {PID_LIMIT - 1})")
     return int(value)
 
 

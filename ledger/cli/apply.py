@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ledger.cli.app import Config, fail, pass_config
+from ledger.cli.app import EXIT_INTERRUPTED, Config, fail, pass_config
 from ledger.cli.output import echo_or_drop, output_option, pick, render
 from ledger.core import clock
 
@@ -163,8 +163,13 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
 
     from ledger.apply import runner  # noqa: PLC0415
 
-    ledger = runner.open_ledger(cfg.home, db_url=cfg.db_url, strict=cfg.strict,
-                                lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name)
+    try:
+        ledger = runner.open_ledger(cfg.home, db_url=cfg.db_url, strict=cfg.strict,
+                                    lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name)
+    except KeyboardInterrupt:
+        # A new ledger is created whole or not at all, and nothing is recorded yet.
+        fail("interrupted before the run started; nothing was recorded: run the same apply "
+             "again", EXIT_INTERRUPTED)
     json_lines = pick(fmt, as_json) == "json"
     reporter: Console | JsonLines = JsonLines() if json_lines else \
         Console(bar=sys.stdout.isatty() and not plain)

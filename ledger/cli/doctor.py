@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.app import Config, pass_config
+from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
 from ledger.cli.output import output_option, pick, render
 
 #: Exit code of doctor when a check failed (or warned, with --fail-on-warn).
@@ -21,10 +21,10 @@ COLUMNS = ["check", "status", "detail", "hint"]
 @click.option("--repair", is_flag=True,
               help="Apply the safe fixes (rewrite views, fix modes, clear a proven-stale "
                    "lock, remove dead temp files, checkpoint the WAL), then check again.")
-@click.option("--stuck-after", "stuck_after_s", type=click.FloatRange(min=0), default=3600.0,
+@click.option("--stuck-after", "stuck_after_s", type=NumberRange(0, MAX_SECONDS), default=3600.0,
               show_default=True, metavar="SECONDS",
               help="A component upgrading for longer than this is reported as stuck.")
-@click.option("--wal-warn", "wal_warn_mib", type=click.FloatRange(min=0), default=64.0,
+@click.option("--wal-warn", "wal_warn_mib", type=NumberRange(0, 1024 * 1024), default=64.0,
               show_default=True, metavar="MIB",
               help="Warn when the write-ahead log is larger than this many MiB.")
 @click.option("--quick", is_flag=True,

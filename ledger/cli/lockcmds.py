@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.app import Config, pass_config
+from ledger.cli.app import TEXT, Config, NumberRange, pass_config
 from ledger.cli.output import output_option, pick, render
 from ledger.cli.steps import answer, verbose_option
 
@@ -21,10 +21,10 @@ def lock() -> None:
 
 @lock.command("acquire")
 @owner_option
-@click.option("--wait", "wait_s", type=click.FloatRange(0, 86400), default=0.0,
+@click.option("--wait", "wait_s", type=NumberRange(0, 86400), default=0.0,
               show_default=True, metavar="SECONDS",
               help="Wait this long (at most a day) for a live holder to let go.")
-@click.option("--poll", "poll_s", type=click.FloatRange(0.001, 60), default=0.05,
+@click.option("--poll", "poll_s", type=NumberRange(0.001, 60), default=0.05,
               show_default=True, metavar="SECONDS", help="How often to retry while waiting.")
 @pass_config
 def lock_acquire(cfg: Config, owner_pid: int | None, wait_s: float, poll_s: float) -> None:
@@ -49,7 +49,7 @@ def lock_release(cfg: Config, owner_pid: int | None) -> None:
 @click.pass_context
 def lock_held(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 if a live process holds the lock, 1 if not (a stale lock is not held)."""
-    answer(ctx, cfg.ledger().lock_held(), verbose)
+    answer(ctx, cfg.ledger(create=False).lock_held(), verbose)
 
 
 @lock.command("status")
@@ -57,7 +57,7 @@ def lock_held(ctx: click.Context, cfg: Config, verbose: bool) -> None:
 @pass_config
 def lock_status(cfg: Config, fmt: str, as_json: bool) -> None:
     """Who holds the lock, since when, from which host, and whether it looks stale."""
-    status = cfg.ledger().lock_status().as_dict()
+    status = cfg.ledger(create=False).lock_status().as_dict()
     holder = status.pop("holder") or {}
     out = pick(fmt, as_json)
     render({**status, "holder": holder or None} if out == "json" else
@@ -73,7 +73,8 @@ def lock_check_stale(cfg: Config) -> None:
 
 
 @lock.command("break")
-@click.option("--reason", required=True, help="Why the lock is broken (kept in the ledger).")
+@click.option("--reason", type=TEXT, required=True,
+              help="Why the lock is broken (kept in the ledger).")
 @pass_config
 def lock_break(cfg: Config, reason: str) -> None:
     """Forcibly remove the lock, even from a live holder. Use with care: see docs/lock.md."""

@@ -46,11 +46,11 @@ def metrics(cfg: Config, textfile: str | None) -> None:
     from ledger.observe import metrics as exporter  # noqa: PLC0415 (keeps start-up light)
 
     if textfile is None:
-        sys.stdout.buffer.write(exporter.exposition(cfg.ledger()))
+        sys.stdout.buffer.write(exporter.exposition(cfg.ledger(create=False)))
         sys.stdout.flush()
         return
     exporter.check_textfile(textfile)  # a missing folder is refused before anything else
-    exporter.write_textfile(cfg.ledger(), textfile)
+    exporter.write_textfile(cfg.ledger(create=False), textfile)
 
 
 # -- notifications -------------------------------------------------------------------
@@ -181,7 +181,7 @@ def follow_events(cfg: Config, *, fmt: str, interval_s: float, upgrade_id: str |
     SIGINT or SIGTERM (a clean stop: exit status 0) or until stdout is closed."""
     from ledger.observe.follow import follow  # noqa: PLC0415
 
-    ledger = cfg.ledger()
+    ledger = cfg.ledger(create=False)
     stopping: list[int] = []
     with _stop_on_signals(stopping):
         stream = follow(ledger, stop=lambda: bool(stopping), interval_s=interval_s,

@@ -14,12 +14,19 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
 
+from ledger.errors import BadInput
+
 FORMATS = ("table", "json", "plain", "csv")
+#: A table aligns its columns over every row, so it must hold them all: at most this
+#: many (the other formats stream any number).
+TABLE_MAX_ROWS = 10_000
+#: Streamed output is written in pieces of about this many characters.
+_CHUNK = 64 * 1024
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", str, str | None)
 
@@ -114,7 +121,49 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True)
+    if isinstance(value, bytes):
+        return _blob(value)
     return str(value)
+
+
+def _blob(value: bytes) -> str:
+    """A BLOB (only ``sql`` meets one) as SQL writes it: ``X'00FF'``."""
+    return f"X'{value.hex().upper()}'"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return _blob(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def visible(text: str, *, plain: bool = True) -> str:
+    """*text* with every character that is not printable escaped as Python writes it
+    (``\\t``, ``\\n``, ``\\u202e`` ...), so that a field is one field on one line and
+    looks like what it holds: a text cannot fake a row or reorder one.
+
+    *plain* (``-f plain``, read by scripts) also escapes the backslash, so that the
+    escaping can be undone; tables (read by people) keep their line breaks, which a
+    table shows as continuation lines.
+    """
+    if text.isprintable() and not (plain and "\\" in text):
+        return text
+    out = []
+    for char in text:
+        if char == "\\" and plain:
+            out.append("\\\\")
+        elif char.isprintable() or (char == "\n" and not plain):
+            out.append(char)
+        elif char in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 #: Widest ``brief`` text, so that a detail stays a short column.
@@ -178,30 +227,38 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
     """*data* as text in *fmt* (newline-terminated unless empty); a table no wider than
     *width* when that can be done by wrapping cells."""
     if fmt == "json":
-        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(data, indent=2, ensure_ascii=False, default=_json_value) + "\n"
     if isinstance(data, Mapping):
         rows = [(k, data[k]) for k in (columns or list(data))]
         if fmt == "table":
-            return _record_table([(k, _cell(v)) for k, v in rows], width)
+            return _record_table([(visible(k, plain=False), visible(_cell(v), plain=False))
+                                  for k, v in rows], width)
         if fmt == "csv":
             return _csv([("key", "value"), *((k, _cell(v)) for k, v in rows)])
-        return "".join(f"{k}: {_cell(v)}\n" for k, v in rows)
+        return "".join(f"{visible(k)}: {visible(_cell(v))}\n" for k, v in rows)
     if isinstance(data, list):
         cols = list(columns or (list(data[0]) if data and isinstance(data[0], Mapping) else []))
         if fmt == "table" and note is not None and note in cols:
-            notes = [_cell(r.get(note)) if isinstance(r, Mapping) else "" for r in data]
+            notes = [visible(_cell(r.get(note)), plain=False) if isinstance(r, Mapping) else ""
+                     for r in data]
             cols.remove(note)
-            return _table(_records(data, cols), cols, width, notes, label=note)
+            return _table(_shown(_records(data, cols)), _shown([cols])[0], width, notes,
+                          label=note)
         records = _records(data, cols)
         if fmt == "table":
             if not records and not cols:
                 return ""
-            return _table(records, cols, width)
+            return _table(_shown(records), _shown([cols])[0], width)
         if fmt == "csv":
             return _csv([cols, *records] if cols else records)
-        return "".join("\t".join(r) + "\n" for r in records)
+        return "".join("\t".join(visible(cell) for cell in r) + "\n" for r in records)
     text = _cell(data)
     return text + "\n" if text else ""
+
+
+def _shown(records: list[list[str]]) -> list[list[str]]:
+    """Table cells as ``visible`` shows them to people (line breaks kept)."""
+    return [[visible(cell, plain=False) for cell in row] for row in records]
 
 
 def _records(data: list[Any], cols: list[str]) -> list[list[str]]:
@@ -320,3 +377,47 @@ def _csv(rows: Sequence[Sequence[str]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def stream_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str, *,
+                empty: str | None = None) -> None:
+    """Print the rows of a query in *fmt* as they come, holding none of them but a
+    table's (which needs them all to align, so it takes at most ``TABLE_MAX_ROWS``).
+    Gives the same text as ``render`` of the rows as records (*empty* as there)."""
+    if fmt == "table":
+        records: list[dict[str, Any]] = []
+        for row in rows:
+            if len(records) == TABLE_MAX_ROWS:
+                raise BadInput(f"more than {TABLE_MAX_ROWS} rows do not fit a table; use "
+                               "-f csv, plain or json, which stream any number of rows")
+            records.append(dict(zip(columns, row, strict=True)))
+        render(records, fmt, columns, empty=empty)
+        return
+    pieces: list[str] = []
+    size = 0
+    for piece in _pieces(columns, rows, fmt):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= _CHUNK:
+            click.echo("".join(pieces), nl=False)
+            pieces, size = [], 0
+    click.echo("".join(pieces), nl=False)
+
+
+def _pieces(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str,
+            ) -> Iterable[str]:
+    if fmt == "json":  # exactly json.dumps(list_of_records, indent=2), one row at a time
+        first = True
+        for row in rows:
+            record = json.dumps(dict(zip(columns, row, strict=True)), indent=2,
+                                ensure_ascii=False, default=_json_value)
+            yield ("[\n  " if first else ",\n  ") + record.replace("\n", "\n  ")
+            first = False
+        yield "[]\n" if first else "\n]\n"
+    elif fmt == "csv":
+        yield _csv([list(columns)])
+        for row in rows:
+            yield _csv([[_cell(value) for value in row]])
+    else:
+        for row in rows:
+            yield "\t".join(visible(_cell(value)) for value in row) + "\n"

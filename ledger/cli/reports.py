@@ -10,10 +10,20 @@ from typing import Any, BinaryIO
 
 import click
 
-from ledger.cli.app import Config, pass_config
-from ledger.cli.output import brief, output_option, pick, render, render_value, value_option
+from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
+from ledger.cli.output import (
+    brief,
+    output_option,
+    pick,
+    render,
+    render_value,
+    stream_rows,
+    value_option,
+)
 from ledger.cli.params import UPGRADE_STATE
+from ledger.core.validate import MAX_ROW_ID
 from ledger.errors import BadInput
+from ledger.store.database import REPORT_TIMEOUT_S
 from ledger.views.document import second
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
@@ -59,7 +69,7 @@ def event_rows(rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
 
 
 @click.command()
-@click.option("--stuck-after", "stuck_after_s", type=click.FloatRange(min=0), default=3600.0,
+@click.option("--stuck-after", "stuck_after_s", type=NumberRange(0, MAX_SECONDS), default=3600.0,
               show_default=True, metavar="SECONDS",
               help="A component upgrading for longer than this is reported as stuck.")
 @host_options("current upgrade")
@@ -73,10 +83,10 @@ def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool,
     if all_hosts:
         if host is not None:
             raise BadInput("name one host or every host, not both (--host, --all-hosts)")
-        rows = cfg.ledger().hosts()
+        rows = cfg.ledger(create=False).hosts()
         render(rows, out, None if out == "json" else HOSTS_COLUMNS)
         return
-    data = cfg.ledger().status(stuck_after_s=stuck_after_s, host=host)
+    data = cfg.ledger(create=False).status(stuck_after_s=stuck_after_s, host=host)
     if out == "json":
         render(data, out)
         return
@@ -104,7 +114,7 @@ def lock_line(lock: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("-n", "--limit", type=click.IntRange(1, 1_000_000), default=10, show_default=True,
               help="At most this many upgrades.")
 @click.option("--all", "everything", is_flag=True, help="No limit.")
 @click.option("--state", type=UPGRADE_STATE,
@@ -120,9 +130,9 @@ def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
             component: str | None, host: str | None, all_hosts: bool, since: str | None,
             until: str | None, fmt: str, as_json: bool) -> None:
     """List this host's upgrades (or another's, or every host's), newest first."""
-    rows = cfg.ledger().history(None if everything else limit, state=state, since=since,
-                                until=until, component=component, host=host,
-                                all_hosts=all_hosts)
+    rows = cfg.ledger(create=False).history(None if everything else limit, state=state,
+                                            since=since, until=until, component=component,
+                                            host=host, all_hosts=all_hosts)
     out = pick(fmt, as_json)
     columns = ["host", *HISTORY_COLUMNS] if all_hosts else HISTORY_COLUMNS
     render(rows, out, None if out == "json" else columns, empty="no upgrades match")
@@ -138,7 +148,7 @@ def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool,
     """Everything about one upgrade (default: the current one): phases, components with
     versions, attempts, errors and durations, rollback points and the event trail.
     --host reads another host's upgrade; --all-hosts finds UPGRADE_ID on any host."""
-    data = cfg.ledger().show(upgrade_id, host=host, all_hosts=all_hosts)
+    data = cfg.ledger(create=False).show(upgrade_id, host=host, all_hosts=all_hosts)
     out = pick(fmt, as_json)
     if out == "json":
         render(data, out)
@@ -165,15 +175,16 @@ def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool,
 @click.option("--component", help="Only this component's events.")
 @click.option("--kind", help="Only this kind (or prefix ending in '.', e.g. 'component.').")
 @click.option("--since", metavar="WHEN", help="At or after WHEN (date, time or age).")
-@click.option("--after", "after_id", type=click.IntRange(min=0), default=0,
+@click.option("--after", "after_id", type=click.IntRange(0, MAX_ROW_ID), default=0,
               help="Only events with a larger id.")
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("-n", "--limit", type=click.IntRange(1, MAX_ROW_ID), default=1000,
+              show_default=True,
               help="The newest N matching events, printed oldest first (like tail -n); "
                    "with --after, the N right after that id (paging on).")
 @click.option("--follow", is_flag=True,
               help="Keep running: after the matching events (no --limit), print new ones as "
                    "they are recorded; JSON is one object per line. Stop with Ctrl-C/SIGTERM.")
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0.05, max=60.0),
+@click.option("--interval", "interval_s", type=NumberRange(0.05, 60.0),
               default=0.5, show_default=True, metavar="SECONDS",
               help="With --follow: how often to look for new events.")
 @host_options("events")
@@ -188,11 +199,13 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
 
         follow_events(cfg, fmt=pick(fmt, as_json), interval_s=interval_s,
                       upgrade_id=upgrade_id, component=component, kind=kind, since=since,
-                      after_id=after_id, scope=cfg.ledger().read_scope(host, all_hosts))
+                      after_id=after_id,
+                      scope=cfg.ledger(create=False).read_scope(host, all_hosts))
         return
-    rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,
-                               since=since, after_id=after_id, limit=limit, host=host,
-                               all_hosts=all_hosts, newest=not after_id)
+    rows = cfg.ledger(create=False).events(upgrade_id=upgrade_id, component=component,
+                                           kind=kind, since=since, after_id=after_id,
+                                           limit=limit, host=host, all_hosts=all_hosts,
+                                           newest=not after_id)
     out = pick(fmt, as_json)
     columns = event_columns(out, ["host", *EVENT_COLUMNS] if all_hosts else EVENT_COLUMNS)
     render(event_rows(rows, out), out, None if out == "json" else columns,
@@ -203,13 +216,18 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
 @click.argument("query")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="A named parameter (:NAME in the query).")
+@click.option("--timeout", "timeout_s", type=NumberRange(0, 86400), default=REPORT_TIMEOUT_S,
+              show_default=True, metavar="SECONDS",
+              help="Stop the query after this long, output included (0: no limit).")
 @output_option()
 @pass_config
-def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: bool) -> None:
-    """Run one read-only SQL query (writes are refused before they run).
+def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt: str,
+        as_json: bool) -> None:
+    """Run one read-only SQL query (writes and settings are refused before they run).
 
-    The reporting views are upgrade_summary, component_runs, phase_runs and failures;
-    docs/sql-reporting.md has ready queries.
+    Rows are printed as they are read (a table holds at most 10000); Ctrl-C stops the
+    query. The reporting views are upgrade_summary, component_runs, phase_runs and
+    failures; docs/sql-reporting.md has ready queries.
     """
     bound = {}
     for item in params:
@@ -217,9 +235,8 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: boo
         if not sep or not name.isidentifier():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         bound[name] = value
-    columns, rows = cfg.ledger().query(query, bound)
-    render([dict(zip(columns, r, strict=True)) for r in rows], pick(fmt, as_json),
-           columns, empty="no rows")
+    with cfg.ledger(create=False).report(query, bound, timeout_s=timeout_s or None) as rows:
+        stream_rows(rows.columns, rows, pick(fmt, as_json), empty="no rows")
 
 
 @click.command()
@@ -230,7 +247,7 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: boo
 def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
     """Rewrite state.json and the history files from the ledger, or write one
     upgrade's document to a path or stdout."""
-    ledger = cfg.ledger()
+    ledger = cfg.ledger(create=False)
     if output is None and upgrade_id is None:
         written = ledger.export_views()
         click.echo(f"wrote {len(written)} file(s)", err=True)
@@ -256,8 +273,9 @@ def import_(cfg: Config, source: BinaryIO, current: bool, fmt: str | None,
 
     The document is validated first; a bad one is refused and changes nothing.
     """
-    data = source.read()
-    upgrade_id = cfg.ledger().import_document(data, make_current=current)
+    from ledger.views.document import read  # noqa: PLC0415 (only import needs it)
+
+    upgrade_id = cfg.ledger().import_document(read(source), make_current=current)
     render_value({"upgrade_id": upgrade_id}, pick(fmt, as_json), upgrade_id)
 
 

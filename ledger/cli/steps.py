@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.app import Config, pass_config
+from ledger.cli.app import TEXT, Config, pass_config
 from ledger.cli.output import output_option, pick, render, render_value, value_option
 from ledger.cli.params import UPGRADE_STATE
+from ledger.core.validate import MAX_NUMBER
 from ledger.errors import UpgradeInProgress
 
 
@@ -67,7 +68,7 @@ def state_get(cfg: Config, fmt: str | None, as_json: bool) -> None:
 
 @state.command("set")
 @click.argument("target", metavar="STATE", type=UPGRADE_STATE)
-@click.option("--error", metavar="TEXT", help="Error text kept with the upgrade.")
+@click.option("--error", type=TEXT, metavar="TEXT", help="Error text kept with the upgrade.")
 @pass_config
 def state_set(cfg: Config, target: str, error: str | None) -> None:
     """Move the current upgrade to STATE, in any case (the same state again is a no-op).
@@ -112,7 +113,7 @@ def phase_complete(cfg: Config, name: str) -> None:
 
 @phase.command("fail")
 @click.argument("name")
-@click.argument("error", required=False)
+@click.argument("error", type=TEXT, required=False)
 @pass_config
 def phase_fail(cfg: Config, name: str, error: str | None) -> None:
     """Mark phase NAME failed, with an optional ERROR text."""
@@ -121,7 +122,7 @@ def phase_fail(cfg: Config, name: str, error: str | None) -> None:
 
 @phase.command("skip")
 @click.argument("name")
-@click.argument("reason", required=False)
+@click.argument("reason", type=TEXT, required=False)
 @pass_config
 def phase_skip(cfg: Config, name: str, reason: str | None) -> None:
     """Mark phase NAME skipped, with an optional REASON."""
@@ -182,7 +183,7 @@ def component_complete(cfg: Config, name: str, phase_name: str | None) -> None:
 
 @component.command("fail")
 @click.argument("name")
-@click.argument("error", required=False)
+@click.argument("error", type=TEXT, required=False)
 @in_phase_option
 @pass_config
 def component_fail(cfg: Config, name: str, error: str | None, phase_name: str | None) -> None:
@@ -192,7 +193,7 @@ def component_fail(cfg: Config, name: str, error: str | None, phase_name: str | 
 
 @component.command("skip")
 @click.argument("name")
-@click.argument("reason", required=False)
+@click.argument("reason", type=TEXT, required=False)
 @in_phase_option
 @pass_config
 def component_skip(cfg: Config, name: str, reason: str | None, phase_name: str | None) -> None:
@@ -216,7 +217,7 @@ def component_status(cfg: Config, name: str, fmt: str, as_json: bool) -> None:
 @click.pass_context
 def component_is_upgraded(ctx: click.Context, cfg: Config, name: str, verbose: bool) -> None:
     """Exit 0 if NAME is completed in the current upgrade, 1 if not."""
-    answer(ctx, cfg.ledger().is_upgraded(name), verbose)
+    answer(ctx, cfg.ledger(create=False).is_upgraded(name), verbose)
 
 
 @component.command("version")
@@ -243,7 +244,8 @@ def rollback() -> None:
 @rollback.command("mark")
 @click.argument("name")
 @click.argument("backup_path")
-@click.option("--size", "size_bytes", type=click.IntRange(min=0), help="Backup size in bytes.")
+@click.option("--size", "size_bytes", type=click.IntRange(0, MAX_NUMBER),
+              help="Backup size in bytes.")
 @click.option("--sha256", help="Backup checksum (64 hex digits).")
 @pass_config
 def rollback_mark(cfg: Config, name: str, backup_path: str, size_bytes: int | None,
@@ -308,7 +310,7 @@ def resume_point(cfg: Config, fmt: str, as_json: bool) -> None:
 @click.pass_context
 def can_resume(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 if the current upgrade stopped mid-run and can be resumed, 1 if not."""
-    answer(ctx, cfg.ledger().can_resume(), verbose)
+    answer(ctx, cfg.ledger(create=False).can_resume(), verbose)
 
 
 @click.command("in-progress")
@@ -317,7 +319,7 @@ def can_resume(ctx: click.Context, cfg: Config, verbose: bool) -> None:
 @click.pass_context
 def in_progress(ctx: click.Context, cfg: Config, verbose: bool) -> None:
     """Exit 0 while an upgrade is running (PLANNING ... ROLLING_BACK), 1 if not."""
-    answer(ctx, cfg.ledger().in_progress(), verbose)
+    answer(ctx, cfg.ledger(create=False).in_progress(), verbose)
 
 
 @click.command()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from ledger.errors import BadInput
 
-_RELATIVE = re.compile(r"(\d{1,6})([smhdw])")
+_RELATIVE = re.compile(r"([0-9]{1,6})([smhdw])")  # ASCII digits only
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -26,7 +26,9 @@ def now() -> str:
 def stamp(moment: datetime) -> str:
     """A timezone-aware datetime as a ledger timestamp."""
     moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond // 1000:03d}Z"
+    # The year is padded here: strftime's %Y gives "1", not "0001", for early years.
+    return f"{moment.year:04d}" + moment.strftime("-%m-%dT%H:%M:%S") + \
+        f".{moment.microsecond // 1000:03d}Z"
 
 
 def parse(text: str) -> datetime:
@@ -45,10 +47,14 @@ def parse_when(text: str) -> str:
     relative = _RELATIVE.fullmatch(value)
     if relative:
         seconds = int(relative.group(1)) * _UNITS[relative.group(2)]
-        return stamp(datetime.now(UTC) - timedelta(seconds=seconds))
+        try:
+            return stamp(datetime.now(UTC) - timedelta(seconds=seconds))
+        except OverflowError:
+            raise BadInput(f"cannot read the time {text!r}: that age reaches back before "
+                           "the year 1") from None
     try:
         return stamp(parse(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadInput(
             f"cannot read the time {text!r}; use a date (2026-11-01), a UTC time "
             "(2026-11-01T10:30:00Z) or an age (90m, 12h, 7d, 2w)"

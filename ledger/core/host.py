@@ -1,8 +1,10 @@
 """Facts about this host and its processes: names, the machine, the boot, whether a
 PID lives.
 
-The lock judges its holder with these, the home cleans up after dead writers with
-them, and the ledger records who made each change and which host it belongs to.
+A machine is identified by its machine id (and a boot of it by its boot id), never by
+its name: a host can be renamed, and two machines can claim one name; the name is for
+display. The lock judges its holder with these, the home cleans up after dead writers
+with them, and the ledger records who made each change and which host it belongs to.
 Stdlib only, and only cheap modules: every per-step CLI call reads some of them.
 """
 

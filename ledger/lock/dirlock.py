@@ -502,12 +502,32 @@ class DirLock:
 
     @staticmethod
     def _liveness(h: Holder) -> tuple[str, str]:
-        """("live" | "stale" | "unknown", why) for a parsed record; see docs/lock.md."""
-        if h.hostname is None or h.hostname != local_hostname():
-            return "unknown", f"held by PID {h.pid} on another host ({h.hostname or 'unnamed'})"
+        """("live" | "stale" | "unknown", why) for a parsed record; see docs/lock.md.
+
+        Which machine wrote the record is judged by its boot id when both sides have
+        one (``same_host``): a renamed host keeps its locks. A different boot id is a
+        reboot of this host when the name is the same, else another host.
+        """
+        name = local_hostname()
         boot = host.boot_id()
-        if h.boot_id is not None and boot is not None and h.boot_id != boot:
-            return "stale", f"PID {h.pid} took it before this host last rebooted (boot id differs)"
+        renamed = ""
+        if h.boot_id is not None and boot is not None:
+            if h.boot_id != boot:
+                if h.hostname != name:
+                    return "unknown", (f"held by PID {h.pid} on another host "
+                                       f"({h.hostname or 'unnamed'}; another boot id)")
+                return "stale", (f"PID {h.pid} took it before this host last rebooted "
+                                 "(boot id differs)")
+            if h.hostname != name:
+                renamed = f" (recorded as {h.hostname or 'unnamed'}: the same boot, renamed since)"
+        elif h.hostname is None or h.hostname != name:
+            return "unknown", f"held by PID {h.pid} on another host ({h.hostname or 'unnamed'})"
+        verdict, why = DirLock._pid_liveness(h)
+        return verdict, why + renamed
+
+    @staticmethod
+    def _pid_liveness(h: Holder) -> tuple[str, str]:
+        """_liveness for a record of this host and boot: is its PID its process?"""
         state = host.pid_state(h.pid)
         ticks = None if state == "gone" else host.start_ticks(h.pid)
         if state == "gone":

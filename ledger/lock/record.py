@@ -208,13 +208,24 @@ def read_info_bytes(dfd: int) -> bytes | None:
 
 
 
+def same_host(recorded: Holder, me: Holder) -> bool:
+    """Was the record written on the machine, and in the boot, that ``me`` describes?
+
+    By boot id when both have one: a boot id names one boot of one machine, whatever
+    the host has been called since (the name is for display). By host name only for a
+    record without one (the old library's four fields).
+    """
+    if recorded.boot_id is not None and me.boot_id is not None:
+        return recorded.boot_id == me.boot_id
+    return recorded.hostname == me.hostname
+
+
 def same_owner(recorded: Holder, me: Holder) -> bool:
     """Is the recorded holder the process ``me`` describes? Unknown fields do not count."""
     return (
         recorded.pid == me.pid
-        and recorded.hostname == me.hostname
+        and same_host(recorded, me)
         and (recorded.start_ticks is None or recorded.start_ticks == me.start_ticks)
-        and (recorded.boot_id is None or me.boot_id is None or recorded.boot_id == me.boot_id)
     )
 
 

@@ -537,6 +537,8 @@ def _leftovers(home: Home) -> tuple[list[Path], list[Path]]:
     for path in folders:
         pid = _aside_pid(path.name, home.lock_dir.name) \
             if path.parent == home.lock_dir.parent else None
+        if pid is None and path.parent == home.db_path.parent and path.name.startswith("."):
+            pid = temp_writer_pid(path.name)  # a ledger being built aside (restore)
         if pid is not None and not host.pid_alive(pid):
             dead.append(path)
     return sorted(set(dead)), unknown

@@ -3,27 +3,39 @@
 A SQLite file goes through the stdlib driver (the per-step path), a PostgreSQL URL
 through psycopg 3 (``ledger.store.postgres``), any other URL through SQLAlchemy.
 Opening checks the schema revision with one query; Alembic is imported only when
-the ledger is new or behind.
+the ledger is new or behind. A new SQLite ledger is built aside and renamed into place
+whole (``migrate.create``): no one ever sees an empty or half-migrated ledger.db,
+even when its creator is interrupted.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ledger.core.host import Identity
-from ledger.errors import BadInput, SchemaTooNew, StorageError
+from ledger.errors import BadInput, NoLedger, SchemaTooNew, StorageError
 from ledger.store import urls
 from ledger.store.database import SCHEMA_REVISION, Database
 
 
-def open_database(url: str | None, sqlite_path: Path | None, identity: Identity) -> Database:
+def open_database(url: str | None, sqlite_path: Path | None, identity: Identity, *,
+                  create: bool = True) -> Database:
     """Open the ledger at *url* (a PostgreSQL or any SQLAlchemy URL) or the SQLite
-    file *sqlite_path* for the host *identity*, migrating it first when it is new or
-    behind."""
+    file *sqlite_path* for the host *identity*, migrating it first when it is behind.
+    A ledger that does not exist yet is created (the schema of a new database, a new
+    SQLite file, built aside); with *create* False it is ``NoLedger`` instead, and
+    nothing is made."""
+    if url is None:
+        assert sqlite_path is not None
+        if not _has_file(sqlite_path):
+            if not create:
+                raise _no_ledger(str(sqlite_path))
+            _create_sqlite(sqlite_path, identity)
     db = database_at(url, sqlite_path)
     db.identity = identity
     try:
-        _ensure_schema(db, sqlite_path if url is None else None)
+        _ensure_schema(db, sqlite_path if url is None else None, create=create)
     except BaseException:
         db.close()
         raise
@@ -56,10 +68,42 @@ def database_at(url: str | None, sqlite_path: Path | None) -> Database:
     return db
 
 
-def _ensure_schema(db: Database, sqlite_path: Path | None) -> None:
+def _has_file(path: Path) -> bool:
+    """Whether *path* is there and not empty (an empty file holds no ledger: an older
+    version's interrupted first start could leave one)."""
+    try:
+        return os.lstat(path).st_size > 0
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot open {path} ({exc.strerror}); choose another home with "
+                           "--home DIR (or LEDGER_HOME)") from exc
+
+
+def _create_sqlite(path: Path, identity: Identity) -> None:
+    from ledger.store import migrate  # noqa: PLC0415 (Alembic only for a new ledger)
+
+    try:
+        migrate.create(path, host=identity.name)
+    except OSError as exc:  # StorageError included: it says what is wrong already
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"cannot create the ledger {path} ({exc.strerror or exc}); "
+                           "check free space and permissions") from exc
+
+
+def _no_ledger(where: str) -> NoLedger:
+    return NoLedger(f"there is no ledger at {where}; check --home or --db (LEDGER_HOME, "
+                    "LEDGER_DB_URL); a command that records something (init, apply) "
+                    "creates it")
+
+
+def _ensure_schema(db: Database, sqlite_path: Path | None, *, create: bool) -> None:
     current = db.revision()
     if current == SCHEMA_REVISION:
         return
+    if current is None and not create:
+        raise _no_ledger(db.url)
     from ledger.store import migrate  # noqa: PLC0415 (Alembic only for a new or old ledger)
 
     if current is not None and current not in migrate.known_revisions():

@@ -11,7 +11,7 @@ URL). Statements are portable text with ``:name`` parameters, which both
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,10 +27,41 @@ ALL_HOSTS = "*"
 BUSY_TIMEOUT_S = 60.0
 #: Bytes of WAL kept once it restarts after a checkpoint (docs/operations.md).
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: How long a reporting query may run (``upgrade-ledger sql --timeout``) by default.
+REPORT_TIMEOUT_S = 30.0
+#: The largest text or blob a reporting query may produce in one cell: a row is held
+#: in memory whole, so this bounds what one row can cost.
+REPORT_MAX_CELL = 16 * 1024 * 1024
 
 Params = Mapping[str, Any]
 Row = Any  # sqlite3.Row or SQLAlchemy RowMapping: both support row["column"]
-Report = tuple[list[str], list[tuple[Any, ...]]]  # column names, rows
+
+
+class Rows:
+    """The result of a reporting query, read as it streams: ``columns``, then the rows
+    (tuples) by iterating. Nothing is collected: the query runs as rows are read.
+    Close it, or use it in a ``with`` block, to end the query and free its connection.
+    """
+
+    def __init__(self, columns: list[str], rows: Iterator[tuple[Any, ...]],
+                 close: Callable[[], None]) -> None:
+        self.columns = columns
+        self._rows = rows
+        self._close = close
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return self._rows
+
+    def close(self) -> None:
+        """End the query (idempotent)."""
+        close, self._close = self._close, lambda: None
+        close()
+
+    def __enter__(self) -> Rows:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 class Tx(ABC):
     """A transaction in progress: run statements, fetch rows.
@@ -154,8 +185,11 @@ class Database(ABC):
         tx.memo["current_upgrade"] = row["current_upgrade"]
 
     @abstractmethod
-    def report(self, sql: str, params: Params | None = None) -> Report:
-        """Run one read-only statement; return (column names, rows). Writes are refused."""
+    def report(self, sql: str, params: Params | None = None, *,
+               timeout_s: float | None = REPORT_TIMEOUT_S) -> Rows:
+        """Start one read-only statement and stream its rows. Writes and settings are
+        refused before it runs; past *timeout_s* (None: no limit) it is stopped with
+        ``QueryTimeout``; Ctrl-C stops it with ``KeyboardInterrupt``."""
 
     @abstractmethod
     def close(self) -> None:

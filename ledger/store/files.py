@@ -69,18 +69,18 @@ def write_file_atomic(target: Path, data: bytes | Sequence[bytes | memoryview], 
         fsync_dir(target.parent)
 
 
-def make_private_dir(folder: Path, *, follow: bool = False) -> None:
-    """mkdir -p with mode 0700 for what it creates, whatever the umask. A symbolic
-    link is refused unless *follow* (then it must lead to a folder)."""
+def make_private_dir(folder: Path, *, follow: bool = False) -> bool:
+    """mkdir -p with mode 0700 for what it creates, whatever the umask; True when
+    *folder* itself was created. A folder that exists keeps its mode: the ledger sets
+    modes only on what it makes (doctor reports loose ones). A symbolic link is
+    refused unless *follow* (then it must lead to a folder)."""
     try:
-        _mkdirs(folder)
+        created = _mkdirs(folder)
         if (folder.is_symlink() and not follow) or not folder.is_dir():
             what = "a symbolic link, not a folder" if folder.is_symlink() else "not a folder"
             raise StorageError(f"ledger folder {folder} is {what}; choose another home with "
                                "--home DIR (or LEDGER_HOME)")
-        st = folder.stat()
-        if st.st_uid == os.geteuid() and st.st_mode & 0o777 != DIR_MODE:
-            folder.chmod(DIR_MODE)
+        return created
     except StorageError:
         raise  # already says what is wrong (StorageError is an OSError too)
     except OSError as exc:
@@ -150,23 +150,28 @@ def open_private_file(path: Path, flags: int) -> int:
         raise _storage_error(path, exc) from exc
 
 
-def _mkdirs(folder: Path) -> None:
-    """mkdir -p where every folder created, parents included, is 0700.
+def _mkdirs(folder: Path) -> bool:
+    """mkdir -p where every folder created, parents included, is 0700; True when
+    *folder* itself was created here.
 
     ``Path.mkdir(parents=True)`` gives parents the umask's default mode, so under
     umask 000 the folders above a new home would be world-writable (anyone could
     move the home aside and plant another).
     """
     missing = []
+    target = folder
     while not os.path.lexists(folder):
         missing.append(folder)
         folder = folder.parent
+    created = False
     for path in reversed(missing):
         try:
             path.mkdir(mode=DIR_MODE)
         except FileExistsError:
             continue  # a concurrent creator won; the caller checks what is there
         path.chmod(DIR_MODE)  # the umask may have removed bits; never adds any
+        created = path == target
+    return created
 
 
 def fsync_dir(folder: Path) -> None:

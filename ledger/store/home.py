@@ -12,7 +12,11 @@ Layout (each path can be moved by the legacy ``UPGRADE_*`` variables)::
     history/         <upgrade_id>.json per upgrade saved to history
     logs/            command output of ``apply`` runs
 
-Folders are 0700 and files 0600 whatever the caller's umask.
+Folders and files the ledger creates are 0700 and 0600 whatever the caller's umask;
+what exists already keeps its mode (``doctor`` reports a loose one and ``--repair``
+fixes it). An existing folder is used as a home only when it is empty or looks like
+one (``Home.ensure``); a new ``ledger.db`` is built aside and renamed into place
+(``ledger.store.connect``), so it is never seen empty or half made.
 """
 
 from __future__ import annotations
@@ -27,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.core import host
-from ledger.errors import CorruptLedger, StorageError
+from ledger.errors import CorruptLedger, NoLedger, NotAHome, StorageError
 from ledger.store.files import (
-    FILE_MODE,
     make_private_dir,
     private_subdir,
     same_device,
@@ -38,6 +41,15 @@ from ledger.store.files import (
 )
 
 DEFAULT_HOME = "/var/lib/observability-upgrades"
+#: Names that show an existing folder to be a ledger home although it has no
+#: ledger.db yet: what a ``--db`` ledger keeps in its home, and what the old bash
+#: library left behind (a host switching over).
+HOME_MARKERS = ("ledger.db", "state.json", "views.sig", "upgrade.lock.d",
+                "upgrade.lock.d.guard", "history")
+#: What else the ledger keeps in a home: the folders it makes before its ledger.db
+#: exists (another process may be making the same home right now) and the operator's
+#: configuration files. A folder of these only is a home too.
+HOME_NAMES = ("tmp", "backups", "logs", "snapshots", "notify.toml", "ledger.toml")
 
 
 def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -87,10 +99,12 @@ class Home:
         )
 
     def ensure(self) -> None:
-        """Create the home's folders (0700); one clear error when that is impossible."""
+        """Create the home's missing folders (0700); one clear error when that is
+        impossible, or when the root exists but is not a ledger home."""
         # The root itself may be a symbolic link to a folder (a home moved to another
         # disk): the operator chose that path. Folders inside it may not be links.
-        make_private_dir(self.root, follow=True)
+        if not make_private_dir(self.root, follow=True):
+            self._refuse_if_not_a_home()
         for folder in (self.tmp_dir, self.backups_dir, self.history_dir,
                        self.state_file.parent, self.lock_dir.parent):
             if folder != self.root:
@@ -101,12 +115,60 @@ class Home:
                 "choose another with --home DIR (or LEDGER_HOME)"
             )
 
-    def prepare_db_file(self) -> None:
-        """Make sure ledger.db is a private regular file before SQLite opens it, and
-        refuse to start a new ledger over one that was truncated or deleted."""
-        _create_private(self.db_path)
-        _refuse_linked_companions(self.db_path)
+    def _refuse_if_not_a_home(self) -> None:
+        """An existing root is a home when it holds what a home holds (``HOME_MARKERS``,
+        or the paths the legacy variables put in it), or nothing but what the ledger
+        makes in one (``HOME_NAMES``, temp files); anything else (``/``, ``/etc``, a
+        typo that names a busy folder) is refused, untouched."""
+        markers = [self.root / name for name in HOME_MARKERS]
+        markers += [p for p in (self.db_path, self.state_file, self.lock_dir, self.history_dir)
+                    if p.parent == self.root]
+        if any(os.path.lexists(path) for path in markers):
+            return
+        known = {*HOME_MARKERS, *HOME_NAMES,
+                 *(p.name for p in (self.tmp_dir, self.backups_dir) if p.parent == self.root)}
+        try:
+            others = sorted(entry.name for entry in self.root.iterdir()
+                            if entry.name not in known and temp_writer_pid(entry.name) is None)
+        except OSError as exc:
+            raise StorageError(f"cannot read the ledger home {self.root} ({exc.strerror}); "
+                               "choose another home with --home DIR (or LEDGER_HOME)") from exc
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                             if len(others) > 3 else "")
+            raise NotAHome(f"{self.root} is not a ledger home: it holds other files "
+                           f"({shown}) and no {self.db_path.name}; choose a new or empty "
+                           "folder with --home DIR (or LEDGER_HOME)")
+
+    def require_ledger(self) -> None:
+        """Raise ``NoLedger`` unless this home has a ledger.db (for what only reads:
+        nothing is created), ``CorruptLedger`` when it had one that was lost."""
         _refuse_lost_ledger(self)
+        try:
+            empty = os.lstat(self.db_path).st_size == 0
+        except OSError:
+            empty = True
+        if empty:
+            raise NoLedger(f"there is no ledger at {self.root} (no {self.db_path.name}); "
+                           "check --home (or LEDGER_HOME); a command that records something "
+                           "(init, apply) creates it")
+
+    def prepare_db_file(self) -> None:
+        """Make sure ledger.db, if there is one, is a regular file, and refuse to start
+        a new ledger over one that was truncated or deleted. Its mode is left as it is
+        (doctor reports a loose one); a new one is created whole, and private, by
+        ``ledger.store.connect``."""
+        _refuse_lost_ledger(self)
+        try:
+            st = os.lstat(self.db_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _unusable(self.db_path, exc.strerror) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise _unusable(self.db_path, "a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                            "not a regular file")
+        _refuse_linked_companions(self.db_path)
 
     def private_dir(self, folder: Path, *, create: bool = True) -> Path:
         """*folder*, a folder of this home (inside its root, or inside one of the
@@ -139,10 +201,10 @@ class Home:
         # The home's folders are looked at right before the write: a link planted
         # in the home since it was opened is refused, not written through. (A file
         # elsewhere, as ``export -o`` writes, is the caller's choice.)
-        for folder in (target.parent.absolute(), self.tmp_dir.absolute()):
-            base = self._base_of(folder)
+        for checked in (target.parent.absolute(), self.tmp_dir.absolute()):
+            base = self._base_of(checked)
             if base is not None:
-                private_subdir(base, folder, create=False)
+                private_subdir(base, checked, create=False)
         folder = self.tmp_dir if same_device(self.tmp_dir, target.parent) else target.parent
         write_file_atomic(target, data, temp_dir=folder)
 
@@ -159,55 +221,58 @@ class Home:
             os.close(fd)  # closing the descriptor releases the flock
 
     def clean_tmp(self) -> int:
-        """Remove temp files left by writers that died mid-write; return how many."""
+        """Remove what writers that died mid-write left: temp files in tmp/, and temp
+        files and staging folders (a ledger built aside) beside ledger.db. Only names of
+        the ledger's own form (``.<name>.<pid>.<random>.tmp``) with a dead PID are
+        touched. Returns how many were removed."""
         removed = 0
-        try:
-            entries = list(os.scandir(self.tmp_dir))
-        except OSError:
-            return 0
-        for entry in entries:
-            pid = temp_writer_pid(entry.name)
-            if pid is not None and not host.pid_alive(pid):
+        for folder in dict.fromkeys((self.tmp_dir, self.db_path.parent)):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                pid = temp_writer_pid(entry.name)
+                if pid is None or not entry.name.startswith(".") or host.pid_alive(pid):
+                    continue
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        # Rare, so shutil is imported here, not on every start-up.
+                        import shutil  # noqa: PLC0415
+
+                        shutil.rmtree(entry.path)  # never follows links inside
+                    else:
+                        os.unlink(entry.path)
                     removed += 1
         return removed
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (its -wal and -shm files copy
-    the database file's mode).
+def _unusable(path: Path, why: str | None) -> StorageError:
+    return StorageError(f"cannot open {path} ({why}); choose another home with "
+                        "--home DIR (or LEDGER_HOME)")
 
-    An existing file is looked at by path, never opened: closing a descriptor of
-    ledger.db drops every POSIX lock this process holds on it, those of a SQLite
-    connection already open here included, and another process would then take
-    that connection for gone and delete the WAL under it.
-    """
+
+def _refuse_lost_ledger(home: Home) -> None:
+    """An empty or missing ledger.db beside a state.json that a ledger wrote (it has a
+    lineage) means the ledger was truncated or deleted: refuse to start a new, empty
+    one over it, which would orphan the views and snapshots. One stat when all is well."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    except FileExistsError:
-        fd = None
-    except OSError as exc:
-        raise _unusable(path, exc.strerror) from exc
-    if fd is not None:  # new, so no connection of this process can have locks on it
-        try:
-            os.fchmod(fd, FILE_MODE)  # the umask may have removed bits
-        finally:
-            os.close(fd)
+        if home.db_path.stat().st_size:
+            return
+        how = "empty"
+    except FileNotFoundError:
+        how = "missing"
+    except OSError:
         return
     try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise _unusable(path, exc.strerror) from exc
-    # Outside the try: StorageError is an OSError, and would lose its reason there.
-    if not stat.S_ISREG(st.st_mode):
-        raise _unusable(path, "a symbolic link" if stat.S_ISLNK(st.st_mode) else
-                        "not a regular file")
-    if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
-        try:
-            path.chmod(FILE_MODE)
-        except OSError as exc:
-            raise _unusable(path, exc.strerror) from exc
+        lineage = json.loads(home.state_file.read_bytes()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return
+    if lineage:
+        raise CorruptLedger(
+            f"{home.db_path} is {how} but {home.state_file} was written by ledger {lineage}: "
+            "the ledger was truncated or deleted; run 'upgrade-ledger restore' (see "
+            "docs/operations.md), or move state.json aside to start a new ledger")
 
 
 def _refuse_linked_companions(db_path: Path) -> None:
@@ -219,25 +284,3 @@ def _refuse_linked_companions(db_path: Path) -> None:
             raise StorageError(f"ledger file {companion} is a symbolic link: the ledger "
                                "never writes through one; remove it (and find out who put "
                                "it there)")
-
-
-def _unusable(path: Path, why: str | None) -> StorageError:
-    return StorageError(f"cannot open {path} ({why}); choose another home with "
-                        "--home DIR (or LEDGER_HOME)")
-
-
-def _refuse_lost_ledger(home: Home) -> None:
-    """An empty ledger.db beside a state.json that a ledger wrote (it has a lineage)
-    means the ledger was truncated or deleted: refuse to start a new, empty one over
-    it, which would orphan the views and snapshots. One stat when all is well."""
-    try:
-        if home.db_path.stat().st_size:
-            return
-        lineage = json.loads(home.state_file.read_bytes()).get("lineage")
-    except (OSError, ValueError, AttributeError):
-        return
-    if lineage:
-        raise CorruptLedger(
-            f"{home.db_path} is empty but {home.state_file} was written by ledger {lineage}: "
-            "the ledger was truncated or deleted; run 'upgrade-ledger restore' (see "
-            "docs/operations.md), or move state.json aside to start a new ledger")

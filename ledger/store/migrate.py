@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from alembic import command
@@ -19,6 +20,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from ledger.store.alchemy import make_engine
+from ledger.store.files import FILE_MODE, fsync_dir
+from ledger.store.sqlite import seal
 
 #: The PostgreSQL advisory lock key held while migrating ("LEDGER" and 1).
 ADVISORY_LOCK = 0x4C45_4447_4552_0001
@@ -83,6 +86,46 @@ def upgrade(url: str, revision: str = "head", *, sqlite_path: Path | None = None
             os.close(fd)  # closing the descriptor releases the flock
     finally:
         engine.dispose()
+
+
+def create(path: Path, *, host: str | None = None) -> None:
+    """Create a new SQLite ledger at *path*, whole or not at all.
+
+    It is migrated in a staging folder beside *path* (``.create.<pid>.<random>.tmp``,
+    removed by the next opener if this process dies), sealed, then renamed into
+    place: an interruption leaves no ledger.db rather than an empty or half-migrated
+    one. Concurrent creators are serialised with ``flock`` on the folder (as
+    ``upgrade`` is); one that waited finds the ledger made and does nothing. An empty
+    ledger.db (left by an older version) is replaced. *host* is the host creating it.
+    """
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.lstat(path).st_size > 0:
+                return  # made meanwhile by the process we waited for
+        except FileNotFoundError:
+            pass
+        stage = path.parent / f".create.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        stage.mkdir(mode=0o700)
+        try:
+            staged = stage / path.name
+            made = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                           FILE_MODE)
+            os.fchmod(made, FILE_MODE)  # the umask may have removed bits; -wal/-shm copy it
+            os.close(made)
+            engine = make_engine(f"sqlite:///{staged}", foreign_keys=False)
+            try:
+                _run(engine, "upgrade", "head", host)
+            finally:
+                engine.dispose()
+            seal(staged)
+            os.rename(staged, path)
+            fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def downgrade(url: str, revision: str, *, host: str | None = None) -> None:

@@ -26,12 +26,18 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.types.numeric import FloatLoader
 
-from ledger.errors import BadInput, Conflict, LedgerError, StorageError
+from ledger.errors import BadInput, Conflict, LedgerError, QueryTimeout, StorageError
 from ledger.store import urls
-from ledger.store.database import Database, Params, Report, Row, Tx, is_missing_table
+from ledger.store.database import (
+    REPORT_TIMEOUT_S,
+    Database,
+    Params,
+    Row,
+    Rows,
+    Tx,
+    is_missing_table,
+)
 
-#: How long one reporting statement may run before the server cancels it.
-REPORT_TIMEOUT_S = 60
 #: How long opening a connection may take unless the URL says (``connect_timeout``).
 CONNECT_TIMEOUT_S = 10
 #: The first keyword of a statement ``report`` accepts (the read-only transaction is
@@ -182,7 +188,8 @@ class PgDatabase(Database):
     def _translate(self, exc: psycopg.Error) -> LedgerError:
         return StorageError(f"{self.url}: {self._message(exc)}")
 
-    def report(self, sql: str, params: Params | None = None) -> Report:
+    def report(self, sql: str, params: Params | None = None, *,
+               timeout_s: float | None = REPORT_TIMEOUT_S) -> Rows:
         body = sql[_LEADING_COMMENTS.match(sql).end():]  # type: ignore[union-attr]
         keyword = body.split(None, 1)[0].upper() if body.strip() else ""
         keyword = keyword.split("(", 1)[0]
@@ -192,25 +199,50 @@ class PgDatabase(Database):
             sql, params = _pragma(body)
         try:
             self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            self._conn.execute(f"SET LOCAL statement_timeout = {REPORT_TIMEOUT_S * 1000}")
-            # A pipeline sends the statement with the extended protocol, which runs
-            # exactly one statement: "SELECT 1; COMMIT; DROP ..." is refused whole.
-            with self._conn.pipeline(), self._conn.cursor() as cursor:
-                cursor.execute(convert(sql), dict(params or {}))
-                rows = [tuple(r) for r in cursor.fetchall()]
-                columns = [d.name for d in cursor.description or ()]
-        except pg_errors.ReadOnlySqlTransaction as exc:
-            raise BadInput(_REFUSED) from exc
-        except pg_errors.QueryCanceled as exc:
-            raise BadInput(f"sql: the query ran longer than {REPORT_TIMEOUT_S} s and was "
-                           "cancelled") from exc
-        except psycopg.OperationalError as exc:  # the server or the connection failed
-            raise self._translate(exc) from exc
-        except (psycopg.Error, KeyError) as exc:  # the statement was refused
-            raise BadInput(f"sql: {self._message(exc)}") from exc
-        finally:
+            # 0 is no limit; the server cancels the statement past it, rows streaming
+            # to us included.
+            limit = 0 if timeout_s is None else max(1, int(timeout_s * 1000))
+            self._conn.execute(f"SET LOCAL statement_timeout = {limit}")
+            cursor = self._conn.cursor()
+            # stream(): single-row mode, so rows arrive as the server makes them; it
+            # uses the extended protocol, which runs exactly one statement: "SELECT 1;
+            # COMMIT; DROP ..." is refused whole.
+            rows: Any = cursor.stream(convert(sql), dict(params or {}))  # a generator
+            first = next(rows, None)
+        except BaseException as exc:
             self._rollback()
-        return columns, rows
+            raise self._report_error(exc, timeout_s) from exc
+        columns = [d.name for d in cursor.description or ()]
+
+        def stream() -> Iterator[tuple[Any, ...]]:
+            try:
+                if first is not None:
+                    yield tuple(first)
+                for row in rows:
+                    yield tuple(row)
+            except BaseException as exc:
+                raise self._report_error(exc, timeout_s) from exc
+
+        def close() -> None:
+            with contextlib.suppress(psycopg.Error):
+                rows.close()  # a stream left early: psycopg ends its query
+                cursor.close()
+            self._rollback()
+
+        return Rows(columns, stream(), close)
+
+    def _report_error(self, exc: BaseException, timeout_s: float | None) -> BaseException:
+        """The ledger's error for a failed reporting statement."""
+        if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
+            return BadInput(_REFUSED)
+        if isinstance(exc, pg_errors.QueryCanceled):
+            return QueryTimeout(f"sql: the query ran longer than {timeout_s:g} s and was "
+                                "stopped (--timeout)")
+        if isinstance(exc, psycopg.OperationalError):  # the server or the connection failed
+            return self._translate(exc)
+        if isinstance(exc, psycopg.Error | KeyError):  # the statement was refused
+            return BadInput(f"sql: {self._message(exc)}")
+        return exc
 
     def table_count(self) -> int:
         with self._transaction(write=False) as tx:

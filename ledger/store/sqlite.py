@@ -7,20 +7,31 @@ writes start with ``BEGIN IMMEDIATE``. Reporting connections may only read.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from ledger.errors import BadInput, Conflict, CorruptLedger, LedgerError, StorageError
+from ledger.errors import (
+    BadInput,
+    Conflict,
+    CorruptLedger,
+    LedgerError,
+    QueryTimeout,
+    StorageError,
+)
 from ledger.store.database import (
     BUSY_TIMEOUT_S,
+    REPORT_MAX_CELL,
+    REPORT_TIMEOUT_S,
     WAL_SIZE_LIMIT,
     Database,
     Params,
-    Report,
     Row,
+    Rows,
     Tx,
     is_missing_table,
 )
@@ -29,9 +40,21 @@ from ledger.store.database import (
 # the statement is prepared, so a write is refused before it runs.
 _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
                  sqlite3.SQLITE_RECURSIVE}
-_READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "foreign_key_list",
-                 "database_list", "integrity_check", "quick_check", "user_version",
-                 "schema_version", "page_count", "page_size", "freelist_count"}
+#: Pragmas whose argument names what to read (a table, an index, how many problems).
+_PRAGMAS_READING_WITH_ARGUMENT = {
+    "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
+    "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
+#: Pragmas that read a setting when given no value, and would change it when given
+#: one: allowed without a value only (``PRAGMA page_size``, not ``page_size=1024``).
+_PRAGMAS_READING_WITHOUT_VALUE = {
+    "application_id", "auto_vacuum", "busy_timeout", "cache_size", "collation_list",
+    "compile_options", "data_version", "database_list", "encoding", "foreign_keys",
+    "freelist_count", "function_list", "journal_mode", "journal_size_limit",
+    "max_page_count", "mmap_size", "module_list", "page_count", "page_size", "pragma_list",
+    "query_only", "schema_version", "synchronous", "table_list", "user_version",
+    "wal_autocheckpoint"}
+#: SQLite calls the progress handler every this many virtual machine steps.
+_PROGRESS_STEPS = 1000
 
 
 class _SqliteTx(Tx):
@@ -135,26 +158,23 @@ class SqliteDatabase(Database):
                 self._conn.execute("ROLLBACK")
             raise _translate(exc, str(self.path)) from exc
 
-    def report(self, sql: str, params: Params | None = None) -> Report:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    def report(self, sql: str, params: Params | None = None, *,
+               timeout_s: float | None = REPORT_TIMEOUT_S) -> Rows:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
         try:
             conn.execute("PRAGMA query_only=ON")  # a second guard behind the authorizer
-            conn.set_authorizer(_read_only_authorizer)
+            watch = ReportWatch(timeout_s)
+            watch.guard(conn)
             try:
                 cursor = conn.execute(sql, params or {})
-                rows = cursor.fetchall()
             except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
-                refused = ("not authorized", "authorization denied", "readonly")
-                if any(word in str(exc) for word in refused):
-                    raise BadInput(
-                        "sql: only read-only queries are allowed (SELECT, WITH, EXPLAIN); "
-                        "the statement was refused before it ran"
-                    ) from exc
-                raise BadInput(f"sql: {exc}") from exc
-            columns = [d[0] for d in cursor.description or ()]
-            return columns, [tuple(r) for r in rows]
-        finally:
+                raise watch.translate(exc) from exc
+        except BaseException:
             conn.close()
+            raise
+        columns = [d[0] for d in cursor.description or ()]
+        return Rows(columns, watch.stream(cursor), conn.close)
 
     def table_count(self) -> int:
         with self._transaction(write=False) as tx:
@@ -171,6 +191,31 @@ class SqliteDatabase(Database):
 
     def close(self) -> None:
         self._conn.close()
+
+
+def seal(path: Path) -> None:
+    """Make the closed ledger file at *path* whole on its own, before it is renamed into
+    place: fold its WAL in, switch it to a rollback journal (which removes the -wal and
+    -shm files) and fsync it. The first connection to the renamed file puts it back in
+    WAL mode. Nothing else may have it open."""
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            conn.close()
+        # Not ledger.db yet: no connection of this process has POSIX locks on it that
+        # closing this descriptor could drop.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except sqlite3.Error as exc:
+        raise _translate(exc, str(path)) from exc
+    except OSError as exc:
+        raise StorageError(f"cannot write {path} ({exc.strerror}); check free space") from exc
 
 
 def _foreign(conn: sqlite3.Connection) -> bool:
@@ -196,11 +241,74 @@ def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> None:
             time.sleep(0.005)
 
 
-def _read_only_authorizer(action: int, arg1: str | None, *_: object) -> int:
+def _read_only_authorizer(action: int, arg1: str | None, arg2: str | None,
+                          *_: object) -> int:
     if action in _READ_ACTIONS:
         return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and arg1 in _READ_PRAGMAS:
-        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:
+        name = (arg1 or "").lower()
+        if name in _PRAGMAS_READING_WITH_ARGUMENT or (
+                name in _PRAGMAS_READING_WITHOUT_VALUE and arg2 is None):
+            return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY
+
+
+class ReportWatch:
+    """What keeps a reporting query in bounds on a SQLite connection: the read-only
+    authorizer, a cap on the size of one cell, and a progress handler that stops the
+    query past its deadline. Ctrl-C lands in that handler too (Python runs signal
+    handlers when it next runs Python code): SQLite then stops the query at once, and
+    ``translate`` turns that into the ``KeyboardInterrupt`` it was."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.expired = False
+        self._length = 0
+
+    def guard(self, conn: sqlite3.Connection) -> None:
+        """Put the guards on *conn* (``unguard`` takes them off a pooled connection)."""
+        conn.set_authorizer(_read_only_authorizer)
+        conn.set_progress_handler(self._check, _PROGRESS_STEPS)
+        self._length = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, REPORT_MAX_CELL)
+
+    def unguard(self, conn: sqlite3.Connection) -> None:
+        conn.set_authorizer(None)
+        conn.set_progress_handler(None, 0)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._length)
+
+    def _check(self) -> int:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.expired = True
+            return 1  # non-zero: SQLite stops the statement ("interrupted")
+        return 0
+
+    def translate(self, exc: BaseException) -> BaseException:
+        """The ledger's error (or the KeyboardInterrupt) behind a driver error."""
+        text = str(exc)
+        if "interrupted" in text:
+            if self.expired:
+                return QueryTimeout(f"sql: the query ran longer than {self.timeout_s:g} s "
+                                    "and was stopped (--timeout)")
+            return KeyboardInterrupt()  # raised in the progress handler, then swallowed
+        if any(word in text for word in ("not authorized", "authorization denied",
+                                         "readonly")):
+            return BadInput("sql: only read-only queries are allowed (SELECT, WITH, EXPLAIN, "
+                            "pragmas that read); the statement was refused before it ran")
+        return BadInput(f"sql: {text}")
+
+    def stream(self, cursor: Any, errors: tuple[type[BaseException], ...] = (sqlite3.Error,),
+               ) -> Iterator[tuple[Any, ...]]:
+        """The rows of *cursor* as they are computed, a batch at a time; the driver's
+        *errors* become the ledger's."""
+        while True:
+            try:
+                batch = cursor.fetchmany(256)
+            except errors as exc:
+                raise self.translate(exc) from exc
+            if not batch:
+                return
+            for row in batch:
+                yield tuple(row)
 
 

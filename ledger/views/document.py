@@ -13,14 +13,16 @@ in the ledger's ``extra`` columns and written back after the ledger's own fields
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from ledger.core import states
 from ledger.core.validate import (
     MAX_NAME,
+    MAX_NUMBER,
     check_id,
     check_name,
     check_path,
@@ -53,6 +55,7 @@ COMPONENT_KEYS = frozenset({"state", "from_version", "to_version", "started_at",
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # -- building -----------------------------------------------------------------------
@@ -198,6 +201,16 @@ def dumps(doc: dict[str, Any]) -> bytes:
 
 # -- parsing and validation ----------------------------------------------------------
 
+def read(handle: BinaryIO) -> bytes:
+    """The bytes of a document from an open file, reading at most ``MAX_DOCUMENT`` + 1
+    (a stream that never ends, such as /dev/zero, is refused, not read whole)."""
+    data = handle.read(MAX_DOCUMENT + 1)
+    if len(data) > MAX_DOCUMENT:
+        raise InvalidDocument(f"document is more than {MAX_DOCUMENT} bytes; at most "
+                              f"{MAX_DOCUMENT} allowed")
+    return data
+
+
 def parse(text: str | bytes) -> dict[str, Any]:
     """Parse and validate a whole document; ``InvalidDocument`` names the first problem."""
     return validate(load(text))
@@ -209,7 +222,8 @@ def load(text: str | bytes) -> dict[str, Any]:
     if len(text) > MAX_DOCUMENT:
         raise InvalidDocument(f"document is {len(text)} bytes; at most {MAX_DOCUMENT} allowed")
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                         parse_float=_finite)
     except RecursionError as exc:
         raise InvalidDocument("document is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
@@ -232,6 +246,37 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise InvalidDocument(f"document contains {name}, which is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is valid JSON, but no number a ledger holds
+        raise InvalidDocument(f"document contains the number {text[:40]}, which is out of range")
+    return value
+
+
+def _unicode(value: Any, where: str = "") -> None:
+    """Refuse a lone surrogate in any key or string (``"\\ud800"`` is valid JSON, but
+    no UTF-8 text: it could be neither stored nor written back)."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise InvalidDocument("document holds text that is not valid Unicode (a lone "
+                                  f"surrogate) at {where or 'its top level'}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if _SURROGATE.search(key):
+                raise InvalidDocument("document holds text that is not valid Unicode (a lone "
+                                      f"surrogate) in a key of {where or 'its top level'}")
+            _unicode(item, path)
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            _unicode(item, f"{where}[{n}]")
+
+
+def _whole(value: Any, limit: int = MAX_NUMBER) -> bool:
+    """Whether *value* is a whole number from 0 to *limit* (``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -273,6 +318,7 @@ def _validate(doc: Any, whole: bool) -> None:
         raise InvalidDocument("document must be a JSON object")
     if _depth(doc) > MAX_DEPTH:
         raise InvalidDocument(f"document is nested deeper than {MAX_DEPTH} levels")
+    _unicode(doc)
     missing = [k for k in REQUIRED_KEYS if k not in doc]
     if missing and whole:
         raise InvalidDocument(f"document lacks {', '.join(missing)}")
@@ -310,8 +356,10 @@ def _validate_metadata(meta: Any) -> None:
     for key in ("hostname", "user"):
         if meta[key] is not None:
             check_text(meta[key], f"metadata.{key}", 255)
-    if meta["pid"] is not None and not (isinstance(meta["pid"], str) and meta["pid"].isdigit()
-                                        and len(meta["pid"]) < 12):
+    pid = meta["pid"]
+    # isascii: str.isdigit() also says yes to "²" or "٣", which int() refuses.
+    if pid is not None and not (isinstance(pid, str) and pid.isascii() and pid.isdigit()
+                                and len(pid) < 12):
         raise InvalidDocument("metadata.pid must be a decimal process id as a string, or null")
 
 
@@ -326,9 +374,8 @@ def _validate_additions(doc: dict[str, Any]) -> None:
     check_text(doc.get("error"), "error")
     if doc.get("superseded_by") is not None:
         check_id(doc["superseded_by"], "superseded_by")
-    serial = doc.get("serial", 0)
-    if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
-        raise InvalidDocument("serial must be a whole number from 0")
+    if not _whole(doc.get("serial", 0)):
+        raise InvalidDocument(f"serial must be a whole number from 0 to {MAX_NUMBER}")
     check_text(doc.get("lineage"), "lineage", MAX_NAME)
     points = doc.get("rollback_points", [])
     if not isinstance(points, list):
@@ -340,8 +387,9 @@ def _validate_additions(doc: dict[str, Any]) -> None:
         check_name(point["component"], f"{where}.component")
         check_path(point["backup_path"], f"{where}.backup_path")
         size = point.get("size_bytes")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise InvalidDocument(f"{where}.size_bytes must be a whole number from 0, or null")
+        if size is not None and not _whole(size):
+            raise InvalidDocument(f"{where}.size_bytes must be a whole number from 0 to "
+                                  f"{MAX_NUMBER}, or null")
         digest = point.get("sha256")
         if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             raise InvalidDocument(f"{where}.sha256 must be 64 lower-case hex digits, or null")
@@ -376,9 +424,7 @@ def _validate_phase(name: str, phase: Any, seen: set[tuple[str, str]]) -> None:
         for key in ("started_at", "completed_at", "failed_at"):
             if key in comp:
                 _stamp(comp[key], f"{cwhere}.{key}")
-        attempts = comp.get("attempts", 0)
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or not \
-                0 <= attempts < 1_000_000:
+        if not _whole(comp.get("attempts", 0), 999_999):
             raise InvalidDocument(f"{cwhere}.attempts must be a whole number from 0")
         check_text(comp.get("last_error"), f"{cwhere}.last_error")
         check_text(comp.get("note"), f"{cwhere}.note")
