@@ -236,3 +236,17 @@ def test_timestamps_are_whole_seconds_in_every_report(cli, troubled, args) -> No
         out = json.dumps(data)  # the stored milliseconds, as notifications carry them
     assert re.search(r"T\d{2}:\d{2}:\d{2}Z", out)
     assert not STAMP_MS.search(out), out
+
+
+def test_versions_in_a_table_are_shown_as_written(cli) -> None:
+    """A version is text: 1.10 is not 1.1 and 10.0 is not 10, in any column."""
+    for args in (("init", "u1"), ("state", "set", "PLANNING"), ("state", "set", "BACKING_UP"),
+                 ("state", "set", "UPGRADING"), ("phase", "start", "p"),
+                 ("component", "start", "nginx", "1.10", "10.0")):
+        assert cli(*args).code == 0
+    shown = cli("show", "-f", "table").out
+    row = next(line for line in shown.splitlines() if line.startswith("p ") and "nginx" in line)
+    assert row.split()[3:5] == ["1.10", "10.0"], row
+    runs = cli("sql", "SELECT component, from_version, to_version, attempts FROM "
+               "component_runs", "-f", "table").out.splitlines()
+    assert runs[2].split() == ["nginx", "1.10", "10.0", "1"], runs

@@ -243,12 +243,13 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
                      for r in data]
             cols.remove(note)
             return _table(_shown(_records(data, cols)), _shown([cols])[0], width, notes,
-                          label=note)
+                          label=note, numeric=_numeric_columns(data, cols))
         records = _records(data, cols)
         if fmt == "table":
             if not records and not cols:
                 return ""
-            return _table(_shown(records), _shown([cols])[0], width)
+            return _table(_shown(records), _shown([cols])[0], width,
+                          numeric=_numeric_columns(data, cols))
         if fmt == "csv":
             return _csv([cols, *records] if cols else records)
         return "".join("\t".join(visible(cell) for cell in r) + "\n" for r in records)
@@ -266,16 +267,30 @@ def _records(data: list[Any], cols: list[str]) -> list[list[str]]:
             for r in data]
 
 
+def _numeric_columns(data: list[Any], cols: list[str]) -> set[int]:
+    """The columns whose values are all numbers (or empty): only those are aligned as
+    numbers. A version such as ``10.0`` or ``1.10`` is text and stays as written."""
+    rows = [r for r in data if isinstance(r, Mapping)]
+    return {i for i, col in enumerate(cols)
+            if all(r.get(col) is None or (isinstance(r.get(col), int | float)
+                                          and not isinstance(r.get(col), bool))
+                   for r in rows)}
+
+
 def _table(records: list[list[str]], cols: list[str], width: int | None,
-           notes: list[str] | None = None, label: str = "") -> str:
+           notes: list[str] | None = None, label: str = "",
+           numeric: set[int] | None = None) -> str:
     """Aligned columns (tabulate), cells wrapped to fit *width*; each of *notes* on
-    its own lines under its row, as ``label: text``."""
+    its own lines under its row, as ``label: text``. Only the *numeric* columns are
+    read as numbers (right-aligned); every other cell is shown as it is."""
     from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
 
     headers = cols
     if width is not None and records:
         records, headers = _fit(records, cols, width)
-    lines = tabulate(records, headers=headers, tablefmt="simple").split("\n")
+    as_text = [i for i in range(len(cols)) if i not in (numeric or set())]
+    lines = tabulate(records, headers=headers, tablefmt="simple",
+                     disable_numparse=as_text or False).split("\n")
     if not notes:
         return "\n".join(lines) + "\n"
     at = max((h.count("\n") for h in headers), default=0) + 2  # the header and its rule
