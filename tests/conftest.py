@@ -63,6 +63,14 @@ def pg_url(pg_server: Server) -> Iterator[str]:
     pg_server.drop_database(url)
 
 
+@pytest.fixture(autouse=True)
+def _no_terminal_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see output as a pipe would: no ``COLUMNS``/``LINES`` from the shell that
+    runs them (pytest-xdist's workers set 80x24), which would fit tables to a width."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
+
+
 def walk_to_upgrading(led: Ledger, upgrade_id: str | None = None) -> str:
     """Start an upgrade and move it IDLE -> PLANNING -> BACKING_UP -> UPGRADING."""
     uid = led.init(upgrade_id)
