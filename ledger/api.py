@@ -63,6 +63,10 @@ class Ledger:
     new ``Ledger`` is handed to each function in ``default_wiring`` first
     (``ledger.wiring`` registers the documented defaults there); ``wired=False``
     gives a bare ledger.
+
+    *db* is a database already open on this ledger, used instead of opening one
+    (the command-line session keeps one open between calls); closing the ledger
+    closes it.
     """
 
     #: Functions that register the default listeners on each new Ledger.
@@ -78,15 +82,18 @@ class Ledger:
         strict: bool = False,
         lock_timeout_s: float = 4 * 3600,
         wired: bool = True,
+        db: Database | None = None,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.home = Home.at(home, env)
         self.home.ensure()
         self.home.clean_tmp()
-        if db_url is None:
-            self.home.prepare_db_file()
-        self.db: Database = open_database(db_url, self.home.db_path)
+        if db is None:
+            if db_url is None:
+                self.home.prepare_db_file()
+            db = open_database(db_url, self.home.db_path)
+        self.db: Database = db
         self.pid = os.getpid() if pid is None else pid
         self.user = host.user_name() or str(os.geteuid())
         self.hostname = host.hostname()
@@ -888,6 +895,12 @@ class Ledger:
         """The audit trail, oldest first; see ``queries.events``."""
         with self.db.read() as tx:
             return queries.events(tx, **filters)
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 before any): every later change's event has a
+        greater one."""
+        with self.db.read() as tx:
+            return int(tx.scalar("SELECT MAX(id) FROM events") or 0)
 
     def status(self, *, stuck_after_s: float = 3600.0) -> dict[str, Any]:
         """The current upgrade at a glance, with the lock and any stuck components.

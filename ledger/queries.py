@@ -186,11 +186,19 @@ def event_dict(row: Row) -> dict[str, Any]:
 
 def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None, after_id: int = 0,
+           pid: int | None = None, hostname: str | None = None,
            limit: int | None = 1000) -> list[dict[str, Any]]:
     """The audit trail oldest first, filtered. *kind* matches exactly or as a prefix
-    ending in '.' (``component.`` for every component event); *after_id* pages."""
+    ending in '.' (``component.`` for every component event); *after_id* pages; *pid*
+    and *hostname* pick the changes of one process."""
     where = ["e.id > :after"]
     params: dict[str, Any] = {"after": int(after_id)}
+    if pid is not None:
+        where.append("e.pid = :pid")
+        params["pid"] = int(pid)
+    if hostname is not None:
+        where.append("e.hostname = :host")
+        params["host"] = hostname
     if upgrade_id is not None:
         where.append("e.upgrade_id = :u")
         params["u"] = upgrade_id
