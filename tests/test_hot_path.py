@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import walk_to_upgrading
+from conftest import child_env, walk_to_upgrading
+from sessionclient import SessionClient
 
 from ledger.api import Ledger
 
@@ -116,3 +117,18 @@ def test_the_drop_ins_save_is_a_per_step_command(running: Path, home: Path,
     assert (got, out, err) == (0, "u1\n", "")
     assert state_doc(home)["ticket"] == "OPS-1"
     assert heavy == []
+
+
+def test_a_session_serves_the_per_step_commands_on_the_light_path(running: Path,
+                                                                  tmp_path: Path) -> None:
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    session = SessionClient(env=env, command=[sys.executable, "-c", PROBE])
+    for i, (args, code, did) in enumerate(STEPS):
+        home = tmp_path / f"home{i}"  # each step on its own copy, as above
+        shutil.copytree(running, home, symlinks=True)
+        got = session.call(["--home", str(home), *args])
+        assert (got.code, got.err) == (code, b""), (args, got)
+        assert did(home, got.out.decode()), args
+    assert session.close() == 0
+    assert session.errors.decode().splitlines()[-1] == "HEAVY:"  # neither, once for all

@@ -3,7 +3,8 @@
 For every change of the API: made once by a process, then asked again of a Replay
 that starts from the event before it, it returns what it returned and the ledger is
 unchanged (no second event, the same document); asked of a Replay when it was not
-made, it is made. A change by another process is never taken for the caller's.
+made, it is made. A change by another process is never taken for the caller's. The
+``session retry`` command does the same for a whole command line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import walk_to_upgrading
+from conftest import run_ledger, walk_to_upgrading
 
 from ledger.api import Ledger
 from ledger.ops.replay import Replay
@@ -163,3 +164,27 @@ def test_lock_breaks_are_looked_up_and_lock_moves_made_again(running: Path) -> N
         assert not replay.release_lock(PID)
     with Ledger(running) as led:
         assert len(led.events(kind="lock.break")) == 1
+
+
+def test_session_retry_runs_a_command_line_on_a_replay(running: Path) -> None:
+    before = newest(running)
+    base = ["--home", running, "--pid", str(PID)]
+    first = run_ledger(*base, "legacy", "init")
+    assert first.returncode == 0, first.stderr
+    new_id = first.stdout.strip()
+    assert "superseded" in first.stderr  # u1 was UPGRADING
+    again = run_ledger(*base, "session", "retry", "--after", str(before), "--",
+                       *base, "legacy", "init")
+    assert (again.returncode, again.stdout, again.stderr) == (0, first.stdout, first.stderr)
+    with Ledger(running) as led:
+        assert [u["id"] for u in led.history()] == [new_id, "u1"]  # no third upgrade
+    # Nothing made after that point: the command runs, once.
+    before = newest(running)
+    fail = run_ledger(*base, "session", "retry", "--after", str(before), "--",
+                      *base, "state", "set", "NOPE")
+    assert fail.returncode == 6 and fail.stderr.startswith("upgrade-ledger: error: unknown")
+    made = run_ledger(*base, "session", "retry", "--after", str(before), "--",
+                      *base, "state", "set", "PLANNING")
+    assert (made.returncode, made.stdout, made.stderr) == (0, "", "")
+    with Ledger(running) as led:
+        assert led.state() == "PLANNING"
