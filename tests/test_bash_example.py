@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, child_env
 
 from ledger.api import Ledger
+
+#: Every test runs with the session and without it (conftest.py, dropin_mode).
+pytestmark = pytest.mark.usefixtures("dropin_mode")
 
 EXAMPLE = REPO / "examples" / "upgrade-with-state.sh"
 EXPORTERS = {"node_exporter": "1.9.1", "blackbox_exporter": "0.27.0",
