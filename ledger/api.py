@@ -35,7 +35,7 @@ from ledger.store import meta
 from ledger.store.connect import open_database
 from ledger.store.database import Database, Row, Tx
 from ledger.store.home import Home
-from ledger.views import document, importer, patch
+from ledger.views import document, patch
 
 T = TypeVar("T")
 
@@ -325,6 +325,8 @@ class Ledger:
         records it), which is how the legacy ``upgrade_state_save`` is honoured. With
         *make_current*, another upgrade still in progress is superseded, not orphaned.
         """
+        from ledger.views import importer  # noqa: PLC0415 (imports and saves only)
+
         data = document.parse(_json_text(doc))
 
         def action(tx: Tx) -> str:
@@ -357,6 +359,8 @@ class Ledger:
         ``import_document``); one the ledger does not have needs a whole document.
         Anything invalid (bad JSON, a bad field, too many kept bytes) changes nothing.
         """
+        from ledger.views import importer  # noqa: PLC0415 (imports and saves only)
+
         data = document.validate(document.load(_json_text(doc)), whole=False)
 
         def action(tx: Tx) -> str:

@@ -132,3 +132,25 @@ def test_a_session_serves_the_per_step_commands_on_the_light_path(running: Path,
         assert did(home, got.out.decode()), args
     assert session.close() == 0
     assert session.errors.decode().splitlines()[-1] == "HEAVY:"  # neither, once for all
+
+
+def test_the_per_step_path_builds_no_dataclass_and_reads_no_csv(running: Path,
+                                                               home: Path) -> None:
+    """dataclasses (and the code each @dataclass compiles), csv and the document
+    importer are start-up costs a per-step command does not need: its records are
+    plain classes (core/values.py), csv is imported for CSV output only, the importer
+    for imports and saves only."""
+    shutil.copytree(running, home, symlinks=True)
+    watched = ("dataclasses", "csv", "ledger.views.importer")
+    probe = PROBE.replace(f"{{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})",
+                          f"set(sys.modules) & set({watched!r})")
+    assert probe != PROBE
+    env = {k: v for k, v in os.environ.items() if k not in ("LEDGER_HOME", "LEDGER_PID")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    for args in (["component", "start", "b", "1", "2"], ["lock", "acquire"],
+                 ["component", "status", "a"], ["state", "get"], ["export", "-o", "-"]):
+        done = subprocess.run([sys.executable, "-c", probe, "--home", str(home), *args],
+                              capture_output=True, text=True, check=False, timeout=120,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-1] == "HEAVY:", (args, done.stderr)

@@ -7,7 +7,6 @@ stable and documented in docs/cli.md: scripts parse it.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -106,6 +105,8 @@ def _record_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def _csv(rows: Sequence[Sequence[str]]) -> str:
+    import csv  # noqa: PLC0415 (only CSV output pays for it)
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerows(rows)
