@@ -3,8 +3,9 @@
     python examples/simulated_upgrade.py [HOME]
 
 Nothing is installed or changed outside HOME (default: ./demo): the "upgrades" are
-ledger entries and small backup files. One component fails once and is retried, so
-the summary and the history have something to show.
+ledger entries and small backup files. One component fails once and is retried; the
+script prints that attempt as it happens and the component's trail as the ledger
+recorded it, then the summary and the history. It can be run again on the same HOME.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ PLAN = {
     "core": [("prometheus", "2.48.1", "2.55.1")],
     "logging": [("loki", "2.9.3", "3.6.3"), ("promtail", "2.9.3", "3.6.3")],
 }
+
+#: The component whose first attempt fails, so that the ledger has a retry to show.
+FLAKY = "prometheus"
 
 
 def main(home: Path) -> None:
@@ -41,13 +45,20 @@ def main(home: Path) -> None:
                 if ledger.is_upgraded(name):
                     continue
                 ledger.component_start(name, old, new)
-                if name == "prometheus" and ledger.component_status(name)["attempts"] == 1:
-                    ledger.component_fail(name, "config check failed: retrying")
+                if name == FLAKY:  # its first attempt fails; the retry works
+                    ledger.component_fail(name, "config check failed")
+                    print(f"{name}: attempt 1 failed (config check failed), retrying")
                     ledger.component_start(name, old, new)
                 ledger.component_complete(name)
             ledger.phase_complete(phase)
         ledger.set_state("VALIDATING")
         ledger.set_state("COMPLETED")
+        print("\nWhat the ledger recorded of the components that failed first:")
+        failed = {e["subject"] for e in ledger.events(upgrade_id=upgrade_id,
+                                                      kind="component.failed", limit=None)}
+        for name in sorted(failed):
+            print(f"  {trail(ledger, upgrade_id, name)}")
+        print()
         print(ledger.summary())
         ledger.cleanup()
         print(f"\nstate.json: {ledger.home.state_file}")
@@ -57,6 +68,15 @@ def main(home: Path) -> None:
             print(f"  {row['id']} | {row['outcome'] or row['state']} | "
                   f"{row['started_at']} -> {row['finished_at']} | "
                   f"{row['completed']}/{row['components']} components")
+
+
+def trail(ledger: Ledger, upgrade_id: str, name: str) -> str:
+    """A component's moves in this upgrade, from its events: A -> FAILED (why) -> B."""
+    steps = []
+    for event in ledger.events(upgrade_id=upgrade_id, component=name, limit=None):
+        why = (event["detail"] or {}).get("text") if event["to"] == "FAILED" else None
+        steps.append(event["to"] + (f" ({why})" if why else ""))
+    return f"{name}: " + " -> ".join(steps)
 
 
 if __name__ == "__main__":

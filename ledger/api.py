@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ledger import queries
 from ledger.core import clock, host, states
+from ledger.core.host import check_host
 from ledger.core.validate import check_id, check_name, check_path, check_text, check_version
 from ledger.errors import (
     BadInput,
@@ -33,7 +34,7 @@ from ledger.errors import (
 from ledger.lock import DirLock, Holder, LockStatus
 from ledger.store import meta
 from ledger.store.connect import open_database
-from ledger.store.database import Database, Row, Tx
+from ledger.store.database import ALL_HOSTS, Database, Row, Tx
 from ledger.store.home import Home
 from ledger.views import document, patch
 
@@ -51,7 +52,11 @@ PlannedComponent = tuple[str, str | None, str | None]
 
 
 class Ledger:
-    """A durable ledger of upgrades in a home folder (or behind a SQLAlchemy URL).
+    """A durable ledger of upgrades in a home folder (or behind a database URL).
+
+    The ledger is this host's (``identity``): every change and every read is scoped
+    to its rows, so many hosts can share one database; ``history``, ``show``,
+    ``events`` and ``status`` can also read another host's rows or every host's.
 
     *pid* is the process the changes are attributed to and that owns the lock
     (default: this process; the CLI passes its caller's). With *strict*, every
@@ -82,21 +87,25 @@ class Ledger:
         strict: bool = False,
         lock_timeout_s: float = 4 * 3600,
         wired: bool = True,
+        host_name: str | None = None,
         db: Database | None = None,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
+        #: Whose rows this ledger reads and writes: *host_name*, else ``LEDGER_HOST``,
+        #: else the kernel's node name; with this machine's id.
+        self.identity = host.identity(self.env, host_name)
         self.home = Home.at(home, env)
         self.home.ensure()
         self.home.clean_tmp()
         if db is None:
             if db_url is None:
                 self.home.prepare_db_file()
-            db = open_database(db_url, self.home.db_path)
+            db = open_database(db_url, self.home.db_path, self.identity)
         self.db: Database = db
         self.pid = os.getpid() if pid is None else pid
         self.user = host.user_name() or str(os.geteuid())
-        self.hostname = host.hostname()
+        self.hostname = self.identity.name
         self.strict = strict
         self.lock = DirLock(self.home.lock_dir, timeout_s=lock_timeout_s,
                             on_break=self.record_lock_break)
@@ -105,9 +114,11 @@ class Ledger:
         self.after_change: list[Callable[[], object]] = []
         #: Called with the upgrade id after ``save_to_history`` wrote its file.
         self.after_save: list[Callable[[str], object]] = []
-        #: Context managers entered around an ``apply`` run, given this ledger
-        #: (notifications are delivered as the run goes this way).
-        self.during_run: list[Callable[[Ledger], AbstractContextManager[object]]] = []
+        #: Context managers entered around an ``apply`` run, given this ledger and a
+        #: function that says whether the run was asked to stop (notifications are
+        #: delivered as the run goes this way, and cut short when it stops).
+        self.during_run: list[Callable[[Ledger, Callable[[], bool]],
+                                       AbstractContextManager[object]]] = []
         #: Extra sections of ``status()``: name -> function returning its data.
         self.status_sections: dict[str, Callable[[], object]] = {}
         if wired:
@@ -128,28 +139,36 @@ class Ledger:
 
     def _change(self, action: Callable[[Tx], T],
                 touched: list[tuple[str, str, bool]] | None = None) -> T:
-        """Run *action* as one write transaction, then refresh the state.json view.
+        """Run *action* as one write transaction, with the state.json view built in it
+        and put in place once it committed: one transaction per step.
 
         An action that changes no component row beyond those it lists in *touched*
         (``(phase, name, created)``, filled as it runs) lets the view be patched
-        rather than rebuilt whole; see ``ledger.viewpatch``.
+        rather than rebuilt whole; see ``ledger.views.patch``. The view is built
+        under the home's views lock, taken after the change and kept until the view
+        is in place, so this home's views land in commit order and never run ahead
+        of the ledger.
         """
         if self.strict:
             self._require_lock()
-        change = None
-        with self.db.write() as tx:
-            upgrade_id = None if touched is None else meta.current_upgrade(tx)
-            before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
-            result = action(tx)
-            if upgrade_id is not None and before is not None and touched is not None:
-                change = patch.Change(upgrade_id, before,
-                                          patch.serial(tx, upgrade_id), touched)
-        try:
-            self._write_views(change)
-        except StorageError as exc:
-            # Committed is committed: say so, or a caller would redo a step that happened.
-            raise StorageError(f"the change was recorded in the ledger, but {exc}; then run "
-                               "'upgrade-ledger export' to rewrite the views") from exc
+        with contextlib.ExitStack() as held:
+            with self.db.write() as tx:
+                upgrade_id = None if touched is None else meta.current_upgrade(tx)
+                before = None if upgrade_id is None else patch.serial(tx, upgrade_id)
+                result = action(tx)
+                change = None
+                if upgrade_id is not None and before is not None and touched is not None:
+                    change = patch.Change(upgrade_id, before, patch.serial(tx, upgrade_id),
+                                          touched)
+                held.enter_context(self.home.views_lock())
+                view = self._build_view(tx, change)
+            try:
+                self._put_view(view)
+            except StorageError as exc:
+                # Committed is committed: say so, or a caller would redo a step that
+                # happened.
+                raise StorageError(f"the change was recorded in the ledger, but {exc}; then "
+                                   "run 'upgrade-ledger export' to rewrite the views") from exc
         self._changed()
         return result
 
@@ -170,52 +189,62 @@ class Ledger:
     def _event(self, tx: Tx, kind: str, upgrade_id: str | None, subject: str | None = None,
                old: str | None = None, new: str | None = None,
                detail: Mapping[str, Any] | None = None, at: str | None = None) -> None:
-        tx.execute(
-            "INSERT INTO events (at, upgrade_id, kind, subject, from_value, to_value, "
-            "username, hostname, pid, detail) VALUES (:at, :upgrade_id, :kind, :subject, "
-            ":old, :new, :user, :host, :pid, :detail)",
+        event_id = tx.insert(
+            "INSERT INTO events (host, at, upgrade_id, kind, subject, from_value, to_value, "
+            "username, hostname, pid, detail) VALUES (:host, :at, :upgrade_id, :kind, "
+            ":subject, :old, :new, :user, :hostname, :pid, :detail)",
             {"at": at or clock.now(), "upgrade_id": upgrade_id, "kind": kind,
              "subject": subject, "old": old, "new": new, "user": self.user,
-             "host": self.hostname, "pid": self.pid,
+             "hostname": self.hostname, "pid": self.pid,
              "detail": None if detail is None else json.dumps(detail, sort_keys=True)},
         )
+        if upgrade_id is not None:
+            tx.memo["serial", upgrade_id] = event_id  # the upgrade's serial, now
 
     def _current(self, tx: Tx) -> Row:
         upgrade_id = meta.current_upgrade(tx)
         row = None if upgrade_id is None else tx.one(
-            "SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
+            "SELECT * FROM upgrades WHERE host = :host AND id = :id", {"id": upgrade_id})
         if row is None:
-            raise NotFound("no upgrade in this ledger yet; start one with 'upgrade-ledger init'")
+            if tx.host == self.identity.name:
+                raise NotFound("no upgrade in this ledger yet; start one with "
+                               "'upgrade-ledger init'")
+            raise NotFound(f"no upgrade of host {tx.host!r} in this ledger yet")
         return row
 
     def _touch(self, tx: Tx, upgrade_id: str, at: str, **columns: Any) -> None:
         sets = ", ".join(f"{c} = :{c}" for c in columns)
         tx.execute(f"UPDATE upgrades SET updated_at = :at{', ' if sets else ''}{sets} "
-                   "WHERE id = :id", {"at": at, "id": upgrade_id, **columns})
+                   "WHERE host = :host AND id = :id", {"at": at, "id": upgrade_id, **columns})
 
     def write_views(self) -> None:
-        """Rewrite state.json from the ledger (done after every change; also on demand).
+        """Rewrite state.json from the ledger (done after every change; also on demand),
+        in turn with this home's other writers (see ``_change``)."""
+        with contextlib.ExitStack() as held:
+            with self.db.write() as tx:
+                held.enter_context(self.home.views_lock())
+                view = self._build_view(tx, None)
+            self._put_view(view)
 
-        The view is built and renamed into place while holding the database's write
-        lock, so of two writers the later view always lands last.
-        """
-        self._write_views(None)
+    def _build_view(self, tx: Tx, change: patch.Change | None,
+                    ) -> tuple[str, bytes | list[bytes | memoryview], int] | None:
+        """``(upgrade id, state.json bytes, serial)`` of the current upgrade: patched
+        after *change* when that is provably right, else built whole; None before the
+        first upgrade."""
+        upgrade_id = meta.current_upgrade(tx)
+        if upgrade_id is None:
+            return None
+        if change is not None and change.upgrade_id == upgrade_id:
+            pieces = patch.patched(self.home, tx, change)
+            if pieces is not None:
+                return upgrade_id, pieces, change.after
+        doc = document.build(tx, upgrade_id)
+        return upgrade_id, document.dumps(doc), int(doc["serial"])
 
-    def _write_views(self, change: patch.Change | None) -> None:
-        """Rewrite state.json: patched after *change* when that is provably right,
-        else built whole."""
-        with self.db.write() as tx:
-            upgrade_id = meta.current_upgrade(tx)
-            if upgrade_id is None:
-                return
-            data: bytes | list[bytes | memoryview] | None = None
-            if change is not None and change.upgrade_id == upgrade_id:
-                data = patch.patched(self.home, tx, change)
-                serial = change.after
-            if data is None:
-                doc = document.build(tx, upgrade_id)
-                data = document.dumps(doc)
-                serial = doc["serial"]
+    def _put_view(self, view: tuple[str, bytes | list[bytes | memoryview], int] | None,
+                  ) -> None:
+        if view is not None:
+            upgrade_id, data, serial = view
             self.home.write_atomic(self.home.state_file, data)
             patch.remember(self.home, upgrade_id, serial)
 
@@ -243,19 +272,20 @@ class Ledger:
         def action(tx: Tx) -> str:
             at = clock.now()
             new_id = upgrade_id or self._free_id(tx, at)
-            if tx.scalar("SELECT 1 FROM upgrades WHERE id = :id", {"id": new_id}):
+            if tx.scalar("SELECT 1 FROM upgrades WHERE host = :host AND id = :id", {"id": new_id}):
                 raise Conflict(f"upgrade {new_id} exists already; choose another id")
             old_id = meta.current_upgrade(tx)
-            old = old_id and tx.one("SELECT id, state FROM upgrades WHERE id = :id",
+            old = old_id and tx.one("SELECT id, state FROM upgrades WHERE host = :host AND id = "
+                                    ":id",
                                     {"id": old_id})
             if old and states.is_in_progress(old["state"]):
                 if not supersede:
                     raise UpgradeInProgress(old["id"], old["state"])
                 self._supersede(tx, old["id"], old["state"], new_id, at)
             tx.execute(
-                "INSERT INTO upgrades (id, state, started_at, updated_at, hostname, username, "
-                "pid) VALUES (:id, 'IDLE', :at, :at, :host, :user, :pid)",
-                {"id": new_id, "at": at, "host": self.hostname, "user": self.user,
+                "INSERT INTO upgrades (host, id, state, started_at, updated_at, hostname, "
+                "username, pid) VALUES (:host, :id, 'IDLE', :at, :at, :hostname, :user, :pid)",
+                {"id": new_id, "at": at, "hostname": self.hostname, "user": self.user,
                  "pid": self.pid},
             )
             meta.set_current_upgrade(tx, new_id)
@@ -269,7 +299,7 @@ class Ledger:
     @staticmethod
     def _free_id(tx: Tx, at: str) -> str:
         base = "upgrade-" + at[:10].replace("-", "") + "-" + at[11:19].replace(":", "")
-        taken = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE id LIKE :p",
+        taken = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE host = :host AND id LIKE :p",
                                        {"p": base + "%"})}
         if base not in taken:
             return base
@@ -297,7 +327,8 @@ class Ledger:
         tx.execute(
             "UPDATE upgrades SET state = 'FAILED', outcome = COALESCE(outcome, 'FAILED'), "
             "finished_at = :at, updated_at = :at, error = :error, superseded_by = :new "
-            "WHERE id = :id", {"at": at, "error": error, "new": new_id, "id": old_id})
+            "WHERE host = :host AND id = "
+            ":id", {"at": at, "error": error, "new": new_id, "id": old_id})
         self._event(tx, "upgrade.superseded", old_id, old=old_state, new="FAILED", at=at,
                     detail={"superseded_by": new_id})
 
@@ -311,7 +342,7 @@ class Ledger:
         with self.db.read() as tx:
             if upgrade_id is None:
                 upgrade_id = self._current(tx)["id"]
-            elif not tx.scalar("SELECT 1 FROM upgrades WHERE id = :id",
+            elif not tx.scalar("SELECT 1 FROM upgrades WHERE host = :host AND id = :id",
                                {"id": check_id(upgrade_id)}):
                 raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
             return document.build(tx, upgrade_id)
@@ -332,7 +363,8 @@ class Ledger:
         def action(tx: Tx) -> str:
             current = meta.current_upgrade(tx)
             old = None if current in (None, data["upgrade_id"]) or not make_current else \
-                tx.one("SELECT id, state FROM upgrades WHERE id = :id", {"id": current})
+                tx.one("SELECT id, state FROM upgrades WHERE host = :host AND id = "
+                       ":id", {"id": current})
             upgrade_id = importer.import_upgrade(tx, data)
             if make_current:
                 # Replacing the current upgrade never orphans a run in progress: it
@@ -462,12 +494,13 @@ class Ledger:
             # Positions counted here, not looked up per component: planning n
             # components stays O(n log n), not O(n^2).
             position = tx.scalar("SELECT COALESCE(MAX(position), 0) FROM components "
-                                 "WHERE upgrade_id = :u", {"u": u["id"]})
+                                 "WHERE host = :host AND upgrade_id = :u", {"u": u["id"]})
             for phase, comps in checked:
                 if self._ensure_phase(tx, u["id"], phase):
                     added += 1
                 for name, frm, to in comps:
-                    if tx.scalar("SELECT 1 FROM components WHERE upgrade_id = :u AND "
+                    if tx.scalar("SELECT 1 FROM components WHERE host = :host AND upgrade_id = "
+                                 ":u AND "
                                  "phase = :p AND name = :n", {"u": u["id"], "p": phase,
                                                               "n": name}):
                         continue
@@ -482,13 +515,13 @@ class Ledger:
         self._change(action)
 
     def _ensure_phase(self, tx: Tx, upgrade_id: str, phase: str) -> bool:
-        if tx.scalar("SELECT 1 FROM phases WHERE upgrade_id = :u AND name = :p",
+        if tx.scalar("SELECT 1 FROM phases WHERE host = :host AND upgrade_id = :u AND name = :p",
                      {"u": upgrade_id, "p": phase}):
             return False
         position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM phases "
-                             "WHERE upgrade_id = :u", {"u": upgrade_id})
-        tx.execute("INSERT INTO phases (upgrade_id, name, position, state) "
-                   "VALUES (:u, :p, :pos, 'PENDING')",
+                             "WHERE host = :host AND upgrade_id = :u", {"u": upgrade_id})
+        tx.execute("INSERT INTO phases (host, upgrade_id, name, position, state) "
+                   "VALUES (:host, :u, :p, :pos, 'PENDING')",
                    {"u": upgrade_id, "p": phase, "pos": position})
         return True
 
@@ -499,10 +532,10 @@ class Ledger:
         """Insert a component at *position* (default: after every other one)."""
         if position is None:
             position = tx.scalar("SELECT COALESCE(MAX(position), 0) + 1 FROM components "
-                                 "WHERE upgrade_id = :u", {"u": upgrade_id})
+                                 "WHERE host = :host AND upgrade_id = :u", {"u": upgrade_id})
         tx.execute(
-            "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
-            "to_version, attempts) VALUES (:u, :p, :n, :pos, :s, :f, :t, 0)",
+            "INSERT INTO components (host, upgrade_id, phase, name, position, state, from_version, "
+            "to_version, attempts) VALUES (:host, :u, :p, :n, :pos, :s, :f, :t, 0)",
             {"u": upgrade_id, "p": phase, "n": name, "pos": position, "s": state,
              "f": frm, "t": to})
 
@@ -514,7 +547,8 @@ class Ledger:
             u = self._current(tx)
             if target == states.IN_PROGRESS:
                 self._ensure_phase(tx, u["id"], name)
-            row = tx.one("SELECT state FROM phases WHERE upgrade_id = :u AND name = :p",
+            row = tx.one("SELECT state FROM phases WHERE host = :host AND upgrade_id = :u AND "
+                         "name = :p",
                          {"u": u["id"], "p": name})
             if row is None:
                 raise NotFound(f"no phase {name!r} in upgrade {u['id']}; start it first")
@@ -528,7 +562,7 @@ class Ledger:
                     + (", error = :e" if target in (states.FAILED, states.SKIPPED) else "")
                     + (", completed_at = NULL, failed_at = NULL, error = NULL"
                        if target == states.IN_PROGRESS else "")
-                    + " WHERE upgrade_id = :u AND name = :p",
+                    + " WHERE host = :host AND upgrade_id = :u AND name = :p",
                     {"s": target, "at": at, "e": error, "u": u["id"], "p": name})
             current = name if target == states.IN_PROGRESS else u["current_phase"]
             if not changed and current == u["current_phase"]:
@@ -561,7 +595,8 @@ class Ledger:
         with self.db.read() as tx:
             u = self._current(tx)
             return tx.scalar(  # type: ignore[no-any-return]
-                "SELECT name FROM phases WHERE upgrade_id = :u AND state = 'PENDING' "
+                "SELECT name FROM phases WHERE host = :host AND upgrade_id = :u AND state = "
+                "'PENDING' "
                 "ORDER BY position LIMIT 1", {"u": u["id"]})
 
     # -- components ----------------------------------------------------------------
@@ -570,14 +605,17 @@ class Ledger:
     def _find_component(tx: Tx, u: Row, name: str, phase: str | None = None) -> Row | None:
         """The component *name*: in *phase*, else in the current phase, else its latest."""
         if phase is None and u["current_phase"] is not None:
-            row = tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p "
+            row = tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND "
+                         "phase = :p "
                          "AND name = :n", {"u": u["id"], "p": u["current_phase"], "n": name})
             if row is not None:
                 return row
         if phase is not None:
-            return tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p "
+            return tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND "
+                          "phase = :p "
                           "AND name = :n", {"u": u["id"], "p": phase, "n": name})
-        return tx.one("SELECT * FROM components WHERE upgrade_id = :u AND name = :n "
+        return tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND name "
+                      "= :n "
                       "ORDER BY position DESC LIMIT 1", {"u": u["id"], "n": name})
 
     def component_start(self, name: str, from_version: str | None = None,
@@ -599,10 +637,11 @@ class Ledger:
                     f"component {name!r}: no phase is current; start one first "
                     "(upgrade-ledger phase start NAME)")
             if phase is not None and not tx.scalar(
-                    "SELECT 1 FROM phases WHERE upgrade_id = :u AND name = :p",
+                    "SELECT 1 FROM phases WHERE host = :host AND upgrade_id = :u AND name = :p",
                     {"u": u["id"], "p": phase}):
                 raise NotFound(f"no phase {phase!r} in upgrade {u['id']}")
-            row = tx.one("SELECT * FROM components WHERE upgrade_id = :u AND phase = :p AND "
+            row = tx.one("SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND "
+                         "phase = :p AND "
                          "name = :n", {"u": u["id"], "p": target_phase, "n": name})
             at = clock.now()
             if row is None:
@@ -619,7 +658,7 @@ class Ledger:
                 "completed_at = NULL, failed_at = NULL, "
                 f"attempts = {_ATTEMPT_IN_PROGRESS}, "
                 "from_version = COALESCE(:f, from_version), to_version = COALESCE(:t, to_version) "
-                "WHERE upgrade_id = :u AND phase = :p AND name = :n",
+                "WHERE host = :host AND upgrade_id = :u AND phase = :p AND name = :n",
                 {"at": at, "f": from_version, "t": to_version, "u": u["id"],
                  "p": target_phase, "n": name})
             self._touch(tx, u["id"], at, current_component=name)
@@ -655,9 +694,12 @@ class Ledger:
                     "last_error = :text"
             elif target == states.COMPLETED:
                 sets = "completed_at = :at"
+            elif target == states.ROLLED_BACK:  # how it ended stays; the note says how
+                sets = "note = :text"
             else:  # SKIPPED: the reason is kept as a note
                 sets = "completed_at = :at, note = :text"
-            tx.execute(f"UPDATE components SET state = :s, {sets} WHERE upgrade_id = :u "
+            tx.execute(f"UPDATE components SET state = :s, {sets} WHERE host = :host AND "
+                       f"upgrade_id = :u "
                        "AND phase = :p AND name = :n",
                        {"s": target, "at": at, "text": text, "u": u["id"],
                         "p": row["phase"], "n": name})
@@ -684,6 +726,13 @@ class Ledger:
                        phase: str | None = None) -> bool:
         """Mark a component SKIPPED, keeping the reason (e.g. the probe's evidence)."""
         return self._component_move(name, states.SKIPPED, reason, phase)
+
+    def component_rolled_back(self, name: str, note: str | None = None, *,
+                              phase: str | None = None) -> bool:
+        """Mark a component ROLLED_BACK: its backup was restored, its change undone.
+        Its timestamps, attempts and last error stay (how the upgrade went); *note*
+        says how it was undone."""
+        return self._component_move(name, states.ROLLED_BACK, note, phase)
 
     def is_upgraded(self, name: str) -> bool:
         """True when the component is COMPLETED in the current upgrade."""
@@ -717,7 +766,8 @@ class Ledger:
         with self.db.read() as tx:
             row = tx.one(
                 "SELECT c.from_version, c.to_version, u.outcome FROM components c "
-                "JOIN upgrades u ON u.id = c.upgrade_id WHERE c.name = :n AND "
+                "JOIN upgrades u ON u.host = c.host AND u.id = c.upgrade_id "
+                "WHERE c.host = :host AND c.name = :n AND "
                 "c.state = 'COMPLETED' ORDER BY c.completed_at DESC LIMIT 1", {"n": name})
         if row is None:
             return None
@@ -749,7 +799,8 @@ class Ledger:
                 raise Conflict(f"upgrade {u['id']} is {u['state']}; only a run that stopped "
                                "mid-way (PLANNING … ROLLING_BACK) can be resumed")
             stuck = [queries.component_dict(r) for r in tx.all(
-                "SELECT * FROM components WHERE upgrade_id = :u AND state = 'UPGRADING' "
+                "SELECT * FROM components WHERE host = :host AND upgrade_id = :u AND state = "
+                "'UPGRADING' "
                 "ORDER BY position", {"u": u["id"]})]
             self._event(tx, "upgrade.resume", u["id"], old=u["state"], new=u["state"],
                         detail={"interrupted": [c["name"] for c in stuck],
@@ -816,12 +867,13 @@ class Ledger:
             row = self._find_component(tx, u, component, phase)
             at = clock.now()
             tx.execute(
-                "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
+                "INSERT INTO rollback_points (host, upgrade_id, phase, component, backup_path, "
+                "size_bytes, sha256, created_at) VALUES (:host, :u, :p, :c, :b, :s, :h, :at)",
                 {"u": u["id"], "p": row["phase"] if row else phase or u["current_phase"],
                  "c": component, "b": path, "s": size_bytes, "h": sha256, "at": at})
             if row is not None:
-                tx.execute("UPDATE components SET backup_path = :b WHERE upgrade_id = :u "
+                tx.execute("UPDATE components SET backup_path = :b WHERE host = :host AND "
+                           "upgrade_id = :u "
                            "AND phase = :p AND name = :c",
                            {"b": path, "u": u["id"], "p": row["phase"], "c": component})
             self._touch(tx, u["id"], at)
@@ -840,8 +892,9 @@ class Ledger:
             rows = tx.all(
                 "SELECT r.component, r.backup_path, r.size_bytes, r.sha256, c.from_version, "
                 "c.to_version FROM rollback_points r LEFT JOIN components c "
-                "ON c.upgrade_id = r.upgrade_id AND c.phase = r.phase AND c.name = r.component "
-                "WHERE r.upgrade_id = :u AND r.cleared_at IS NULL ORDER BY r.id", {"u": u["id"]})
+                "ON c.host = r.host AND c.upgrade_id = r.upgrade_id AND c.phase = r.phase "
+                "AND c.name = r.component WHERE r.host = :host AND r.upgrade_id = :u "
+                "AND r.cleared_at IS NULL ORDER BY r.id", {"u": u["id"]})
         return {"rollback_available": bool(rows), "components": [
             {"name": r["component"], "backup_path": r["backup_path"],
              "from_version": r["from_version"], "to_version": r["to_version"],
@@ -857,7 +910,8 @@ class Ledger:
             u = self._current(tx)
             at = clock.now()
             count = tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE "
-                               "upgrade_id = :u AND cleared_at IS NULL", {"at": at, "u": u["id"]})
+                               "host = :host AND upgrade_id = :u AND cleared_at IS "
+                               "NULL", {"at": at, "u": u["id"]})
             self._touch(tx, u["id"], at)
             self._event(tx, "rollback.clear", u["id"], at=at, detail={"cleared": count})
             return count
@@ -880,45 +934,85 @@ class Ledger:
         with self.db.read() as tx:
             return queries.summary(tx, self._current(tx))
 
+    def read_scope(self, host: str | None, all_hosts: bool) -> str | None:
+        """The read scope for *host* / *all_hosts*: None for this host's rows, a host
+        name, or ``ALL_HOSTS``."""
+        if all_hosts:
+            if host is not None:
+                raise BadInput("name one host or every host, not both (--host, --all-hosts)")
+            return ALL_HOSTS
+        return None if host is None else check_host(host)
+
+    def summary_data(self) -> dict[str, Any]:
+        """The summary of the current upgrade as data (``summary --json``)."""
+        with self.db.read() as tx:
+            return queries.summary_data(tx, self._current(tx))
+
     def history(self, limit: int | None = 10, *, state: str | None = None,
                 since: str | None = None, until: str | None = None,
-                component: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
-        """Upgrades newest first, filtered; see ``queries.history``."""
-        with self.db.read() as tx:
+                component: str | None = None, host: str | None = None,
+                all_hosts: bool = False) -> list[dict[str, Any]]:
+        """Upgrades newest first, filtered; this host's unless *host* names another or
+        *all_hosts*; see ``queries.history``."""
+        with self.db.read(self.read_scope(host, all_hosts)) as tx:
             return queries.history(tx, limit=limit, state=state, since=since, until=until,
-                                   component=component, host=host)
+                                   component=component)
 
-    def show(self, upgrade_id: str | None = None) -> dict[str, Any]:
-        """Everything about one upgrade (default: the current one), events included."""
-        with self.db.read() as tx:
+    def show(self, upgrade_id: str | None = None, *, host: str | None = None,
+             all_hosts: bool = False) -> dict[str, Any]:
+        """Everything about one upgrade (default: the current one), events included;
+        this host's unless *host* names another, or *all_hosts* finds the one host
+        that has *upgrade_id*."""
+        scope = self.read_scope(host, all_hosts)
+        if scope == ALL_HOSTS:
+            if upgrade_id is None:
+                raise BadInput("show --all-hosts needs an upgrade id; or name a host with --host")
+            with self.db.read(ALL_HOSTS) as tx:
+                owners = [r[0] for r in tx.all("SELECT host FROM upgrades WHERE id = :u "
+                                               "ORDER BY host", {"u": check_id(upgrade_id)})]
+            if not owners:
+                raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
+            if len(owners) > 1:
+                raise Conflict(f"upgrade {upgrade_id} exists on {len(owners)} hosts "
+                               f"({', '.join(owners[:5])}); name one with --host")
+            scope = owners[0]
+        with self.db.read(scope) as tx:
             if upgrade_id is None:
                 upgrade_id = self._current(tx)["id"]
             return queries.show(tx, check_id(upgrade_id))
 
-    def events(self, **filters: Any) -> list[dict[str, Any]]:
-        """The audit trail, oldest first; see ``queries.events``."""
-        with self.db.read() as tx:
+    def events(self, *, host: str | None = None, all_hosts: bool = False,
+               **filters: Any) -> list[dict[str, Any]]:
+        """The audit trail, oldest first; this host's unless *host* names another or
+        *all_hosts*; see ``queries.events`` (``newest=True`` with a ``limit``: the last
+        events, as ``events -n`` prints them)."""
+        with self.db.read(self.read_scope(host, all_hosts)) as tx:
             return queries.events(tx, **filters)
 
     def last_event_id(self) -> int:
-        """The id of the newest event (0 before any): every later change's event has a
-        greater one."""
+        """The id of the newest event of any host (0 before any): every later change's
+        event has a greater one."""
         with self.db.read() as tx:
             return int(tx.scalar("SELECT MAX(id) FROM events") or 0)
 
-    def status(self, *, stuck_after_s: float = 3600.0) -> dict[str, Any]:
-        """The current upgrade at a glance, with the lock and any stuck components.
+    def status(self, *, stuck_after_s: float = 3600.0, host: str | None = None,
+               ) -> dict[str, Any]:
+        """The current upgrade at a glance, with the lock and any stuck components;
+        of this host, or of *host* (whose lock this home cannot see: ``lock`` is None).
 
         A component is stuck when it is UPGRADING while no live process holds the lock,
         or has been UPGRADING for longer than *stuck_after_s*.
         """
-        lock = self.lock.status()
-        with self.db.read() as tx:
+        scope = self.read_scope(host, False)
+        here = scope in (None, self.identity.name)
+        lock = self.lock.status() if here else None
+        with self.db.read(scope) as tx:
             try:
                 u = self._current(tx)
             except NotFound:
                 u = None
             data: dict[str, Any] = {
+                "host": tx.host,
                 "upgrade_id": None, "state": states.IDLE, "outcome": None, "phase": None,
                 "component": None, "progress_percent": 0, "components": {},
                 "rollback_points": 0, "started_at": None, "updated_at": None,
@@ -932,19 +1026,27 @@ class Ledger:
                     started_at=document.second(u["started_at"]),
                     updated_at=document.second(u["updated_at"]),
                     components={r["state"]: r["n"] for r in tx.all(
-                        "SELECT state, COUNT(*) AS n FROM components WHERE upgrade_id = :u "
-                        "GROUP BY state ORDER BY state", {"u": u["id"]})},
+                        "SELECT state, COUNT(*) AS n FROM components WHERE host = :host "
+                        "AND upgrade_id = :u GROUP BY state ORDER BY state", {"u": u["id"]})},
                     rollback_points=tx.scalar(
-                        "SELECT COUNT(*) FROM rollback_points WHERE upgrade_id = :u AND "
-                        "cleared_at IS NULL", {"u": u["id"]}),
+                        "SELECT COUNT(*) FROM rollback_points WHERE host = :host AND "
+                        "upgrade_id = :u AND cleared_at IS NULL", {"u": u["id"]}),
                 )
-                stuck = queries.stuck(tx, u["id"], lock_live=lock.held and not lock.stale,
-                                      threshold_s=stuck_after_s)
-        data["lock"] = lock.as_dict()
+                live = lock is None or lock.held
+                stuck = queries.stuck(tx, u["id"], lock_live=live, threshold_s=stuck_after_s)
+        data["lock"] = None if lock is None else lock.as_dict()
         data["stuck"] = stuck
-        for name, section in self.status_sections.items():
-            data[name] = section()
+        if here:
+            for name, section in self.status_sections.items():
+                data[name] = section()
         return data
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every host of the ledger, with its current upgrade at a glance: ``host``,
+        ``machine_id``, ``upgrade_id``, ``state``, ``outcome``, ``phase``,
+        ``component``, ``progress_percent``, ``updated_at``."""
+        with self.db.read(ALL_HOSTS) as tx:
+            return queries.hosts(tx)
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None,
               ) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -965,7 +1067,8 @@ class Ledger:
             written.append(self.home.state_file)
         with self.db.read() as tx:
             saved = [r[0] for r in tx.all(
-                "SELECT id FROM upgrades WHERE saved_at IS NOT NULL ORDER BY started_at")]
+                "SELECT id FROM upgrades WHERE host = :host AND saved_at IS NOT NULL "
+                "ORDER BY started_at")]
         for uid in saved:
             target = self.home.history_file(uid)
             self.home.write_atomic(target, self.export_document(uid))
@@ -977,7 +1080,7 @@ class Ledger:
 
         def action(tx: Tx) -> str:
             uid = self._current(tx)["id"] if upgrade_id is None else check_id(upgrade_id)
-            if not tx.execute("UPDATE upgrades SET saved_at = :at WHERE id = :id",
+            if not tx.execute("UPDATE upgrades SET saved_at = :at WHERE host = :host AND id = :id",
                               {"at": clock.now(), "id": uid}):
                 raise NotFound(f"no upgrade {uid!r} in this ledger")
             self._event(tx, "upgrade.history", uid)
@@ -991,6 +1094,43 @@ class Ledger:
         for listener in list(self.after_save):
             listener(uid)
         return target
+
+    def record_prune(self, upgrade_id: str, detail: Mapping[str, Any], *,
+                     delete_rows: bool = False) -> dict[str, int]:
+        """Record that retention removed an old upgrade's files (``ledger.ops.prune``).
+
+        One transaction: its history file is gone, so it no longer counts as saved to
+        history (``saved_at`` cleared); with *delete_rows* its rows go as well
+        (components, phases, rollback points, then the upgrade) and their counts are
+        returned. Its events stay, the trail being append-only, and a ``ledger.prune``
+        event with *detail* (and the counts) records what went. The current upgrade
+        and one in progress are refused (``Conflict``), whatever the caller checked.
+        """
+        check_id(upgrade_id)
+
+        def action(tx: Tx) -> dict[str, int]:
+            row = tx.one("SELECT state FROM upgrades WHERE host = :host AND id = :u",
+                         {"u": upgrade_id})
+            if row is None:
+                raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
+            if upgrade_id == meta.current_upgrade(tx) or states.is_in_progress(row["state"]):
+                raise Conflict(f"upgrade {upgrade_id} is the current upgrade or in progress; "
+                               "its files and rows are never pruned")
+            counts: dict[str, int] = {}
+            if delete_rows:
+                for table in ("components", "phases", "rollback_points", "upgrades"):
+                    column = "id" if table == "upgrades" else "upgrade_id"
+                    counts[table] = tx.execute(
+                        f"DELETE FROM {table} WHERE host = :host AND {column} = :u",
+                        {"u": upgrade_id})
+            else:
+                tx.execute("UPDATE upgrades SET saved_at = NULL WHERE host = :host AND id = :u",
+                           {"u": upgrade_id})
+            self._event(tx, "ledger.prune", upgrade_id, "rows" if delete_rows else "files",
+                        detail={**detail, **({"rows": counts} if delete_rows else {})})
+            return counts
+
+        return self._change(action, [])  # not the current upgrade: its view is unchanged
 
     def cleanup(self, owner_pid: int | None = None) -> None:
         """What a script does on exit: save the current upgrade to history, release the

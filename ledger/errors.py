@@ -60,15 +60,23 @@ class Conflict(LedgerError):
     """The request is well formed but the ledger's current state refuses it."""
 
 
-class UpgradeInProgress(Conflict):
-    """A new upgrade was asked for while another is still in progress."""
+class HostClash(Conflict):
+    """Another machine already claimed this host name in a shared ledger."""
 
-    def __init__(self, upgrade_id: str, state: str) -> None:
+
+class UpgradeInProgress(Conflict):
+    """A new upgrade was asked for while another is still in progress.
+
+    The message says what to do in the caller's terms: the API's parameter by
+    default; the command line passes *remedy* with its own flag.
+    """
+
+    def __init__(self, upgrade_id: str, state: str, *,
+                 remedy: str = "pass supersede=True to end it as FAILED") -> None:
         self.upgrade_id = upgrade_id
         self.state = state
         super().__init__(
-            f"upgrade {upgrade_id} is still in progress ({state}); finish it, "
-            "or supersede it explicitly (--supersede)"
+            f"upgrade {upgrade_id} is still in progress ({state}); finish it, or {remedy}"
         )
 
 

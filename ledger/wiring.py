@@ -9,7 +9,10 @@ one place that decides which effects follow a change by default:
   (``ledger.ops.snapshots``; ``LEDGER_SNAPSHOT_KEEP=0`` turns it off);
 - during an ``apply`` run, pending notifications are delivered after each change
   (``ledger.observe.notify``);
-- ``status()`` carries a ``notify`` section.
+- ``status()`` carries a ``notify`` section;
+- after an upgrade that COMPLETED is saved to history, the retention policy in the
+  ``[retention]`` section of ``HOME/ledger.toml``, if there is one, removes the
+  files of upgrades past it (``ledger.ops.prune``).
 
 Each effect's module is imported when the effect first happens, not here: the
 per-step commands register these listeners on every call and must stay light.
@@ -18,6 +21,7 @@ Importing ``ledger`` installs this wiring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ledger.api import Ledger
@@ -32,6 +36,8 @@ def install(ledger: Ledger) -> None:
         # Off by default: it costs each change a metrics read and a file write.
         ledger.after_change.append(lambda: _refresh_metrics(ledger, textfile))
     ledger.after_save.append(lambda upgrade_id: _snapshot(ledger, upgrade_id))
+    # After the snapshot: that snapshot is the newest, which retention never removes.
+    ledger.after_save.append(lambda upgrade_id: _retention(ledger, upgrade_id))
     ledger.during_run.append(_deliver_notifications)
     ledger.status_sections["notify"] = lambda: _notify_status(ledger)
 
@@ -48,10 +54,17 @@ def _snapshot(ledger: Ledger, upgrade_id: str) -> None:
     snapshots.take(ledger.home, ledger.db, upgrade_id)
 
 
-def _deliver_notifications(ledger: Ledger) -> AbstractContextManager[None]:
+def _retention(ledger: Ledger, upgrade_id: str) -> None:
+    from ledger.ops import prune  # noqa: PLC0415 (only at a save to history)
+
+    prune.after_upgrade(ledger, upgrade_id)
+
+
+def _deliver_notifications(ledger: Ledger, stopping: Callable[[], bool],
+                           ) -> AbstractContextManager[None]:
     from ledger.observe import notify  # noqa: PLC0415 (only during an apply run)
 
-    return notify.delivering(ledger)
+    return notify.delivering(ledger, cancel=stopping)
 
 
 def _notify_status(ledger: Ledger) -> dict[str, object]:

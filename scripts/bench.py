@@ -15,6 +15,13 @@ rounds, and the drop-in is judged by its ratio to it (same run, medians).
     python scripts/bench.py --json     # machine-readable results on stdout
     python scripts/bench.py --wheel    # measure the CLI from a wheel installed in a temp venv
     python scripts/bench.py --legacy-lib PATH   # beside the old library (its upgrade-state.sh)
+    python scripts/bench.py --pg-url postgresql://...   # the PostgreSQL figures on that server
+
+The PostgreSQL figures (a step at 20 components against a server, next to the SQLite
+step of the same run, and what it is made of) use ``--pg-url`` or
+``LEDGER_BENCH_PG_URL`` (a role that may create a database); without either, a
+throwaway server is started as the test suite does (tests/pgserver.py) when
+``initdb`` is installed, else they are skipped (``--no-pg`` skips them always).
 
 Everything happens in a temporary folder that is removed at the end. Child
 processes get a private bytecode cache (``PYTHONPYCACHEPREFIX``) so that they
@@ -66,6 +73,7 @@ except ImportError:  # pragma: no cover - running from a bare checkout
 
 from ledger.api import Ledger  # noqa: E402
 from ledger.lock import DirLock  # noqa: E402
+from ledger.store import urls  # noqa: E402
 
 # -- statistics ---------------------------------------------------------------------
 
@@ -100,8 +108,9 @@ class Bench:
 
     def __init__(self, work: Path, *, sizes: Sequence[int], repeat: int, proc_repeat: int,
                  history_upgrades: int, cli: list[str], python: str, env: dict[str, str],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], pg_url: str | None = None) -> None:
         self.work = work
+        self.pg_url = pg_url
         self.sizes = list(sizes)
         self.repeat = repeat
         self.proc_repeat = proc_repeat
@@ -174,10 +183,11 @@ class Bench:
 
     # ledgers --------------------------------------------------------------------------
 
-    def make_ledger(self, n: int) -> Path:
-        """A ledger mid-upgrade: phase p1 current, n components of which half done."""
-        home = self.work / f"ledger-{n}"
-        with Ledger(home) as led:
+    def make_ledger(self, n: int, url: str | None = None) -> Path:
+        """A ledger mid-upgrade: phase p1 current, n components of which half done
+        (in the home's SQLite file, or at *url*)."""
+        home = self.work / (f"ledger-{n}" if url is None else f"pg-ledger-{n}")
+        with Ledger(home, db_url=url, host_name=PG_HOST if url else None) as led:
             led.init("bench-upgrade")
             for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
                 led.set_state(state)
@@ -190,7 +200,8 @@ class Bench:
                     "UPDATE components SET state = 'COMPLETED', attempts = 1, "
                     "started_at = '2026-01-01T10:00:00.000Z', "
                     "completed_at = '2026-01-01T10:00:07.000Z' "
-                    "WHERE upgrade_id = 'bench-upgrade' AND position <= :half",
+                    "WHERE host = :host AND upgrade_id = 'bench-upgrade' AND "
+                    "position <= :half",
                     {"half": n // 2})
             led.write_views()
         return home
@@ -211,6 +222,10 @@ class Bench:
                   "import sqlite3, json": [self.python, "-c", "import sqlite3, json"],
                   "import click, sqlite3, json": [self.python, "-c",
                                                   "import click, sqlite3, json"]}
+        pg_home = None
+        if self.pg_url is not None:
+            floors[PG_IMPORT] = [self.python, "-c", "import click, sqlite3, json, psycopg"]
+            pg_home = self.make_ledger(REFERENCE_SIZE, self.pg_url)
         samples: dict[tuple[str, int | str], list[tuple[float, float]]] = {}
 
         def put(key: str, at: int | str, sample: tuple[float, float], keep: bool) -> None:
@@ -238,6 +253,15 @@ class Bench:
                     for sample in self.legacy_cycle(self.legacy_homes[n],
                                                     self.step_component(n, i + 3)):
                         put("legacy_step", n, sample, keep)
+                if pg_home is not None and n == REFERENCE_SIZE:
+                    # The same step, same round, against the server.
+                    pg = [*self.cli, "--home", str(pg_home), "--db", str(self.pg_url),
+                          "--host-name", PG_HOST]
+                    comp = self.step_component(n, i)
+                    put("pg_cli_step", n, self._run([*pg, "component", "start", comp,
+                                                     "1.4.2", "1.5.0"]), keep)
+                    put("pg_cli_step", n, self._run([*pg, "component", "complete", comp]),
+                        keep)
         for (key, at), runs in samples.items():
             figure = summarize([w for w, _ in runs], [c for _, c in runs if c >= 0])
             if at == "floor":
@@ -346,8 +370,9 @@ class Bench:
         count = self.history_upgrades
         self.log(f"history: building a ledger of {count:,} upgrades")
         home = self.work / "history"
-        Ledger(home).close()  # creates and migrates the ledger
-        build_history(home / "ledger.db", count)
+        with Ledger(home) as led:  # creates and migrates the ledger
+            here = led.identity.name
+        build_history(home / "ledger.db", count, here)
         key = f"{count:,} upgrades"
         r = self.repeat
         self.log("history: querying")
@@ -361,10 +386,41 @@ class Bench:
             self._put("history_big_absent", key,
                       timed(lambda _: led.history(limit=10, component="never_installed"), r))
             self._put("history_big_host", key,
-                      timed(lambda _: led.history(limit=10, host="host-07", since="3650d"), r))
+                      timed(lambda _: led.history(limit=10, host=here, since="3650d"), r))
         self._put("history_big_cli", key, self._process(
             lambda _: [*self.cli, "--home", str(home), "history", "--limit", "10"],
             max(3, self.proc_repeat // 2)))
+
+    def measure_postgres(self) -> None:
+        """In-process figures against the server: a transition, the round trips it
+        makes, and the floors of its cost (a connection, one round trip)."""
+        import psycopg  # noqa: PLC0415 (only with a server)
+
+        url, n, r = str(self.pg_url), REFERENCE_SIZE, self.repeat
+        self.log("postgres: in-process")
+        conn = psycopg.connect(url, autocommit=True)
+        self.floors[PG_ROUND_TRIP] = timed(lambda _: conn.execute("SELECT 1").fetchall(),
+                                          r * 4)
+        conn.close()
+        self.floors[PG_CONNECT] = timed(lambda _: psycopg.connect(url).close(), r)
+        home = self.work / f"pg-ledger-{n}"
+        with Ledger(home, db_url=url, host_name=PG_HOST) as led:
+            samples: list[float] = []
+            for i in range(-1, r):  # -1: a warm-up step
+                name = self.step_component(n, i + 3)
+                for call in (lambda: led.component_start(name, "1.4.2", "1.5.0"),  # noqa: B023
+                             lambda: led.component_complete(name)):  # noqa: B023
+                    start = time.perf_counter()
+                    call()
+                    if i >= 0:
+                        samples.append((time.perf_counter() - start) * 1000)
+            self._put("pg_transition", n, summarize(samples))
+            trips = count_round_trips(lambda: led.component_start(
+                self.step_component(n, 1), "1.4.2", "1.5.0"))
+            trips_done = count_round_trips(lambda: led.component_complete(
+                self.step_component(n, 1)))
+            self._put("pg_round_trips", n, {"median": max(trips, trips_done), "p90": None,
+                                            "n": 2})
 
     def run(self) -> None:
         self.measure_floors()
@@ -378,7 +434,51 @@ class Bench:
         for n, home in homes.items():
             self.log(f"{n} components: in-process")
             self.in_process(home, n)
+        if self.pg_url is not None:
+            self.measure_postgres()
         self.measure_history()
+
+
+PG_HOST = "bench-host"
+PG_IMPORT = "import click, sqlite3, json, psycopg"
+PG_CONNECT = "psycopg connect + close"
+PG_ROUND_TRIP = "PostgreSQL round trip (SELECT 1)"
+
+
+def count_round_trips(action: Callable[[], Any]) -> int:
+    """How many messages *action* sends to the server and waits for (one each)."""
+    import psycopg  # noqa: PLC0415
+
+    count = [0]
+    patched = [(cls, name, getattr(cls, name)) for cls, name in (
+        (psycopg.Cursor, "execute"), (psycopg.ClientCursor, "execute"),
+        (psycopg.Connection, "execute"))]
+    for cls, name, original in patched:
+        def counting(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            count[0] += 1
+            return _original(*args, **kwargs)
+        setattr(cls, name, counting)
+    try:
+        action()
+    finally:
+        for cls, name, original in patched:
+            setattr(cls, name, original)
+    return count[0]
+
+
+def start_server(log: Callable[[str], None]) -> tuple[str | None, Any]:
+    """A throwaway server as the test suite makes one: (URL of a new database, server)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import pgserver  # noqa: PLC0415
+    except ImportError:
+        return None, None
+    try:
+        server = pgserver.start()
+    except pgserver.Unavailable as exc:
+        log(f"postgres: skipped ({exc})")
+        return None, None
+    return server.new_database("bench"), server
 
 
 def _component(i: int) -> str:
@@ -407,13 +507,16 @@ _NAMES = ["node_exporter", "prometheus", "alertmanager", "grafana", "loki", "pro
           "blackbox_exporter"]
 
 
-def build_history(db_path: Path, count: int) -> None:
-    """Fill a migrated ledger with *count* finished upgrades (one phase, four components
-    and two events each) by bulk SQL in one transaction: seconds, not minutes."""
+def build_history(db_path: Path, count: int, owner: str) -> None:
+    """Fill a migrated ledger with *count* finished upgrades of host *owner* (one phase,
+    four components and two events each; run by processes that recorded 20 node names)
+    by bulk SQL in one transaction: seconds, not minutes."""
     outcomes = ["COMPLETED"] * 17 + ["FAILED", "FAILED", "ROLLED_BACK"]
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO hosts (name, created_at) VALUES (?, '2020-01-01T00:00:00.000Z') "
+                  "ON CONFLICT (name) DO NOTHING", (owner,))
     upgrades, phases, components, events = [], [], [], []
     t0 = 1_600_000_000
     for i in range(count):
@@ -424,29 +527,31 @@ def build_history(db_path: Path, count: int) -> None:
         uid = f"upgrade-{stamp[:10].replace('-', '')}-{stamp[11:].replace(':', '')}-{i}"
         outcome = outcomes[i % len(outcomes)]
         host = _HOSTS[i % len(_HOSTS)]
-        upgrades.append((uid, "IDLE", outcome, started, finished, finished, host, "ops", 4242))
-        phases.append((uid, "exporters", 1, "COMPLETED", started, finished))
+        upgrades.append((owner, uid, "IDLE", outcome, started, finished, finished, host, "ops",
+                         4242))
+        phases.append((owner, uid, "exporters", 1, "COMPLETED", started, finished))
         for k in range(4):
             name = _NAMES[(i * 4 + k) % len(_NAMES)]
             state = "FAILED" if outcome == "FAILED" and k == 3 else "COMPLETED"
-            components.append((uid, "exporters", name, k + 1, state, "1.0.0", "1.1.0", 1,
-                               started, finished))
-        events.append((started, uid, "upgrade.init", None, None, "IDLE", "ops", host, 4242))
-        events.append((finished, uid, "upgrade.state", None, "VALIDATING", outcome, "ops",
-                       host, 4242))
+            components.append((owner, uid, "exporters", name, k + 1, state, "1.0.0", "1.1.0",
+                               1, started, finished))
+        events.append((owner, started, uid, "upgrade.init", None, None, "IDLE", "ops", host,
+                       4242))
+        events.append((owner, finished, uid, "upgrade.state", None, "VALIDATING", outcome,
+                       "ops", host, 4242))
     conn.executemany(
-        "INSERT INTO upgrades (id, state, outcome, started_at, updated_at, finished_at, "
-        "hostname, username, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", upgrades)
+        "INSERT INTO upgrades (host, id, state, outcome, started_at, updated_at, finished_at, "
+        "hostname, username, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", upgrades)
     conn.executemany(
-        "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)", phases)
+        "INSERT INTO phases (host, upgrade_id, name, position, state, started_at, "
+        "completed_at) VALUES (?, ?, ?, ?, ?, ?, ?)", phases)
     conn.executemany(
-        "INSERT INTO components (upgrade_id, phase, name, position, state, from_version, "
-        "to_version, attempts, started_at, completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        components)
+        "INSERT INTO components (host, upgrade_id, phase, name, position, state, "
+        "from_version, to_version, attempts, started_at, completed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", components)
     conn.executemany(
-        "INSERT INTO events (at, upgrade_id, kind, subject, from_value, to_value, username, "
-        "hostname, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+        "INSERT INTO events (host, at, upgrade_id, kind, subject, from_value, to_value, "
+        "username, hostname, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
     conn.execute("COMMIT")
     conn.execute("ANALYZE")
     conn.close()
@@ -473,9 +578,12 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("history_big_state", "history (state=ROLLED_BACK)", "", ""),
     ("history_big_component", "history (component=X)", "", ""),
     ("history_big_absent", "history (component never seen)", "", ""),
-    ("history_big_host", "history (host=X, since=10y)", "", ""),
+    ("history_big_host", "history (--host X, since=10y)", "", ""),
     ("history_big_cli", "CLI history (latest 10)", "cli", ""),
     ("state_size", "state.json size, all done (KB)", "", "<100 KB for 100+"),
+    ("pg_cli_step", "CLI step on PostgreSQL (start|complete)", "pg", ""),
+    ("pg_transition", "transition on PostgreSQL (in-process)", "pgnet", ""),
+    ("pg_round_trips", "PostgreSQL round trips per step", "", ""),
 ]
 #: Rows shown as a ratio to the old library's call of the same size (same run).
 COMPARED = ("cli_step", "dropin_oneshot", "dropin_step")
@@ -484,11 +592,14 @@ FLOOR_SETS = {
     "cli": ("python -c pass", "import sqlite3, json", "import click, sqlite3, json"),
     "commit": ("sqlite WAL commit (synchronous=FULL)", "raw fsync"),
     "lock": ("mkdir + rmdir", "raw fsync"),
+    "pg": ("import click, sqlite3, json", PG_IMPORT),
+    "pgnet": (PG_CONNECT, PG_ROUND_TRIP),
 }
 FLOOR_SHORT = {"python -c pass": "pass", "import sqlite3, json": "+sqlite3,json",
                "import click, sqlite3, json": "+click",
                "sqlite WAL commit (synchronous=FULL)": "WAL commit", "raw fsync": "fsync",
-               "mkdir + rmdir": "mkdir+rmdir"}
+               "mkdir + rmdir": "mkdir+rmdir", PG_IMPORT: "+psycopg",
+               PG_CONNECT: "connect", PG_ROUND_TRIP: "round trip"}
 
 
 def judge(rows: dict[str, dict[str, Any]], sizes: Sequence[int]) -> dict[str, dict[str, Any]]:
@@ -653,7 +764,7 @@ def install_wheel(work: Path, log: Callable[[str], None]) -> str:
     return python
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 (options, then one run)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -675,6 +786,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--legacy-lib", metavar="PATH",
                         help="the old bash+jq library (upgrade-state.sh), run side by side "
                              "in the same rounds; the ratios to it are judged")
+    parser.add_argument("--pg-url", default=os.environ.get("LEDGER_BENCH_PG_URL"),
+                        help="PostgreSQL URL for the server figures (a new database's; "
+                             "default: LEDGER_BENCH_PG_URL, else a throwaway server)")
+    parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL figures")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON results to FILE")
     parser.add_argument("--show", metavar="FILE", help="print the table of saved results "
@@ -698,12 +813,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
+    server = None
+    pg_url = None if args.no_pg else args.pg_url
     try:
+        if pg_url is None and not args.no_pg:
+            pg_url, server = start_server(log)
         python = install_wheel(work, log) if args.wheel else sys.executable
         cli = default_cli(python)
         bench = Bench(work, sizes=sizes, repeat=repeat, proc_repeat=proc_repeat,
                       history_upgrades=history, cli=cli, python=python,
-                      env=child_env(work, not args.no_bytecode_cache, python), log=log)
+                      env=child_env(work, not args.no_bytecode_cache, python), log=log,
+                      pg_url=pg_url)
         bench.skip_drop_in = args.no_drop_in
         if args.legacy_lib:
             bench.legacy_lib = Path(args.legacy_lib).resolve()
@@ -717,6 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "drop_in": str(DROP_IN) if DROP_IN.exists() and not args.no_drop_in
                          else None,
                          "legacy_lib": str(bench.legacy_lib) if bench.legacy_lib else None,
+                         "postgres": None if pg_url is None else urls.mask(pg_url),
                          "ledger": str(Path(ledger.__file__).parent)},
             "machine": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
                         "platform": platform.platform(), "cpus": os.cpu_count()},
@@ -726,6 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started, 1),
         }
     finally:
+        if server is not None:
+            server.close()
         if args.keep:
             log(f"kept {work}")
         else:

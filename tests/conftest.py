@@ -12,22 +12,55 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pgserver import Server, Unavailable, start
 
 from ledger.api import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Two separate knobs (README, "Tests"): the ``slow`` marker says which tests take a
+# second or more, so that ``-m "not slow"`` leaves them out of the fast subset; the
+# ``--exhaustive`` option makes the fault-injection sweeps bigger than in the default
+# run (CI's, which runs every test, slow ones included).
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--slow", action="store_true", default=False,
-                     help="run the long fault-injection sweeps (same as LEDGER_SLOW_TESTS=1)")
+    parser.addoption("--exhaustive", action="store_true", default=False,
+                     help="scale the fault-injection sweeps up, ten-fold (same as "
+                          "LEDGER_EXHAUSTIVE_TESTS=1); unrelated to the 'slow' marker")
 
 
 @pytest.fixture(scope="session")
-def slow_mode(request: pytest.FixtureRequest) -> bool:
-    """True with ``pytest --slow`` or ``LEDGER_SLOW_TESTS=1``: tests scale up their sweeps."""
-    return bool(request.config.getoption("--slow")) or \
-        os.environ.get("LEDGER_SLOW_TESTS", "") not in ("", "0")
+def exhaustive(request: pytest.FixtureRequest) -> bool:
+    """True with ``pytest --exhaustive`` or ``LEDGER_EXHAUSTIVE_TESTS=1``: tests scale up
+    their sweeps."""
+    return bool(request.config.getoption("--exhaustive")) or \
+        os.environ.get("LEDGER_EXHAUSTIVE_TESTS", "") not in ("", "0")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """A PostgreSQL server for the session (see tests/pgserver.py). Where none can be
+    had the PostgreSQL tests are skipped, except under CI (CI=true), where they fail."""
+    try:
+        server = start()
+    except Unavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"PostgreSQL is required under CI: {exc}", pytrace=False)
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server: Server) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of this test's own."""
+    url = pg_server.new_database()
+    yield url
+    pg_server.drop_database(url)
 
 
 def walk_to_upgrading(led: Ledger, upgrade_id: str | None = None) -> str:

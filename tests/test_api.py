@@ -31,6 +31,7 @@ def _worker(home: str, name: str, rounds: int, barrier: Any) -> None:
         led.component_complete(name)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_lose_an_update(home: Path) -> None:
     workers, rounds = 4, 12
     with Ledger(home) as led:
@@ -79,6 +80,7 @@ def _open_new_ledgers(root: str, rounds: int, barrier: Any, out: Any) -> None:
     out.put(errors)
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_ledger_together_all_succeed(tmp_path: Path) -> None:
     # Switching a new database to WAL needs it to itself, and SQLite answers "locked"
     # at once rather than waiting: every opener must wait its turn instead of failing.

@@ -8,12 +8,15 @@ tests count. Resume after SIGKILL and Ctrl-C: tests/test_apply_resume.py.
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_ledger
+import jsonschema
+import pytest
+from conftest import child_env, run_ledger
 
 from ledger.api import Ledger
 from ledger.ops import doctor
@@ -42,6 +45,7 @@ def rollback_events(led: Ledger) -> list[dict]:
 # -- the example plan, through the real command -----------------------------------------
 
 
+@pytest.mark.slow
 def test_the_example_plan_completes_and_a_second_apply_does_nothing(tmp_path: Path) -> None:
     # As in the README: a relative home, from another folder than the plan's.
     def apply() -> subprocess.CompletedProcess[str]:
@@ -124,6 +128,7 @@ def three_phases(work: Path, **defaults: object) -> Path:
     ], defaults=defaults)
 
 
+@pytest.mark.slow
 def test_a_failed_validation_rolls_back_in_reverse_order_with_verified_backups(
         tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
@@ -157,6 +162,7 @@ def test_a_failed_validation_rolls_back_in_reverse_order_with_verified_backups(
     assert cli("apply", str(plan)).code == 0
 
 
+@pytest.mark.slow
 def test_a_final_validation_failure_rolls_back_too(tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
     plan = three_phases(work)
@@ -274,6 +280,7 @@ def test_a_command_over_its_timeout_is_killed_with_its_process_group(
     assert "<== timed out after" in log
 
 
+@pytest.mark.slow
 def test_max_parallel_is_respected_and_used(tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
     plan = write_plan(work, [
@@ -290,6 +297,7 @@ def test_max_parallel_is_respected_and_used(tmp_path: Path, home: Path, cli) -> 
     assert all(upgrades(work, "wide", f"w{i}") == ["2.0"] for i in range(5))
 
 
+@pytest.mark.slow
 def test_a_probe_at_the_target_skips_with_its_evidence(tmp_path: Path, home: Path, cli) -> None:
     work = tmp_path / "w"
     plan = write_plan(work, [
@@ -406,3 +414,53 @@ def test_a_probe_that_prints_no_version_stops_before_any_change(
     with ledger_of(home) as led:
         assert led.state() == "FAILED"
         assert led.component_status("a")["state"] == "PENDING"
+
+
+def test_rolled_back_components_read_rolled_back_everywhere(tmp_path: Path) -> None:
+    """The README's rollback demo: every component undone reads ROLLED_BACK, counted
+    apart (status, summary, show, the views, metrics, state.json); the one that never
+    started stays PENDING."""
+    env = dict(child_env(), SIM_FAIL="loki")
+    result = run_ledger("--home", "demo", "apply", EXAMPLE, cwd=tmp_path, env=env)
+    assert result.returncode == 11, result.stderr
+    home = tmp_path / "demo"
+
+    status = json.loads(run_ledger("--home", home, "status", "--json").stdout)
+    assert status["components"] == {"PENDING": 1, "ROLLED_BACK": 8}
+    assert status["progress_percent"] == 0
+    assert "8 rolled_back" not in run_ledger("--home", home, "status").stdout
+    assert "1 pending, 8 rolled back" in run_ledger("--home", home, "status").stdout
+
+    summary = run_ledger("--home", home, "summary").stdout
+    assert "0% (0/9 components, 1 pending, 8 rolled back)" in summary
+    assert ("Rolled back: loki (logging), prometheus (prometheus-3), prometheus "
+            "(prometheus-2.55), fail2ban_exporter (exporters)") in summary
+
+    show = json.loads(run_ledger("--home", home, "show", "--json").stdout)
+    states = {(c["phase"], c["name"]): c["state"] for c in show["components"]}
+    assert states.pop(("logging", "promtail")) == "PENDING"
+    assert set(states.values()) == {"ROLLED_BACK"}
+    loki = next(c for c in show["components"] if c["name"] == "loki")
+    assert loki["last_error"].startswith("validate exit 1")  # why it failed is kept
+    assert [e["kind"] for e in show["events"]].count("component.rolled_back") == 8
+
+    sql = run_ledger("--home", home, "sql", "--json",
+                     "SELECT components_completed, components_failed, components_skipped, "
+                     "components_rolled_back FROM upgrade_summary")
+    assert json.loads(sql.stdout) == [{"components_completed": 0, "components_failed": 0,
+                                       "components_skipped": 0, "components_rolled_back": 8}]
+    runs = json.loads(run_ledger("--home", home, "sql", "--json",
+                                 "SELECT state, COUNT(*) AS n FROM component_runs "
+                                 "GROUP BY state ORDER BY state").stdout)
+    assert runs == [{"state": "PENDING", "n": 1}, {"state": "ROLLED_BACK", "n": 8}]
+
+    metrics = run_ledger("--home", home, "metrics").stdout
+    assert re.search(r'upgrade_ledger_components\{state="ROLLED_BACK",upgrade_id="[^"]+"\} 8',
+                     metrics) or re.search(
+        r'upgrade_ledger_components\{upgrade_id="[^"]+",state="ROLLED_BACK"\} 8(\.0)?', metrics)
+
+    doc = json.loads((home / "state.json").read_text())
+    assert doc["phases"]["logging"]["components"]["loki"]["state"] == "ROLLED_BACK"
+    schema = json.loads((REPO / "ledger" / "state.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    assert run_ledger("--home", home, "component", "is-upgraded", "loki").returncode == 1

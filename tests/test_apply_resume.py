@@ -66,6 +66,7 @@ def assert_each_upgraded_once(work: Path) -> None:
             assert upgrades(work, phase, comp["name"]) == ["2.0"], (phase, comp["name"])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_apply_again_completes_without_upgrading_twice(
         tmp_path: Path, home: Path) -> None:
     work, plan, proc = hang_mid_phase(tmp_path, home)
@@ -121,7 +122,9 @@ def test_sigkill_mid_run_then_apply_again_completes_without_upgrading_twice(
     assert "stopped by a later apply" in log
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_ctrl_c_mid_run_stops_cleanly_and_resumes(tmp_path: Path, home: Path, sig) -> None:
     work, plan, proc = hang_mid_phase(tmp_path, home)
     leftovers = [int((work / f"{name}.pid").read_text()) for name in ("c", "d")]
@@ -148,3 +151,67 @@ def test_ctrl_c_mid_run_stops_cleanly_and_resumes(tmp_path: Path, home: Path, si
     with Ledger(home) as led:
         assert led.state() == "COMPLETED"
         assert led.events(kind="apply.leftover") == []  # nothing was left running
+
+
+def test_a_dropped_ssh_session_stops_the_run_cleanly(tmp_path: Path, home: Path) -> None:
+    """What an ssh session that drops does to a run: its output goes nowhere and
+    SIGHUP arrives. The run stops as on SIGTERM (commands stopped, the interruption
+    recorded, the lock released, exit 129), and doctor says how to go on."""
+    work = tmp_path / "w"
+    plan = write_plan(work, PLAN)
+    (work / "block-before-c").touch()
+    proc = ledger_process("--home", home, "apply", plan)
+    try:
+        wait_for(work / "c.blocked")
+    except BaseException:
+        proc.kill()
+        raise
+    blocked = int((work / "c.pid").read_text())
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the terminal is gone: nobody reads any more
+    proc.stderr.close()
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 129
+    assert process_gone(blocked, 0.5)
+
+    with Ledger(home) as led:
+        assert not led.lock_status().held
+        [event] = led.events(kind="apply.interrupted")
+        assert (event["detail"]["signal"], event["detail"]["state"]) == ("SIGHUP", "UPGRADING")
+    doctor = run_ledger("--home", home, "doctor", "--json")
+    [stuck] = [f for f in json.loads(doctor.stdout) if f["check"] == "stuck"]
+    assert stuck["status"] == "fail"
+    assert f"upgrade-ledger --home {home} apply {plan}" in stuck["hint"]
+    assert "component complete" not in stuck["hint"]
+
+    (work / "block-before-c").unlink()
+    assert apply_again(home, plan).returncode == 0
+    assert_each_upgraded_once(work)
+
+
+def test_doctor_says_to_run_the_same_apply_again(tmp_path: Path, home: Path) -> None:
+    """An upgrade that apply started and that was killed mid-run: doctor names the
+    plan file the ledger recorded, not the per-step commands."""
+    work, plan, proc = hang_mid_phase(tmp_path, home)
+    proc.kill()
+    proc.wait(timeout=60)
+    for name in ("c", "d"):
+        os.kill(int((work / f"{name}.pid").read_text()), signal.SIGKILL)
+    plan.rename(work / "renamed.toml")  # the hint comes from the ledger, not a guess
+    doctor = run_ledger("--home", home, "doctor", "--json")
+    [stuck] = [f for f in json.loads(doctor.stdout) if f["check"] == "stuck"]
+    assert stuck["status"] == "fail" and "c (" in stuck["detail"]
+    assert "run the same apply again" in stuck["hint"]
+    assert stuck["hint"].endswith(f"upgrade-ledger --home {home} apply {plan}")
+
+    with Ledger(home) as led:  # an upgrade driven step by step keeps the old advice
+        led.init("by-hand", supersede=True)
+        led.set_state("PLANNING")
+        led.plan({"p": [("x", "1", "2")]})
+        led.set_state("BACKING_UP")
+        led.set_state("UPGRADING")
+        led.phase_start("p")
+        led.component_start("x")
+    doctor = run_ledger("--home", home, "doctor", "--json")
+    [stuck] = [f for f in json.loads(doctor.stdout) if f["check"] == "stuck"]
+    assert "'component complete'" in stuck["hint"] and "apply" not in stuck["hint"]

@@ -1,7 +1,9 @@
-"""Both database paths: stdlib sqlite3 for a home's ledger.db, SQLAlchemy for a URL.
+"""Every database path: stdlib sqlite3 for a home's ledger.db, SQLAlchemy for a URL,
+psycopg 3 for a PostgreSQL server (the suite's own, see tests/pgserver.py).
 
-The same scenario runs through both and gives the same results; the stdlib path
-never imports SQLAlchemy (or Alembic) once the ledger exists.
+The same scenario runs through each and gives the same results; the stdlib path
+never imports SQLAlchemy (or Alembic) once the ledger exists, and the PostgreSQL
+path neither once its schema is current.
 """
 
 from __future__ import annotations
@@ -21,19 +23,23 @@ from conftest import child_env
 from ledger.api import Ledger
 from ledger.errors import BadInput, InvalidTransition, UpgradeInProgress
 
-BACKENDS = ["stdlib", "sqlalchemy"]
+BACKENDS = ["stdlib", "sqlalchemy", "postgres"]
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
 
 
-def open_ledger(backend: str, root: Path) -> Ledger:
+def open_ledger(backend: str, root: Path, pg_url: str | None = None) -> Ledger:
     if backend == "stdlib":
         return Ledger(root / "home")
+    if backend == "postgres":
+        assert pg_url is not None
+        return Ledger(root / "home", db_url=pg_url)
     return Ledger(root / "home", db_url=f"sqlite+pysqlite:///{root / 'shared.db'}")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    with open_ledger(request.param, tmp_path) as led:
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    with open_ledger(request.param, tmp_path, url) as led:
         yield led
 
 
@@ -94,15 +100,40 @@ def scenario(led: Ledger) -> dict[str, Any]:
                                         "detail")} for e in led.events(limit=None)]
     out["views"] = {}
     for name in ("upgrade_summary", "component_runs", "phase_runs", "failures"):
-        columns, rows = led.query(f"SELECT * FROM {name} ORDER BY 1, 2")
-        out["views"][name] = [dict(zip(columns, row, strict=True)) for row in rows]
+        columns, rows = led.query(f"SELECT * FROM {name}")
+        out["views"][name] = sorted((dict(zip(columns, row, strict=True)) for row in rows),
+                                    key=repr)
     out["state.json"] = json.loads(led.home.state_file.read_text())
     return masked(out)
 
 
+def test_postgres_gives_the_same_results_as_sqlite(tmp_path: Path, pg_url: str) -> None:
+    results = {}
+    for backend in ("stdlib", "postgres"):
+        with open_ledger(backend, tmp_path / backend, pg_url) as led:
+            results[backend] = scenario(led)
+            if backend == "postgres":
+                assert led.db.dialect == "postgresql"
+                assert type(led.db).__name__ == "PgDatabase"
+    stdlib, postgres = results["stdlib"], results["postgres"]
+    for key in stdlib:
+        assert postgres[key] == stdlib[key], key
+    assert stdlib["progress"] == 100 and stdlib["installed"] == "1.9"
+    # Numbers are numbers (never Decimal), with SQLite's values.
+    durations = [r["duration_s"] for r in _raw_views(tmp_path, pg_url)]
+    assert durations and all(isinstance(d, float) for d in durations if d is not None)
+
+
+def _raw_views(tmp_path: Path, pg_url: str) -> list[dict[str, Any]]:
+    with open_ledger("postgres", tmp_path / "postgres", pg_url) as led:
+        columns, rows = led.query("SELECT duration_s FROM component_runs UNION ALL "
+                                  "SELECT duration_s FROM upgrade_summary")
+    return [dict(zip(columns, row, strict=True)) for row in rows]
+
+
 def test_both_paths_give_the_same_results(tmp_path: Path) -> None:
     results = {}
-    for backend in BACKENDS:
+    for backend in ("stdlib", "sqlalchemy"):
         with open_ledger(backend, tmp_path / backend) as led:
             results[backend] = scenario(led)
             assert led.db.dialect == "sqlite"
@@ -177,6 +208,7 @@ def probe(*args: str) -> list[str]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_the_stdlib_path_never_imports_sqlalchemy_on_an_existing_ledger(tmp_path: Path) -> None:
     for root, url in ((tmp_path / "a", None),
                       (tmp_path / "b", f"sqlite+pysqlite:///{tmp_path / 'b.db'}")):
@@ -188,3 +220,12 @@ def test_the_stdlib_path_never_imports_sqlalchemy_on_an_existing_ledger(tmp_path
     # The probe does see SQLAlchemy when it is used: the check above is not blind.
     assert probe(str(tmp_path / "b"), f"sqlite+pysqlite:///{tmp_path / 'b.db'}") == \
         ["sqlalchemy"]
+
+
+def test_the_postgres_path_never_imports_sqlalchemy_once_the_schema_is_current(
+        tmp_path: Path, pg_url: str) -> None:
+    with Ledger(tmp_path / "home", db_url=pg_url) as led:  # creates the schema (Alembic)
+        led.init()
+        led.set_state("PLANNING")
+        led.set_state("BACKING_UP")
+    assert probe(str(tmp_path / "home"), pg_url) == []

@@ -24,6 +24,7 @@ EXPORTERS = {"node_exporter": "1.9.1", "blackbox_exporter": "0.27.0",
              "nginx_exporter": "1.5.1"}
 
 
+@pytest.mark.slow
 def test_the_example_runs_to_the_end_inside_its_demo_folder(tmp_path: Path) -> None:
     env = child_env(UPGRADE_STATE_DIR="./demo-bash")
     for name in ("UPGRADE_HISTORY_DIR", "UPGRADE_BACKUPS_DIR", "UPGRADE_STATE_FILE",

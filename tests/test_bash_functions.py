@@ -120,6 +120,7 @@ def refused(call: Call, *fragments: str) -> None:
 
 # -- every function --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_function_on_a_whole_upgrade(harness: Harness) -> None:
     calls = harness.run("""
 check dirs upgrade_state_init_dirs
@@ -275,6 +276,7 @@ check current_after upgrade_state_get_current
     ok(calls["current_after"], "IDLE\n")  # a finished upgrade goes back to IDLE
 
 
+@pytest.mark.slow
 def test_functions_before_any_upgrade(harness: Harness) -> None:
     calls = harness.run("""
 check current upgrade_state_get_current
@@ -307,6 +309,7 @@ check phase upgrade_phase_start exporters
     assert not (harness.home / "state.json").exists()
 
 
+@pytest.mark.slow
 def test_save_and_write_atomic_replace_the_document_and_refuse_bad_json(
         harness: Harness) -> None:
     setup_upgrade(harness.home, None, "PLANNING")
@@ -334,6 +337,7 @@ check current upgrade_state_get_current
     assert calls["garbage"].state == calls["atomic"].state
 
 
+@pytest.mark.slow
 def test_refusals_are_one_error_line_and_change_nothing(harness: Harness) -> None:
     setup_upgrade(harness.home)
     calls = harness.run("""
@@ -361,6 +365,7 @@ check current upgrade_state_get_current
         assert calls[name].state == first, name
 
 
+@pytest.mark.slow
 def test_init_while_an_upgrade_runs_supersedes_it_with_one_warning(
         harness: Harness) -> None:
     setup_upgrade(harness.home, "first-run", "PLANNING")
@@ -399,6 +404,7 @@ check two upgrade_list_history 2
     ok(calls["two"], "".join(line + "\n" for line in lines[:2]))
 
 
+@pytest.mark.slow
 def test_a_component_left_mid_upgrade_is_named_on_resume(harness: Harness) -> None:
     setup_upgrade(harness.home, None, "PLANNING", "BACKING_UP", "UPGRADING")
     with Ledger(harness.home) as led:
@@ -442,6 +448,7 @@ def test_timestamps_and_ids_are_utc_whatever_the_local_zone(tmp_path: Path) -> N
     assert abs((now - made).total_seconds()) < 600
 
 
+@pytest.mark.slow
 def test_every_path_variable_is_honoured(tmp_path: Path) -> None:
     paths = {"UPGRADE_STATE_FILE": tmp_path / "views" / "current.json",
              "UPGRADE_HISTORY_DIR": tmp_path / "old-runs",
@@ -472,6 +479,7 @@ upgrade_save_to_history
         assert file.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.slow
 def test_strict_mode_no_user_no_hostname_sourced_twice_and_nothing_leaks(
         tmp_path: Path, dropin_mode: str) -> None:
     # Snapshot the shell's variables, options and traps before sourcing, after sourcing
@@ -524,6 +532,7 @@ declare -F | sed 's/^declare -f //' > {tmp_path}/functions
     assert meta["user"] and meta["hostname"]  # found without USER/HOSTNAME
 
 
+@pytest.mark.slow
 def test_the_command_is_found_on_path_or_through_upgrade_ledger_bin(
         tmp_path: Path) -> None:
     bare = "/usr/bin:/bin"
@@ -544,6 +553,7 @@ def test_the_command_is_found_on_path_or_through_upgrade_ledger_bin(
 
 # -- the seed's usage examples ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_seed_example_basic_upgrade(tmp_path: Path) -> None:
     home = tmp_path / "home"
     done = subprocess.run(["bash", str(SCRIPTS / "basic.sh")], env=bash_env(home),
@@ -558,6 +568,7 @@ def test_seed_example_basic_upgrade(tmp_path: Path) -> None:
     assert not (home / "upgrade.lock.d").exists()  # the EXIT trap's cleanup released it
 
 
+@pytest.mark.slow
 def test_seed_example_idempotency(tmp_path: Path) -> None:
     home = tmp_path / "home"
     done = subprocess.run(["bash", str(SCRIPTS / "idempotency.sh")], env=bash_env(home),
@@ -567,6 +578,7 @@ def test_seed_example_idempotency(tmp_path: Path) -> None:
     assert (home / "performed").read_text() == "node_exporter\n"
 
 
+@pytest.mark.slow
 def test_seed_example_resume_after_a_crash(tmp_path: Path) -> None:
     home = tmp_path / "home"
     script = ["bash", str(SCRIPTS / "resume.sh")]
@@ -610,6 +622,7 @@ def legacy_document(upgrade_id: str, state: str, components: dict[str, str]) -> 
     }
 
 
+@pytest.mark.slow
 def test_the_old_library_files_are_loaded_on_the_first_call(harness: Harness) -> None:
     home = harness.home
     (home / "history").mkdir(parents=True)
@@ -634,6 +647,7 @@ check list upgrade_list_history
         "state"] == "UPGRADING"
 
 
+@pytest.mark.slow
 def test_an_unreadable_old_state_file_is_kept_aside(harness: Harness) -> None:
     home = harness.home
     home.mkdir()
@@ -645,6 +659,7 @@ def test_an_unreadable_old_state_file_is_kept_aside(harness: Harness) -> None:
     assert (home / "state.json.legacy").read_text().startswith('{"upgrade_id": "upgrade-1"')
 
 
+@pytest.mark.slow
 def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> None:
     # Error texts and names are passed after '--': "--config: unknown flag" is a
     # failure message to record, not an option of the command.
@@ -673,6 +688,7 @@ def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> N
 
 # -- attempts ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_attempts_count_the_attempt_in_progress_or_the_next_one(tmp_path: Path) -> None:
     # As the old library counted: 1 at the first start, + 1 at each failure. Unlike it,
     # the start of a retry does not set the count back to 1.
@@ -707,6 +723,7 @@ def test_attempts_count_the_attempt_in_progress_or_the_next_one(tmp_path: Path) 
 
 # -- keys a script keeps in state.json ---------------------------------------------------
 
+@pytest.mark.slow
 def test_save_keeps_the_keys_a_script_wrote_in_every_later_view(tmp_path: Path) -> None:
     # The old library wrote any JSON it was given: scripts stash their own keys in
     # state.json with jq and read them back later, also from the history file.
@@ -752,6 +769,7 @@ def test_save_keeps_the_keys_a_script_wrote_in_every_later_view(tmp_path: Path) 
     assert json.loads((home / "state.json").read_text()) == doc
 
 
+@pytest.mark.slow
 def test_a_document_with_no_known_field_is_kept_as_it_is(harness: Harness) -> None:
     uid = setup_upgrade(harness.home, "run-1", "PLANNING")
     calls = harness.run("""
@@ -773,6 +791,7 @@ check test_key jq -r .test "$UPGRADE_STATE_FILE"
     assert list(after)[-3:] == ["test", "number", "nested"]  # after the ledger's own fields
 
 
+@pytest.mark.slow
 def test_save_refuses_bad_json_and_too_much_kept_data_changing_nothing(
         harness: Harness) -> None:
     setup_upgrade(harness.home, "run-1", "PLANNING")

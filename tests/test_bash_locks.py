@@ -71,6 +71,7 @@ wait_for() {
 """
 
 
+@pytest.mark.slow
 def test_one_of_many_background_workers_takes_the_lock(home: Path, tmp_path: Path) -> None:
     d = tmp_path / "sync"
     d.mkdir()
@@ -115,6 +116,7 @@ wait
         assert (d / f"release-err.{i}").read_text().startswith("WARNING: ")  # ... and says so
 
 
+@pytest.mark.slow
 def test_background_workers_changing_components_lose_nothing(home: Path) -> None:
     with Ledger(home) as led:
         walk_to_upgrading(led, "parallel")
@@ -147,6 +149,7 @@ upgrade_get_progress_percent
     assert set(view["phases"]["exporters"]["components"]) == names  # the view is whole too
 
 
+@pytest.mark.slow
 def test_a_worker_killed_with_kill_leaves_a_stale_lock_that_is_taken_over(
         home: Path, tmp_path: Path) -> None:
     d = tmp_path / "sync"
@@ -187,6 +190,7 @@ upgrade_lock_check_stale
     assert breaks[0]["to"] == lines[2].split()[1]  # taken over by the next acquirer
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_the_shell_exits(home: Path) -> None:
     done = run_bash("""
 trap 'echo "own trap saw $?"' EXIT
@@ -208,6 +212,7 @@ exit 3
     assert not (home / "upgrade.lock.d").exists()
 
 
+@pytest.mark.slow
 def test_a_trap_set_after_acquiring_is_chained_on_the_next_call(home: Path) -> None:
     done = run_bash("""
 upgrade_lock_acquire
@@ -220,9 +225,21 @@ false
     assert not (home / "upgrade.lock.d").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_the_lock_is_released_on_term_and_int(home: Path, tmp_path: Path,
-                                              sig: signal.Signals) -> None:
+def default_signals() -> None:
+    """In the child, before bash starts: SIGINT back to its default action.
+
+    A shell started in the background without job control (``nohup pytest &``) runs
+    its children with SIGINT ignored, and bash can neither trap nor reset a signal that
+    was ignored when it started; the script under test must see a normal SIGINT.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sigint_in_runner", ["default", "ignored"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_the_lock_is_released_on_term_and_int(home: Path, tmp_path: Path, sig: signal.Signals,
+                                              sigint_in_runner: str) -> None:
     fifo = tmp_path / "hang"
     os.mkfifo(fifo)
     script = f"""set -euo pipefail
@@ -232,8 +249,18 @@ echo "ready $BASHPID"
 read -r -t 120 _ <>{fifo}
 echo "not interrupted"
 """
-    with subprocess.Popen(["bash", "-c", script], env=bash_env(home), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    # "ignored": the test runner itself runs with SIGINT ignored, as it does in the
+    # background; the child must not inherit that.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
+        if sigint_in_runner == "ignored" else None
+    try:
+        proc = subprocess.Popen(["bash", "-c", script], env=bash_env(home), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_signals)  # noqa: PLW1509 (no threads here)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    with proc:
         assert proc.stdout is not None
         ready = proc.stdout.readline().split()
         assert ready and ready[0] == "ready", proc.stderr.read() if proc.stderr else ""

@@ -28,6 +28,9 @@ from conftest import REPO, child_env
 
 from ledger.api import Ledger
 
+#: Real bash scripts and sessions: every test here takes a second or more.
+pytestmark = pytest.mark.slow
+
 LIB = REPO / "scripts" / "upgrade-state.sh"
 BIN_DIR = Path(sys.executable).parent
 
@@ -350,9 +353,8 @@ def memory_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.slow  # about a minute and a half: still part of every run
 def test_a_session_killed_at_random_points_loses_nothing_and_doubles_nothing(
-        memory_dir: Path, slow_mode: bool) -> None:
+        memory_dir: Path, exhaustive: bool) -> None:
     assert len(crash_calls()) == 200
     tmp_path = memory_dir
     wrapper, log = logged_bin(tmp_path)
@@ -362,7 +364,7 @@ def test_a_session_killed_at_random_points_loses_nothing_and_doubles_nothing(
     assert "shell" in {e[4] for e in expected["trail"]}
     rng = random.Random(int(os.environ.get("LEDGER_TEST_SEED", "18")))
     kills = 0
-    for r in range(200 if slow_mode else 50):
+    for r in range(500 if exhaustive else 50):
         got, _shell, killed = run_round(tmp_path, f"round-{r}", wrapper, rng)
         kills += killed
         assert got["log"] == expected["log"], f"round {r}"  # each call answered, once

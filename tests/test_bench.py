@@ -27,6 +27,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=child_env(), timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_quick_run_prints_one_table_with_every_figure() -> None:
     done = run_bench()
     assert done.returncode == 0, done.stderr
@@ -47,6 +48,7 @@ def test_quick_run_prints_one_table_with_every_figure() -> None:
         assert any(line.startswith("drop-in call") and "n/a" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_quick_run_json_is_machine_readable() -> None:
     done = run_bench("--json")
     assert done.returncode == 0, done.stderr
@@ -109,6 +111,7 @@ def test_command_index_is_right_and_covers_the_per_step_commands() -> None:
     (["lock", "acquire", "--owner", "1"], "ledger.cli.lockcmds"),
     (["history"], "ledger.cli.reports"),
 ])
+@pytest.mark.slow
 def test_a_command_imports_only_its_own_module(tmp_path: Path, args: list[str],
                                                module: str) -> None:
     home = tmp_path / "home"
@@ -141,6 +144,7 @@ def test_help_still_lists_every_command(cli: object) -> None:
         assert f"  {name} " in result.out, name
 
 
+@pytest.mark.slow
 def test_the_quick_exit_keeps_output_and_exit_codes(tmp_path: Path) -> None:
     """A command leaves without interpreter shutdown; its whole output still arrives
     (a large JSON history through a pipe) and its exit code is kept."""

@@ -82,6 +82,7 @@ def test_pid_names_the_owner_and_strict_refuses_others(cli, shells, home) -> Non
     assert cli("--pid", mine, "lock", "release").code == 0
 
 
+@pytest.mark.slow
 def test_a_real_shell_holds_the_lock_over_several_calls(home, tmp_path) -> None:
     """No --owner at all: each call's owner is its parent, the shell running the script."""
     cmd = f"{sys.executable} -m ledger --home {home}"
@@ -161,3 +162,31 @@ def test_cleanup_releases_the_owners_lock(cli, shells, home) -> None:
     assert cli("cleanup", "--owner", mine).code == 0
     assert cli("lock", "held").code == 1
     assert Path(home / "history" / "u1.json").is_file()
+
+
+def test_a_dead_holders_lock_gets_one_verdict_in_every_command(cli, home, shells) -> None:
+    """``lock status``, ``lock held -v`` and ``status`` say the same thing, in the same
+    words, about a lock whose holder has exited: not held, stale."""
+    assert cli("init", "u1").code == 0
+    gone = dead_pid()
+    assert cli("lock", "acquire", "--owner", str(shells[0].pid)).code == 0
+    info = home / "upgrade.lock.d" / "lock.info"
+    info.write_text("|".join([str(gone), *info.read_text().split("|")[1:]]))
+
+    held = cli("lock", "held", "-v")
+    assert (held.code, held.out) == (1, "no\n")
+    plain = cli("lock", "status", "-f", "plain").out.splitlines()
+    assert "held: no" in plain and "stale: yes" in plain
+    status = json.loads(cli("lock", "status", "--json").out)
+    assert (status["held"], status["stale"]) == (False, True)
+    assert status["holder"]["pid"] == gone  # who left it is still shown
+    overview = json.loads(cli("status", "--json").out)["lock"]
+    assert overview == {**status, "age_s": overview["age_s"]}
+    line = [x for x in cli("status").out.splitlines() if x.startswith("lock ")]
+    assert line == [f"lock              not held (stale lock of PID {gone})"]
+
+    live = cli("lock", "acquire", "--owner", str(shells[1].pid))  # takes the stale lock over
+    assert live.code == 0
+    assert cli("lock", "held", "-v").out == "yes\n"
+    plain = cli("lock", "status", "-f", "plain").out.splitlines()
+    assert "held: yes" in plain and "stale: no" in plain

@@ -9,6 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import child_env, run_ledger
+
+from ledger.core.states import UPGRADE_STATES as STATES
 
 COMPONENT_KEYS = ["phase", "name", "state", "from_version", "to_version", "attempts",
                   "last_error", "note", "started_at", "completed_at", "failed_at",
@@ -83,6 +86,39 @@ def test_an_invalid_transition_exits_3_names_the_allowed_targets_changes_nothing
     assert result.err == ("upgrade-ledger: error: invalid upgrade transition IDLE -> "
                           "COMPLETED; allowed from IDLE: PLANNING\n")
     assert (home / "state.json").read_bytes() == before
+
+
+def test_state_names_are_taken_in_any_case(cli, home) -> None:
+    ok(cli, "init", "u1")
+    ok(cli, "state", "set", "planning")
+    ok(cli, "state", "set", "Backing_Up")
+    assert state_doc(home)["current_state"] == "BACKING_UP"  # stored as the machine names it
+    assert cli("state", "check", "upgrading", "rolling_back").code == 0
+    assert cli("state", "check", "idle", "completed").code == 1
+    ok(cli, "state", "set", "failed")
+    assert [r["id"] for r in json.loads(ok(cli, "history", "--state", "failed", "--json"))] \
+        == ["u1"]
+    assert json.loads(ok(cli, "history", "--state", "rolled_back", "--json")) == []
+    refused = cli("state", "set", "finished")
+    assert refused.code == 6
+    assert refused.err.startswith("upgrade-ledger: error: unknown upgrade state 'finished'; "
+                                  "expected one of: IDLE, PLANNING")
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    (["state", "set", ""], list(STATES)),
+    (["state", "set", "ro"], ["ROLLING_BACK", "ROLLED_BACK"]),
+    (["state", "check", "IDLE", "P"], ["PLANNING"]),
+    (["history", "--state", "f"], ["FAILED"]),
+])
+def test_state_names_complete_in_the_shell(home, words, expected) -> None:
+    env = child_env(_UPGRADE_LEDGER_COMPLETE="bash_complete",
+                    COMP_WORDS=" ".join(["upgrade-ledger", *words]),
+                    COMP_CWORD=str(len(words)))
+    done = run_ledger(env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"plain,{name}" for name in expected]
+    assert not home.exists()  # completing opens no ledger
 
 
 def test_state_set_keeps_the_error_text(cli) -> None:
@@ -290,6 +326,7 @@ def test_progress_and_summary(cli) -> None:
 
 # -- real processes: what a shell script does -----------------------------------------------
 
+@pytest.mark.slow
 def test_a_script_drives_an_upgrade_step_by_step_in_real_processes(run_cli, home) -> None:
     steps = [("init", "u1"), ("state", "set", "PLANNING"), ("state", "set", "BACKING_UP"),
              ("state", "set", "UPGRADING"), ("phase", "start", "exporters"),

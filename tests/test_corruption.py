@@ -118,6 +118,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_damage_is_refused_on_open_and_restored(finished: Path, kind: str) -> None:
     db = finished / "ledger.db"
@@ -145,6 +146,7 @@ def test_damage_is_refused_on_open_and_restored(finished: Path, kind: str) -> No
         assert len(led.events(kind="ledger.restore")) == 1
 
 
+@pytest.mark.slow
 def test_damage_deep_in_the_file_is_found_by_doctor_and_before_resume(tmp_path: Path) -> None:
     home = tmp_path / "home"
     drive(home, stop_after=30)
@@ -172,6 +174,7 @@ def test_damage_deep_in_the_file_is_found_by_doctor_and_before_resume(tmp_path: 
 # -- snapshots ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_snapshots_are_private_and_kept_to_the_limit(finished: Path) -> None:
     for _ in range(5):
         saved = cli(finished, "save-history", env={"LEDGER_SNAPSHOT_KEEP": "3"}, umask=0)
@@ -198,6 +201,7 @@ def test_snapshot_keep_zero_and_bad_values(finished: Path) -> None:
     assert len(snapshots.listing(Home.at(finished))) == len(before) + 1
 
 
+@pytest.mark.slow
 def test_snapshots_are_taken_online_and_consistent(tmp_path: Path) -> None:
     """Snapshots taken while another process drives the upgrade: each one is a whole,
     consistent ledger (every component row agrees with its events)."""
@@ -246,6 +250,7 @@ def midway_with_snapshot(home: Path, snap_at: int = 40, stop_at: int = 61) -> by
     return (home / "state.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_restore_rebuilds_the_current_upgrade_from_a_newer_state_json(tmp_path: Path) -> None:
     home = tmp_path / "home"
     view = midway_with_snapshot(home)
@@ -294,6 +299,7 @@ def test_restore_sets_a_foreign_state_json_aside(finished: Path, tmp_path: Path)
         assert led.state() == "COMPLETED"  # the snapshot's, not the foreign view's IDLE
 
 
+@pytest.mark.slow
 def test_restore_passes_over_a_damaged_snapshot_and_imports_newer_history(
         finished: Path) -> None:
     """The newest snapshot is damaged: the older one is used, and the upgrade saved
@@ -314,6 +320,7 @@ def test_restore_passes_over_a_damaged_snapshot_and_imports_newer_history(
         assert led.current_id() == "second"
 
 
+@pytest.mark.slow
 def test_restore_refusals_change_nothing(finished: Path) -> None:
     db = finished / "ledger.db"
     healthy = db.read_bytes()
@@ -383,6 +390,7 @@ def follow(name: str, home: Path, tmp_path: Path) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_runbook_damaged_ledger(tmp_path: Path) -> None:
     home = tmp_path / "home"
     view = midway_with_snapshot(home, stop_at=62)  # between two components
@@ -396,6 +404,7 @@ def test_runbook_damaged_ledger(tmp_path: Path) -> None:
         assert led.state() == "COMPLETED"
 
 
+@pytest.mark.slow
 def test_runbook_no_snapshot(finished: Path, tmp_path: Path) -> None:
     view = document.parse((finished / "state.json").read_bytes())
     shutil.rmtree(finished / "snapshots")

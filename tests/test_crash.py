@@ -14,7 +14,8 @@ checks what an operator relies on:
 
 Then a new child resumes (skipping COMPLETED components, redoing UPGRADING ones),
 until one finishes: the run ends COMPLETED with every component completed exactly
-once. Default mode: >= 50 kills; ``pytest --slow`` (or ``LEDGER_SLOW_TESTS=1``): >= 500.
+once. Default: >= 50 kills; ``pytest --exhaustive`` (or ``LEDGER_EXHAUSTIVE_TESTS=1``):
+>= 500. Both sweeps are marked ``slow``: ``-m "not slow"`` leaves them out.
 """
 
 from __future__ import annotations
@@ -171,11 +172,13 @@ def report(name: str, runs: list[Run]) -> None:
           f"survived={kills} steps-reported={steps} step-checks={checks}")
 
 
+@pytest.mark.slow
 def test_sweep_kill_right_after_every_step(tmp_path: Path, template: Path,
-                                           slow_mode: bool) -> None:
-    """Kill right after step k, for every k of the run, resuming in between; in slow
-    mode the sweep is repeated with each kill delayed a little further into step k+1."""
-    delays = [0.0, 0.0005, 0.002, 0.005] if slow_mode else [0.0]
+                                           exhaustive: bool) -> None:
+    """Kill right after step k, for every k of the run, resuming in between; when
+    exhaustive the sweep is repeated with each kill delayed a little further into step
+    k+1."""
+    delays = [0.0, 0.0005, 0.002, 0.005] if exhaustive else [0.0]
     runs = []
     for n, delay in enumerate(delays):
         run = Run(fresh_home(tmp_path, f"sweep{n}", template))
@@ -197,10 +200,11 @@ def test_sweep_kill_right_after_every_step(tmp_path: Path, template: Path,
     report("sweep", runs)
 
 
-def test_random_kills(tmp_path: Path, template: Path, slow_mode: bool) -> None:
+@pytest.mark.slow
+def test_random_kills(tmp_path: Path, template: Path, exhaustive: bool) -> None:
     """SIGKILL at random moments (seeded): during start-up and migration of a new
     ledger, inside API calls, between the commit and the view, in save to history."""
-    wanted = 500 if slow_mode else 40
+    wanted = 500 if exhaustive else 40
     rng = random.Random(20261127)
     runs: list[Run] = []
     while sum(r.kills for r in runs) < wanted:
@@ -247,6 +251,7 @@ sys.stdin.readline()                # killed here
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["migrated", "second"])
 def test_a_returned_change_survives_other_processes_closing_the_ledger(
         tmp_path: Path, case: str) -> None:

@@ -71,6 +71,7 @@ def change(home: Path, *args: str) -> None:
     run_ledger("--home", home, *args).check_returncode()
 
 
+@pytest.mark.slow
 def test_a_follower_sees_what_another_process_records(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow("--format", "json")
@@ -85,6 +86,7 @@ def test_a_follower_sees_what_another_process_records(home: Path, follow) -> Non
     assert (code, err) == (0, "")
 
 
+@pytest.mark.slow
 def test_filters_hold_while_following(home: Path, follow) -> None:
     change(home, "init", "u1")
     for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
@@ -101,6 +103,22 @@ def test_filters_hold_while_following(home: Path, follow) -> None:
     assert follower.stop(signal.SIGINT) == (0, "")
 
 
+@pytest.mark.slow
+def test_since_an_age_is_anchored_when_the_follower_starts(home: Path, follow) -> None:
+    """``--since 0s`` (the systemd unit in docs/observability.md): no backlog, then every
+    new event. The age is taken once, when following starts, not again at each poll."""
+    change(home, "init", "u1")
+    follower = follow("--format", "csv", "--since", "0s")
+    assert follower.lines(1)[0].startswith("id,at,")  # started: the anchor is taken
+    change(home, "state", "set", "PLANNING")
+    change(home, "state", "set", "BACKING_UP")
+    got = [line.split(",") for line in follower.lines(2, timeout=20)]
+    assert [(row[3], row[6]) for row in got] == [("upgrade.state", "PLANNING"),
+                                                 ("upgrade.state", "BACKING_UP")]
+    assert follower.stop(signal.SIGTERM) == (0, "")
+
+
+@pytest.mark.slow
 def test_the_table_format_streams_one_line_per_event(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow()
@@ -108,9 +126,12 @@ def test_the_table_format_streams_one_line_per_event(home: Path, follow) -> None
     lines = follower.lines(2)
     assert "upgrade.init" in lines[0] and "u1" in lines[0]
     assert "upgrade.state" in lines[1] and "IDLE -> PLANNING" in lines[1]
+    change(home, "state", "set", "FAILED", "--error", "disk full")
+    assert follower.lines(1)[0].endswith("  error=disk full")  # the detail, in brief
     assert follower.stop(signal.SIGTERM)[0] == 0
 
 
+@pytest.mark.slow
 def test_the_follower_stops_when_its_reader_goes_away(home: Path, follow) -> None:
     change(home, "init", "u1")
     follower = follow("--format", "json")

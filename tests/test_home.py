@@ -43,6 +43,7 @@ UMASK_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_folders_are_0700_and_files_0600_under_umask_000(tmp_path: Path) -> None:
     root = tmp_path / "new"
     home = root / "deeper" / "home"  # parents that do not exist yet are created too

@@ -89,6 +89,7 @@ STEPS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "code", "did"), STEPS, ids=[" ".join(s[0]) for s in STEPS])
 def test_per_step_commands_import_neither_sqlalchemy_nor_alembic(
         running: Path, home: Path, args: list[str], code: int, did) -> None:
@@ -99,6 +100,7 @@ def test_per_step_commands_import_neither_sqlalchemy_nor_alembic(
     assert heavy == []
 
 
+@pytest.mark.slow
 def test_the_probe_sees_alembic_when_a_new_ledger_is_migrated(tmp_path: Path) -> None:
     home = tmp_path / "new"
     got, out, _err, heavy = probe(home, "state", "get")
@@ -134,6 +136,7 @@ def test_a_session_serves_the_per_step_commands_on_the_light_path(running: Path,
     assert session.errors.decode().splitlines()[-1] == "HEAVY:"  # neither, once for all
 
 
+@pytest.mark.slow
 def test_the_per_step_path_builds_no_dataclass_and_reads_no_csv(running: Path,
                                                                home: Path) -> None:
     """dataclasses (and the code each @dataclass compiles), csv and the document

@@ -206,6 +206,7 @@ def test_the_private_registry_leaves_the_global_one_alone(busy: Ledger) -> None:
     assert not any(n.startswith("upgrade_ledger") for n in names)
 
 
+@pytest.mark.slow
 def test_the_textfile_follows_every_change_when_asked(run_cli, home: Path,
                                                       tmp_path: Path) -> None:
     target = tmp_path / "ledger.prom"
@@ -223,6 +224,7 @@ def test_the_textfile_follows_every_change_when_asked(run_cli, home: Path,
     assert value(parse(target.read_text()), "upgrade_ledger_lock_held") == 0
 
 
+@pytest.mark.slow
 def test_a_textfile_that_cannot_be_written_never_fails_the_step(
         run_cli, home: Path, tmp_path: Path) -> None:
     env = child_env(LEDGER_METRICS_TEXTFILE=str(tmp_path / "gone" / "x.prom"))
@@ -246,6 +248,7 @@ print(json.dumps("prometheus_client" in sys.modules))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("textfile", [False, True])
 def test_prometheus_client_is_imported_only_when_a_textfile_is_asked_for(
         home: Path, tmp_path: Path, textfile: bool) -> None:

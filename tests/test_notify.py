@@ -5,6 +5,7 @@ child process); runs and crashes use real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from ledger.store import migrate
 from ledger.store.schema import metadata
 from tests.applyplans import component as plan_component
 from tests.applyplans import write_plan
-from tests.conftest import REPO, child_env, ledger_process
+from tests.conftest import REPO, child_env, ledger_process, run_ledger
 
 SERVER = REPO / "tests" / "webhook_server.py"
 
@@ -75,11 +76,11 @@ def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60.0) 
 class Webhook:
     """The receiver child process and what it recorded."""
 
-    def __init__(self, tmp: Path, fail_first: int) -> None:
-        self.log = tmp / f"requests-{fail_first}.jsonl"
-        port_file = tmp / f"port-{fail_first}"
+    def __init__(self, tmp: Path, fail_first: int, mode: str = "") -> None:
+        self.log = tmp / f"requests-{fail_first}{mode}.jsonl"
+        port_file = tmp / f"port-{fail_first}{mode}"
         self.proc = subprocess.Popen([sys.executable, str(SERVER), str(self.log),
-                                      str(port_file), str(fail_first)], env=child_env())
+                                      str(port_file), str(fail_first), mode], env=child_env())
         port = wait_for(lambda: port_file.exists() and port_file.read_text(),
                         "the webhook server to listen")
         self.url = f"http://127.0.0.1:{port}/hook"
@@ -98,8 +99,8 @@ class Webhook:
 def webhook(tmp_path: Path) -> Iterator[Callable[[int], Webhook]]:
     started: list[Webhook] = []
 
-    def start(fail_first: int = 0) -> Webhook:
-        server = Webhook(tmp_path, fail_first)
+    def start(fail_first: int = 0, mode: str = "") -> Webhook:
+        server = Webhook(tmp_path, fail_first, mode)
         started.append(server)
         return server
 
@@ -156,6 +157,7 @@ def hook_script(tmp: Path, body: str, name: str = "hook.sh") -> Path:
 # -- webhooks ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_healthy_webhook_receives_every_event_of_a_run_exactly_once(
         cli, home: Path, webhook) -> None:
     server = webhook(0)
@@ -176,6 +178,7 @@ def test_a_healthy_webhook_receives_every_event_of_a_run_exactly_once(
         (events[-1]["id"], len(events), 0)
 
 
+@pytest.mark.slow
 def test_a_webhook_failing_its_first_requests_still_gets_everything_in_order(
         cli, home: Path, webhook) -> None:
     server = webhook(4)
@@ -331,7 +334,8 @@ def test_a_hook_that_hangs_is_killed_at_its_timeout_and_recorded(
         os.kill(int(pid_file.read_text()), 0)
 
 
-def test_a_slow_subscriber_only_uses_the_step_budget(home: Path, tmp_path: Path) -> None:
+def test_a_subscriber_cut_by_the_budget_is_backed_off_like_a_failure(
+        home: Path, tmp_path: Path) -> None:
     hook = hook_script(tmp_path, "exec sleep 60\n")
     with Ledger(home) as led:
         led.init("u1")
@@ -339,9 +343,35 @@ def test_a_slow_subscriber_only_uses_the_step_budget(home: Path, tmp_path: Path)
             "slow", {"hook": str(hook), "timeout_s": 120, "start": "all"}))
         report = notify.deliver_pending(led, budget_s=0.3)
         [outcome] = report.outcomes
-        # Cut by the budget, not by the subscriber: no failure is held against it.
-        assert (outcome.state, outcome.attempts, outcome.cursor) == ("deferred", 0, 0)
-        assert cursor(home, "slow")["failures"] == 0
+        # It took the whole budget without answering: an attempt, and a wait.
+        assert (outcome.state, outcome.attempts, outcome.cursor) == ("failing", 1, 0)
+        assert "no answer within" in (outcome.error or "")
+        state = cursor(home, "slow")
+        assert (state["failures"], state["attempts"]) == (1, 1) and state["next_try_at"]
+        assert notify.deliver_pending(led, budget_s=0.3).outcomes[0].state == "waiting"
+
+
+def test_a_subscriber_that_never_answers_costs_an_upgrade_one_budget(
+        cli, home: Path, tmp_path: Path) -> None:
+    """Not one budget per change: after its first deferral it backs off, and status
+    and doctor show it."""
+    started = tmp_path / "started"
+    hook = hook_script(tmp_path, f"echo started >> {started}\nexec sleep 60\n")
+    plan = write_plan(tmp_path / "work", [("exporters", 1, [plan_component("a"),
+                                                            plan_component("b")])])
+    assert cli("init", "setup").code == 0
+    cli("subscribers", "add", "mute", "--hook", str(hook), "--timeout", "120",
+        "--retry-initial", "600")
+    result = cli("apply", str(plan))
+    assert result.code == 0, result
+    changes = [e for e in all_events(home) if e["upgrade_id"] != "setup"]
+    assert len(changes) > 10
+    assert started.read_text().splitlines() == ["started"]
+    [failing] = json.loads(cli("status", "--json").out)["notify"]["failing"]
+    assert failing["name"] == "mute" and "no answer within" in failing["last_error"]
+    [finding] = doctor.run_checks(home, checks=[c for c in doctor.CHECKS
+                                                if c.name == "notifications"])
+    assert finding.status == doctor.WARN and "mute" in finding.detail
 
 
 def test_a_hook_that_is_not_executable_is_refused_when_added(
@@ -454,6 +484,7 @@ def test_a_new_subscriber_starts_after_the_events_already_recorded(
     assert [(e["from"], e["to"]) for e in got] == [("PLANNING", "BACKING_UP")]
 
 
+@pytest.mark.slow
 def test_two_deliverers_at_once_send_each_event_once(cli, home: Path, tmp_path: Path) -> None:
     out = tmp_path / "got"
     hook = hook_script(tmp_path, f'cat > /dev/null\necho "$LEDGER_EVENT_ID" >> {out}\n')
@@ -481,6 +512,7 @@ def test_doctor_reports_a_failing_subscriber(cli, home: Path, webhook) -> None:
     assert "web (1 attempt(s) at event 1: HTTP 500" in finding.detail
 
 
+@pytest.mark.slow
 def test_apply_notifies_as_it_goes_and_a_dead_subscriber_never_fails_it(
         cli, home: Path, tmp_path: Path, webhook) -> None:
     server = webhook(0)
@@ -517,3 +549,105 @@ def test_the_cursor_table_migrates_both_ways_and_matches_the_metadata(tmp_path: 
             assert compare_metadata(context, metadata) == []
     finally:
         engine.dispose()
+
+
+# -- slow subscribers: deadlines and signals ---------------------------------------------
+
+
+@pytest.fixture
+def sleepers() -> Iterator[list[int]]:
+    """Pids of the processes a test's hooks leave behind: killed at the end."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_webhook_answering_one_byte_a_second_is_cut_at_its_timeout(
+        home: Path, webhook) -> None:
+    server = webhook(0, "drip")
+    assert run_ledger("--home", home, "init", "u1").returncode == 0
+    run_ledger("--home", home, "subscribers", "add", "drip", "--url", server.url,
+               "--start", "all", "--timeout", "3")
+    done = run_ledger("--home", home, "notify", "--budget", "5", timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "timed out" in done.stderr
+    assert len(server.requests()) == 1
+    assert cursor(home, "drip")["attempts"] == 1
+
+
+@pytest.mark.parametrize("ending", ["exec sleep 1016", "exit 0"], ids=["hangs", "exits"])
+def test_a_hook_whose_child_keeps_its_stderr_never_hangs_the_delivery(
+        home: Path, tmp_path: Path, sleepers: list[int], ending: str) -> None:
+    pid_file = tmp_path / "child.pid"
+    hook = hook_script(tmp_path, f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 1015' &\n"
+                                 f"{ending}\n")
+    assert run_ledger("--home", home, "init", "u1").returncode == 0
+    run_ledger("--home", home, "subscribers", "add", "leaky", "--hook", str(hook),
+               "--start", "all", "--timeout", "2")
+    try:
+        done = run_ledger("--home", home, "notify", "--budget", "5", timeout=60)
+    finally:
+        wait_for(pid_file.exists, "the hook's child to start")
+        sleepers.append(int(pid_file.read_text()))
+    if ending == "exit 0":
+        assert done.returncode == 0, done.stderr
+        assert cursor(home, "leaky")["delivered"] == 1
+    else:
+        assert done.returncode == 1 and "timed out" in done.stderr
+
+
+DELIVER = """
+import signal, sys
+from ledger.api import Ledger
+from ledger.observe import notify
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+with Ledger(sys.argv[1]) as led:
+    report = notify.deliver(led, 300, cancel=lambda: bool(stopping))
+print(report.outcomes[0].state, report.outcomes[0].attempts)
+"""
+
+
+def test_a_stop_request_ends_a_delivery_at_once(home: Path, webhook) -> None:
+    """A delivery with 300 s to go is cut short by a stop request (what a signal to
+    apply makes), and is not held against the subscriber."""
+    server = webhook(0, "drip")
+    assert run_ledger("--home", home, "init", "u1").returncode == 0
+    run_ledger("--home", home, "subscribers", "add", "drip", "--url", server.url,
+               "--start", "all", "--timeout", "300")
+    proc = subprocess.Popen([sys.executable, "-c", DELIVER, str(home)], env=child_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(server.requests, "the request to arrive")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert out.split() == ["deferred", "0"]
+    assert cursor(home, "drip")["attempts"] == 0
+
+
+def test_apply_stops_on_sigterm_while_a_subscriber_drips(
+        home: Path, tmp_path: Path, webhook) -> None:
+    server = webhook(0, "drip")
+    work = tmp_path / "work"
+    plan = write_plan(work, [("one", 1, [plan_component("a", upgrade=(
+        "touch {W}/a.blocked; while [ ! -f {W}/go ]; do sleep 0.05; done; "
+        "sh {W}/t.sh upgrade"))])])
+    assert run_ledger("--home", home, "init", "setup").returncode == 0
+    run_ledger("--home", home, "subscribers", "add", "drip", "--url", server.url,
+               "--timeout", "300")
+    proc = ledger_process("--home", home, "apply", "--plain", plan)
+    try:
+        wait_for((work / "a.blocked").exists, "the upgrade to start")
+        wait_for(server.requests, "a delivery to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+        proc.communicate()
+    with Ledger(home) as led:
+        assert not led.lock_status().held
+        assert led.events(kind="apply.interrupted")

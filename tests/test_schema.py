@@ -20,7 +20,7 @@ from ledger.store import migrate
 from ledger.store.database import SCHEMA_REVISION
 from ledger.store.schema import metadata
 
-TABLES = {"ledger_meta", "upgrades", "phases", "components", "rollback_points", "events",
+TABLES = {"ledger_meta", "hosts", "upgrades", "phases", "components", "rollback_points", "events",
           "notify_cursors"}
 VIEWS = {"upgrade_summary", "component_runs", "phase_runs", "failures"}
 
@@ -285,3 +285,25 @@ def test_revision_0003_counts_attempts_and_adds_the_kept_keys(tmp_path: Path) ->
     conn.close()
     assert back == {key[0]: key[2] for key in BEFORE_0003}
     assert not columns & {"extra", "metadata_extra"}
+
+
+def test_postgres_gets_the_declared_schema_and_round_trips(tmp_path: Path, pg_url: str) -> None:
+    with Ledger(tmp_path / "home", db_url=pg_url) as led:
+        led.init("before")
+    eng = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        assert drift(eng) == []
+        assert set(inspect(eng).get_view_names()) == VIEWS
+        migrate.downgrade(pg_url, "base")
+        eng.dispose()
+        assert set(inspect(eng).get_table_names()) == {"alembic_version"}
+        migrate.upgrade(pg_url)
+        eng.dispose()
+        assert drift(eng) == []
+        # Event ids still come from a sequence after the tables were re-keyed.
+        with Ledger(tmp_path / "home", db_url=pg_url) as led:
+            led.init("after")
+            led.set_state("PLANNING")
+            assert [e["id"] for e in led.events(limit=None)] == [1, 2]
+    finally:
+        eng.dispose()

@@ -136,6 +136,7 @@ CHANGES: list[list[str]] = [
 ]
 
 
+@pytest.mark.slow
 def test_changes_leave_the_ledger_as_one_shot_processes_do(running: Path, tmp_path: Path,
                                                            session: SessionClient) -> None:
     served, alone = tmp_path / "served", tmp_path / "alone"
@@ -195,6 +196,7 @@ def test_the_o_frame_comes_before_the_change_and_names_the_newest_event(
     assert session.call(["state", "check", "IDLE", "PLANNING"]).opened is None
 
 
+@pytest.mark.slow
 def test_each_request_carries_its_settings_caller_and_folder(tmp_path: Path,
                                                             session: SessionClient) -> None:
     (tmp_path / "a").mkdir()
@@ -219,6 +221,7 @@ def test_each_request_carries_its_settings_caller_and_folder(tmp_path: Path,
     assert gone.code == 1 and b"cannot work in" in gone.err
 
 
+@pytest.mark.slow
 def test_the_ledger_stays_open_while_its_file_is_the_same(tmp_path: Path,
                                                           session: SessionClient) -> None:
     home = tmp_path / "home"
@@ -256,6 +259,7 @@ def test_the_session_ends_at_the_end_of_its_input_and_when_idle(tmp_path: Path) 
     bad.close()
 
 
+@pytest.mark.slow
 def test_the_session_ends_when_its_parent_does(tmp_path: Path) -> None:
     # The parent ends without closing the session's input (the test holds it open):
     # the parent-death signal ends the session all the same.
@@ -287,6 +291,7 @@ def is_session(pid: int) -> bool:
     return b"session" in cmdline and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
+@pytest.mark.slow
 def test_a_term_between_calls_ends_it_and_one_during_a_call_lets_the_call_finish(
         running: Path) -> None:
     client = SessionClient()

@@ -369,6 +369,7 @@ class LedgerMachine(RuleBasedStateMachine):
         VALIDATOR.validate(json.loads(data))
 
 
+@pytest.mark.slow
 def test_the_ledger_follows_its_model(tmp_path: Path) -> None:
     _ROOT[:], _TEMPLATE[:] = [tmp_path], []
     run_state_machine_as_test(LedgerMachine, settings=settings(

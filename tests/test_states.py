@@ -277,6 +277,7 @@ def kill_after_line(script: str, home: Path, line: str) -> None:
     assert child.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_upgrade_resumes_at_the_interrupted_component(home: Path) -> None:
     kill_after_line(CRASHING_RUN, home, "upgrading b")
     with Ledger(home) as led:
@@ -316,6 +317,7 @@ HAMMERING_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_writing_leaves_a_consistent_ledger(home: Path) -> None:
     kill_after_line(HAMMERING_RUN, home, "busy")
     with sqlite3.connect(home / "ledger.db") as conn:
@@ -532,6 +534,7 @@ def _init_many(home: str, barrier: Any, count: int, out: Any) -> None:
     led.close()
 
 
+@pytest.mark.slow
 def test_two_processes_starting_at_once_get_different_ids(home: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()

@@ -143,6 +143,7 @@ def finish_after_fault(home: Path, name: str) -> None:
         assert len(led.events(component=name, kind="component.upgrading")) == 1
 
 
+@pytest.mark.slow
 def test_file_size_limit_never_loses_or_invents_a_step(home: Path) -> None:
     """A child whose writes past N bytes fail (RLIMIT_FSIZE): over a sweep of N each
     step either happened (then it is in the ledger, and an error says so) or did not
@@ -201,6 +202,7 @@ def free_only(filler: Path, wanted: int) -> None:
     os.truncate(filler, max(0, filler.stat().st_size - (wanted - free)))
 
 
+@pytest.mark.slow
 def test_full_filesystem(small_fs: Path, tmp_path: Path) -> None:
     """A home on a filesystem with 0 to 400 KB left: every step fails with one line or
     happens whole; once space is freed the run goes on from the ledger's truth."""
@@ -231,6 +233,7 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_read_only_home(tmp_path: Path, home: Path) -> None:
     """A home on a read-only mount (root ignores chmod, so a read-only bind mount):
     one line that names the home and the fix; not a byte changes."""

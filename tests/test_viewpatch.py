@@ -44,6 +44,7 @@ def started(home: Path, plan: dict[str, list[tuple[str, str | None, str | None]]
     return led
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_random_steps_leave_the_same_bytes_as_a_whole_build(home: Path, seed: int) -> None:
     rnd = random.Random(seed)
@@ -203,6 +204,7 @@ def _worker(home: str, names: list[str], barrier: Any) -> None:
             led.component_complete(name)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_leave_the_whole_view(home: Path) -> None:
     names = [f"c{i:03d}" for i in range(120)]
     led = started(home, {"p": [(n, "1", "2") for n in names[::2]]})  # half created later

@@ -23,6 +23,10 @@ NOT_SOURCE = shutil.ignore_patterns(
     ".hypothesis", ".benchmarks", "tests", "demo")
 
 
+#: Every test here builds and installs the wheel into a new venv (once per session).
+pytestmark = pytest.mark.slow
+
+
 def clean_env() -> dict[str, str]:
     """No trace of the checkout: the installed package must stand on its own."""
     env = {k: v for k, v in os.environ.items()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -21,7 +21,6 @@ from ledger.apply.scheduler import Exec, Job, Pause, Stop, drive
 from ledger.apply.shell import Result, Running
 from ledger.core import states
 from ledger.errors import StorageError
-from ledger.store.files import make_private_dir
 from ledger.store.home import Home
 
 #: A piece of a job: yields requests, receives results, returns a value.
@@ -37,6 +36,8 @@ class Reporter(Protocol):
 
     def failure(self, text: str, tail: Sequence[str]) -> None: ...
 
+    def event(self, event: Mapping[str, Any]) -> None: ...
+
 
 class Quiet:
     """A reporter that says nothing (the Python API's default)."""
@@ -48,6 +49,9 @@ class Quiet:
         pass
 
     def failure(self, text: str, tail: Sequence[str]) -> None:
+        pass
+
+    def event(self, event: Mapping[str, Any]) -> None:
         pass
 
 
@@ -76,6 +80,8 @@ class Jobs:
         self.done = 0
         self.total = sum(len(p.components) for p in plan.phases)
         self.active: dict[tuple[str, str], str] = {}
+        #: Processes a step started that could not be stopped: no rollback beside them.
+        self.survivors: list[int] = []
         self.label = ""
         self.records = ledger.home.logs_dir.absolute() / ".running"
 
@@ -90,7 +96,8 @@ class Jobs:
                 if self._skip_if_done(c, version):
                     return True
             folder = backup_dir(self.ledger.home, self.uid, c)
-            result = yield from self._attempts(c, "backup", before=lambda: _empty(folder))
+            result = yield from self._attempts(
+                c, "backup", before=lambda: _empty(self.ledger.home, folder))
             if not result.ok:
                 return self._failed(c, f"backup {result.describe()}", result)
             try:
@@ -151,7 +158,7 @@ class Jobs:
                     return True
                 error = f"{step} {result.describe()} (attempt {attempt} of {last})"
                 led.component_fail(c.name, error, phase=c.phase)
-                if tries == c.retries:
+                if tries == c.retries or result.survivors:
                     return self._failed(c, error, result)
                 delay = c.backoff_s * 2 ** tries
                 self._say(c, "UPGRADING", f"{error}; retrying in {delay:g} s")
@@ -187,7 +194,7 @@ class Jobs:
             if before is not None:
                 before()
             result = cast(Result, (yield Exec(c, step, attempt)))
-            if result.ok or attempt > c.retries:
+            if result.ok or attempt > c.retries or result.survivors:
                 return result
             delay = c.backoff_s * 2 ** (attempt - 1)
             self._say(c, step.upper(), f"{step} {result.describe()} (attempt {attempt} of "
@@ -225,8 +232,10 @@ class Jobs:
 
     def _start(self, request: Exec) -> Running:
         c = request.component
-        log_dir = self.ledger.home.logs_dir.absolute() / self.uid
-        make_private_dir(log_dir)
+        # Looked at right before each command, under the lock: a link planted in the
+        # home since is refused, never written through.
+        log_dir = self.ledger.home.private_dir(self.ledger.home.logs_dir / self.uid)
+        self.ledger.home.private_dir(self.records)
         log = log_dir / f"{c.name}.log"
         env = command_env(self.ledger.home, self.plan, self.uid, c, step=request.step,
                           from_version=self.versions.get(c.key) or c.from_version)
@@ -245,6 +254,8 @@ class Jobs:
 
     def _failed(self, c: Component, error: str, result: Result | None) -> bool:
         self.active.pop(c.key, None)
+        if result is not None:
+            self.survivors += result.survivors
         text = f"{c.phase}/{c.name}: {error}"
         if self.error is None:
             self.error = text
@@ -290,8 +301,9 @@ def command_env(home: Home, plan: Plan, upgrade_id: str, c: Component, *, step: 
     return env
 
 
-def _empty(folder: Path) -> None:
-    """Give a backup command an empty folder (a half-made backup is thrown away)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    make_private_dir(folder)
+def _empty(home: Home, folder: Path) -> None:
+    """Give a backup command an empty folder (a half-made backup is thrown away); a
+    link planted on the way to it is refused, never followed."""
+    home.private_dir(folder)
+    shutil.rmtree(folder)  # removes what is inside, never following a link
+    home.private_dir(folder)

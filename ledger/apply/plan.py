@@ -17,7 +17,9 @@ key is found by scanning the source text (``ledger.tomllines``).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -136,10 +138,17 @@ def load(path: str | Path) -> Plan:
     """Read and check the plan at *path*; ``BadInput`` (one line) when it is refused."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_PLAN_BYTES + 1)
+        # Without blocking: a FIFO (or a device) is refused, never waited on.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise BadInput(f"{source}: cannot read the plan ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInput(f"{source}: cannot read the plan (not a regular file)")
+        try:
+            data = fh.read(MAX_PLAN_BYTES + 1)
+        except OSError as exc:
+            raise BadInput(f"{source}: cannot read the plan ({exc.strerror or exc})") from None
     if len(data) > MAX_PLAN_BYTES:
         raise BadInput(f"{source}: the plan is larger than {MAX_PLAN_BYTES} bytes")
     return parse(data, Path(path).absolute(), source)

@@ -26,13 +26,14 @@ from ledger.store.home import Home
 def preview_home(home: str | os.PathLike[str] | None, plan: Plan, *,
                  db_url: str | None = None, env: Mapping[str, str] | None = None,
                  lock_timeout_s: float = DEFAULT_TIMEOUT_S, supersede: bool = False,
-                 again: bool = False) -> dict[str, Any]:
+                 again: bool = False, host_name: str | None = None) -> dict[str, Any]:
     """``preview`` of *plan* for the home at *home* (resolved as everywhere), opening
     its ledger only if it has one: a home without a ledger stays untouched."""
     where = Home.at(home, env)
     ledger = None
     if db_url is not None or where.db_path.exists():
-        ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s)
+        ledger = Ledger(home, db_url=db_url, env=env, lock_timeout_s=lock_timeout_s,
+                        host_name=host_name)
     try:
         return preview(where, ledger, plan, supersede=supersede, again=again)
     finally:
@@ -43,14 +44,17 @@ def preview_home(home: str | os.PathLike[str] | None, plan: Plan, *,
 def preview(home: Home, ledger: Ledger | None, plan: Plan, *, supersede: bool = False,
             again: bool = False) -> dict[str, Any]:
     """``{plan, sha256, upgrade_id, action, components: [{phase, component, from,
-    to, installed, action}]}`` for a run of *plan* in *home*, whose *ledger* is None
-    when the home has none yet."""
+    to, installed, action, stderr}]}`` for a run of *plan* in *home*, whose *ledger*
+    is None when the home has none yet. An action starting with ``fail`` is a
+    component the run would fail on; ``stderr`` holds the last lines its probe
+    printed there (``[]`` when it ran no probe)."""
     uid, action, known = _upgrade_action(ledger, plan, supersede=supersede, again=again)
     rows = []
     earlier: set[str] = set()  # components with a stage before this one
     for c in plan.components():
         state = known.get(c.key)
         installed = None
+        stderr: list[str] = []
         if action.startswith(("nothing", "refused")):
             what = "none"
         elif state in (states.COMPLETED, states.SKIPPED):
@@ -58,12 +62,13 @@ def preview(home: Home, ledger: Ledger | None, plan: Plan, *, supersede: bool = 
         elif state == states.UPGRADING:
             what = "validate (interrupted); upgrade again if that fails"
         elif c.probe is not None:
-            installed, what = _probe(home, plan, uid, c, later_stage=c.name in earlier)
+            installed, what, stderr = _probe(home, plan, uid, c, later_stage=c.name in earlier)
         else:
             what = "upgrade" if state != states.FAILED else "upgrade (retry)"
         earlier.add(c.name)
         rows.append({"phase": c.phase, "component": c.name, "from": c.from_version,
-                     "to": c.to_version, "installed": installed, "action": what})
+                     "to": c.to_version, "installed": installed, "action": what,
+                     "stderr": stderr})
     return {"plan": str(plan.path), "sha256": plan.sha256, "upgrade_id": uid,
             "action": action, "components": rows}
 
@@ -91,8 +96,9 @@ def _upgrade_action(ledger: Ledger | None, plan: Plan, *, supersede: bool, again
 
 
 def _probe(home: Home, plan: Plan, uid: str | None, c: Component, *,
-           later_stage: bool) -> tuple[str | None, str]:
-    """Run the probe of *c*; (installed version, what a run would do)."""
+           later_stage: bool) -> tuple[str | None, str, list[str]]:
+    """Run the probe of *c*; (installed version, what a run would do, the last lines
+    it printed on stderr)."""
     assert c.probe is not None
     env = command_env(home, plan, uid or "", c, step="probe", from_version=c.from_version)
     running = Running(c.probe.run, env=env, cwd=plan.base_dir, timeout_s=c.probe.timeout_s,
@@ -103,10 +109,11 @@ def _probe(home: Home, plan: Plan, uid: str | None, c: Component, *,
         running.stop()
     version = result.output.strip().splitlines()[0].strip() if result.output.strip() else ""
     if not result.ok or not version:
-        return None, f"fail: probe {result.describe()}" if not result.ok else \
-            "fail: probe printed nothing"
+        return None, (f"fail: probe {result.describe()}" if not result.ok else
+                      "fail: probe printed nothing"), result.tail
     if version in plan.targets_from(c):
-        return version, f"skip (probe reports {version})"
+        return version, f"skip (probe reports {version})", result.tail
     if c.from_version is not None and version != c.from_version and not later_stage:
-        return version, f"fail: installed {version}, the plan upgrades from {c.from_version}"
-    return version, "upgrade"
+        return (version, f"fail: installed {version}, the plan upgrades from "
+                f"{c.from_version}", result.tail)
+    return version, "upgrade", result.tail

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger import queries
 from ledger.api import Ledger
-from ledger.apply import backups
+from ledger.apply import backups, contain
 from ledger.apply.jobs import Jobs, Quiet, Reporter, backup_dir
 from ledger.apply.plan import Component, Plan
 from ledger.apply.scheduler import Interrupted, Stop
@@ -33,10 +34,12 @@ from ledger.lock import DEFAULT_TIMEOUT_S
 __all__ = ["Interrupted", "Options", "Outcome", "Reporter", "Run", "apply", "plan_digest"]
 
 #: The annotation that ties an upgrade to the plan file driving it.
-PLAN_EVENT = "apply.plan"
+PLAN_EVENT = queries.PLAN_EVENT
 ROLLBACK_EVENT = "apply.rollback"
 #: Components a rollback must undo: their upgrade has begun.
 CHANGED = (states.COMPLETED, states.UPGRADING, states.FAILED)
+#: What stops a run at its next safe point: Ctrl-C, ``kill``, a dropped ssh session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,18 @@ class Outcome:
     resumed: bool = False
     already_applied: bool = False
     error: str | None = None
+    #: ``phase/component`` of each component rolled back, in the order it was.
+    rolled_back: tuple[str, ...] = ()
 
 
 def open_ledger(home: str | os.PathLike[str] | None = None, *, db_url: str | None = None,
                 env: Mapping[str, str] | None = None, strict: bool = False,
-                lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> Ledger:
+                lock_timeout_s: float = DEFAULT_TIMEOUT_S,
+                host_name: str | None = None) -> Ledger:
     """The ledger a run works on: the run itself (this process) owns the lock and its
     changes, not the shell that started it, as the per-step commands' owner is."""
     return Ledger(home, db_url=db_url, env=env, pid=os.getpid(), strict=strict,
-                  lock_timeout_s=lock_timeout_s)
+                  lock_timeout_s=lock_timeout_s, host_name=host_name)
 
 
 def apply(ledger: Ledger, plan: Plan, options: Options = Options(),
@@ -77,8 +83,9 @@ def apply(ledger: Ledger, plan: Plan, options: Options = Options(),
 
 def plan_digest(ledger: Ledger, upgrade_id: str) -> str | None:
     """The sha256 of the plan file recorded for an upgrade, or None."""
-    found = ledger.events(upgrade_id=upgrade_id, kind=PLAN_EVENT, limit=None)
-    return found[-1]["detail"].get("sha256") if found else None
+    with ledger.db.read() as tx:
+        record = queries.plan_record(tx, upgrade_id)
+    return None if record is None else record.get("sha256")
 
 
 class Run(Jobs):
@@ -93,23 +100,30 @@ class Run(Jobs):
 
     def execute(self) -> Outcome:
         """Take the lock, run (or resume) the plan, release the lock."""
-        self.ledger.acquire_lock()
+        feed = _EventFeed(self.ledger, self.out)
+        self.ledger.after_change.append(feed)
         try:
-            # What the ledger's listeners do during a run (by default, subscribers hear
-            # of every change as it is made, never failing a step).
-            with _catching_signals(self.stop), contextlib.ExitStack() as effects:
-                for effect in self.ledger.during_run:
-                    effects.enter_context(effect(self.ledger))
-                try:
-                    return self._execute()
-                except Interrupted as exc:
-                    self._note_interrupt(exc)
-                    raise
+            self.ledger.acquire_lock()
+            try:
+                # What the ledger's listeners do during a run (by default, subscribers
+                # hear of every change as it is made, never failing a step).
+                with _catching_signals(self.stop), contain.subreaper(), \
+                        contextlib.ExitStack() as effects:
+                    for effect in self.ledger.during_run:
+                        effects.enter_context(effect(self.ledger, self.stop.requested))
+                    try:
+                        return self._execute()
+                    except Interrupted as exc:
+                        self._note_interrupt(exc)
+                        raise
+            finally:
+                self.ledger.release_lock()
         finally:
-            self.ledger.release_lock()
+            self.ledger.after_change.remove(feed)
+            feed()
 
     def _execute(self) -> Outcome:
-        leftovers = stop_leftovers(self.records)
+        leftovers = stop_leftovers(self.ledger.home, self.records)
         already = self._choose_upgrade()
         if already is not None:
             return already
@@ -137,7 +151,8 @@ class Run(Jobs):
             steps[state]()
         self.ledger.save_to_history()
         doc = self.ledger.document()
-        return Outcome(self.uid, state, resumed=self.resumed, error=doc.get("error"))
+        return Outcome(self.uid, state, resumed=self.resumed, error=doc.get("error"),
+                       rolled_back=tuple(self._rolled_back()))
 
     def _choose_upgrade(self) -> Outcome | None:
         """Resume the current upgrade if it runs this plan; else start a new one."""
@@ -253,6 +268,12 @@ class Run(Jobs):
         self.out.line(f"COMPLETED: upgrade {self.uid}")
 
     def _fail_over(self) -> None:
+        if self.survivors:
+            # Rolling back beside a step that still runs could undo half of it.
+            self.ledger.set_state(states.FAILED, error=f"{self.error}; rollback refused: "
+                                  "processes a step started are still running "
+                                  f"({', '.join(map(str, self.survivors))})")
+            return
         if self.options.rollback:
             self.out.line(f"rolling back: {self.error}")
             self.ledger.set_state(states.ROLLING_BACK, error=self.error)
@@ -269,7 +290,10 @@ class Run(Jobs):
         points = {p["backup_path"]: p for p in self.ledger.rollback_info()["components"]}
         reason = self.ledger.document().get("error")
         for c in reversed(list(self.plan.components())):
-            if comps[c.key] not in CHANGED or c.key in undone:
+            if comps[c.key] not in CHANGED:
+                continue
+            if c.key in undone:  # restored by a run stopped before it said so
+                self._mark_rolled_back(c, points)
                 continue
             self.stop.check()
             self.label = f"ROLLING_BACK {c.phase}/{c.name}"
@@ -287,9 +311,23 @@ class Run(Jobs):
             self.ledger.annotate(ROLLBACK_EVENT, c.name, {
                 "phase": c.phase, "ok": True, "sha256": points[self._backup_key(c)]["sha256"],
                 "size_bytes": points[self._backup_key(c)]["size_bytes"]})
+            self._mark_rolled_back(c, points)
             self.out.line(f"ROLLING_BACK {c.phase}/{c.name}: rolled back (backup verified)")
         self.ledger.set_state(states.ROLLED_BACK)
-        self.out.line(f"ROLLED_BACK: upgrade {self.uid} ({reason})")
+        undone_now = self._rolled_back()
+        self.out.line(f"ROLLED_BACK: upgrade {self.uid} ({reason}); rolled back "
+                      f"{len(undone_now)}: {', '.join(undone_now) or 'nothing'}")
+
+    def _mark_rolled_back(self, c: Component, points: Mapping[str, Any]) -> None:
+        point = points.get(self._backup_key(c)) or {}
+        self.ledger.component_rolled_back(
+            c.name, f"rolled back from its backup (sha256 {str(point.get('sha256'))[:12]}, "
+                    "verified)", phase=c.phase)
+
+    def _rolled_back(self) -> list[str]:
+        """``phase/component`` of each component this upgrade rolled back, in order."""
+        return [f"{e['detail']['phase']}/{e['subject']}" for e in self.ledger.events(
+            upgrade_id=self.uid, kind=ROLLBACK_EVENT, limit=None) if e["detail"].get("ok")]
 
     def _backup_key(self, c: Component) -> str:
         return str(backup_dir(self.ledger.home, self.uid, c))
@@ -300,6 +338,8 @@ class Run(Jobs):
         if point is None or not point["sha256"]:
             return f"{c.name} ({c.phase}): no verified backup recorded; rollback refused"
         try:
+            # Looked at right before it is read: not through a link planted since.
+            self.ledger.home.private_dir(Path(point["backup_path"]), create=False)
             size, sha256, _ = backups.digest(Path(point["backup_path"]))
         except StorageError as exc:
             return f"{c.name} ({c.phase}): {exc}; rollback refused"
@@ -309,13 +349,33 @@ class Run(Jobs):
                     f"{point['sha256'][:12]}…, {point['size_bytes']} B); rollback refused")
         return None
 
+
+class _EventFeed:
+    """After each change, hands the reporter the events recorded since the last call
+    (a reporter that streams every change, such as ``apply --json``)."""
+
+    def __init__(self, ledger: Ledger, reporter: Reporter) -> None:
+        self.ledger = ledger
+        self.reporter = reporter
+        with ledger.db.read() as tx:
+            self.after = int(tx.scalar(
+                "SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host"))
+
+    def __call__(self) -> None:
+        for event in self.ledger.events(after_id=self.after, limit=None):
+            self.after = event["id"]
+            self.reporter.event(event)
+
+
 @contextlib.contextmanager
 def _catching_signals(stop: Stop) -> Iterator[None]:
-    """SIGINT and SIGTERM only set a flag; the run stops at its next safe point."""
+    """SIGINT, SIGTERM and SIGHUP only set a flag; the run stops at its next safe
+    point. (A dropped ssh session sends SIGHUP: it ends the run as ``kill`` does,
+    releasing the lock, instead of killing the process where it stands.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in previous:
         signal.signal(sig, stop.request)
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ledger.apply.plan import Component
-from ledger.apply.shell import Result, Running
+from ledger.apply.shell import Result, Running, wait_readable
 
 POLL_S = 0.01
 
@@ -47,7 +47,7 @@ Job = Generator[Exec | Pause, Result | None, bool]
 
 
 class Interrupted(Exception):
-    """A stop signal (SIGINT, SIGTERM) ended the run at a safe point."""
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) ended the run at a safe point."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -64,6 +64,10 @@ class Stop:
 
     def request(self, signum: int, _frame: Any = None) -> None:
         self.signum = self.signum or signum
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for (long waits elsewhere end early on it)."""
+        return self.signum is not None
 
     def check(self) -> None:
         if self.signum is not None:
@@ -118,7 +122,8 @@ def drive(jobs: Sequence[Callable[[], Job]], limit: int,
                     continue
                 moved = True
             if not moved:
-                time.sleep(POLL_S)
+                wait_readable([w for _, w in active.values() if isinstance(w, Running)],
+                              POLL_S)
     except BaseException:
         _stop_all(active.values())
         raise

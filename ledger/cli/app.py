@@ -16,7 +16,7 @@ import click
 
 from ledger import errors as e
 from ledger.cli.lazy import LazyGroup
-from ledger.cli.output import FORMATS
+from ledger.cli.output import FORMATS, echo_or_drop
 from ledger.core.version import __version__
 
 if TYPE_CHECKING:
@@ -60,11 +60,12 @@ class Config:
     A plain class, not a dataclass: the per-step path does not import ``dataclasses``.
     """
 
-    __slots__ = ("_ledger", "db_url", "fmt", "home", "lock_timeout_s", "opener", "pid",
-                 "strict", "traceback")
+    __slots__ = ("_ledger", "db_url", "fmt", "home", "host_name", "lock_timeout_s", "opener",
+                 "pid", "strict", "traceback")
 
     def __init__(self, *, home: str | None, db_url: str | None, pid: int, strict: bool,
                  lock_timeout_s: float, traceback: bool, fmt: str | None = None,
+                 host_name: str | None = None,
                  opener: Callable[[Config], Ledger] | None = None) -> None:
         self.home = home
         self.db_url = db_url
@@ -73,13 +74,14 @@ class Config:
         self.lock_timeout_s = lock_timeout_s
         self.traceback = traceback
         self.fmt = fmt  # the root's --format: the default of every command's -f
+        self.host_name = host_name  # --host-name / LEDGER_HOST: whose rows (default: uname)
         self.opener = opener
         self._ledger: Ledger | None = None
 
     def __repr__(self) -> str:
         return (f"Config(home={self.home!r}, db_url={self.db_url!r}, pid={self.pid}, "
                 f"strict={self.strict}, lock_timeout_s={self.lock_timeout_s}, "
-                f"traceback={self.traceback}, fmt={self.fmt!r})")
+                f"traceback={self.traceback}, fmt={self.fmt!r}, host_name={self.host_name!r})")
 
     def ledger(self) -> Ledger:
         """The ledger, opened (and created or migrated if needed) on first use."""
@@ -91,7 +93,8 @@ class Config:
                 from ledger.api import Ledger  # noqa: PLC0415
 
                 self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
-                                      strict=self.strict, lock_timeout_s=self.lock_timeout_s)
+                                      strict=self.strict, lock_timeout_s=self.lock_timeout_s,
+                                      host_name=self.host_name)
         return self._ledger
 
     def close(self) -> None:
@@ -107,8 +110,9 @@ pass_config = click.make_pass_decorator(Config)
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print one line on stderr and exit with *code*."""
-    click.echo(f"upgrade-ledger: {message}", err=True)
+    """Print one line on stderr and exit with *code* (the code stands even when
+    nobody reads stderr any more)."""
+    echo_or_drop(f"upgrade-ledger: {message}", err=True)
     sys.exit(code)
 
 
@@ -176,7 +180,11 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               show_envvar=True,
               help="Ledger home folder. [default: /var/lib/observability-upgrades]")
 @click.option("--db", "db_url", metavar="URL", envvar="LEDGER_DB_URL", show_envvar=True,
-              help="SQLAlchemy URL of a shared ledger instead of DIR/ledger.db.")
+              help="URL of a shared ledger instead of DIR/ledger.db: postgresql://... "
+                   "(docs/postgres.md) or any SQLAlchemy URL.")
+@click.option("--host-name", metavar="NAME", envvar="LEDGER_HOST", show_envvar=True,
+              help="The host whose upgrades this is (its rows in a shared ledger) "
+                   "[default: the kernel's node name].")
 @click.option("--pid", type=int, envvar="LEDGER_PID", show_envvar=True,
               callback=_positive_pid, metavar="PID",
               help="Process the changes are attributed to and that owns the lock "
@@ -190,15 +198,17 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               help="Age after which a lock whose holder cannot be checked counts as stale.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), envvar="LEDGER_FORMAT",
               show_envvar=True,
-              help="Output format of every command that prints data (each command's -f "
-                   "overrides it) [default: table; JSON for component status, rollback "
-                   "info and resume point].")
+              help="Output format of every command that prints tables or records (each "
+                   "command's -f overrides it; commands that print one value, such as "
+                   "state get, keep their bare text) [default: table; JSON for component "
+                   "status, rollback info and resume point].")
 @click.option("--traceback", is_flag=True, envvar="LEDGER_TRACEBACK", show_envvar=True,
               help="Show the full Python traceback on errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="upgrade-ledger")
 @click.pass_context
-def cli(ctx: click.Context, *, home: str | None, db_url: str | None, pid: int | None,
-        strict: bool, lock_timeout_s: float, fmt: str | None, traceback: bool) -> None:
+def cli(ctx: click.Context, *, home: str | None, db_url: str | None, host_name: str | None,
+        pid: int | None, strict: bool, lock_timeout_s: float, fmt: str | None,
+        traceback: bool) -> None:
     """Track an upgrade of many components on a host: resumable after a crash,
     never run twice, reported on afterwards.
 
@@ -212,5 +222,5 @@ def cli(ctx: click.Context, *, home: str | None, db_url: str | None, pid: int | 
     caller = getattr(runner, "caller_pid", None) or os.getppid()
     ctx.obj = Config(home=home, db_url=db_url, pid=pid or caller, strict=strict,
                      lock_timeout_s=lock_timeout_s, traceback=traceback, fmt=fmt,
-                     opener=getattr(runner, "open_ledger", None))
+                     host_name=host_name, opener=getattr(runner, "open_ledger", None))
     ctx.call_on_close(ctx.obj.close)

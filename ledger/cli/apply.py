@@ -1,31 +1,36 @@
 """The ``apply`` command: run an upgrade plan, resumably.
 
 A thin layer over ``ledger.runner`` (the run) and ``ledger.preview`` (``--dry-run``):
-it loads the plan, draws progress, and turns the outcome into an exit code.
+it loads the plan, draws progress (or streams JSON lines), and turns the outcome into
+an exit code. Output nobody reads any more (``| head``, a dropped ssh session) is
+dropped: the run goes on.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ledger.cli.app import Config, fail, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import echo_or_drop, output_option, pick, render
+from ledger.core import clock
 
 if TYPE_CHECKING:
     from ledger.apply.plan import Plan
+    from ledger.apply.runner import Outcome
 
 #: Exit codes of ``apply`` beyond the common ones (docs/apply.md).
 EXIT_ROLLED_BACK = 11
 EXIT_FAILED = 12
+EXIT_PREVIEW_FAILS = 13
 PREVIEW_COLUMNS = ["phase", "component", "from", "to", "installed", "action"]
 
 
@@ -40,7 +45,7 @@ class Console:
 
     def line(self, text: str) -> None:
         self._clear()
-        click.echo(f"{time.strftime('%H:%M:%S')} {text}")
+        echo_or_drop(f"{time.strftime('%H:%M:%S')} {text}")
         self._draw()
 
     def progress(self, done: int, total: int, label: str) -> None:
@@ -49,10 +54,13 @@ class Console:
 
     def failure(self, text: str, tail: Sequence[str]) -> None:
         self._clear()
-        click.echo(f"{time.strftime('%H:%M:%S')} ERROR {text}", err=True)
+        echo_or_drop(f"{time.strftime('%H:%M:%S')} ERROR {text}", err=True)
         for line in tail:
-            click.echo(f"    | {line}", err=True)
+            echo_or_drop(f"    | {line}", err=True)
         self._draw()
+
+    def event(self, event: Mapping[str, Any]) -> None:
+        pass
 
     def close(self) -> None:
         self._clear()
@@ -65,13 +73,54 @@ class Console:
         cells = 24
         filled = cells * done // total if total else 0
         text = f"[{'#' * filled}{'-' * (cells - filled)}] {done}/{total} {label}"
-        click.echo("\r\x1b[K" + text[:max(width - 1, 10)], nl=False)
-        self.drawn = True
+        self.drawn = echo_or_drop("\r\x1b[K" + text[:max(width - 1, 10)], nl=False)
 
     def _clear(self) -> None:
         if self.drawn:
-            click.echo("\r\x1b[K", nl=False)
+            echo_or_drop("\r\x1b[K", nl=False)
             self.drawn = False
+
+
+class JsonLines:
+    """``apply --json``: one JSON object per line on stdout, as things happen.
+
+    ``{"type": "event", "event": {...}}`` for every change the run records (the
+    object ``events --json`` prints), ``{"type": "message", "at", "text"}`` for what
+    the run says, ``{"type": "failure", "at", "text", "tail"}`` for a step that
+    failed for good, and last ``{"type": "outcome", ...}``.
+    """
+
+    def line(self, text: str) -> None:
+        self._emit({"type": "message", "at": clock.now(), "text": text})
+
+    def progress(self, done: int, total: int, label: str) -> None:
+        pass
+
+    def failure(self, text: str, tail: Sequence[str]) -> None:
+        self._emit({"type": "failure", "at": clock.now(), "text": text, "tail": list(tail)})
+
+    def event(self, event: Mapping[str, Any]) -> None:
+        self._emit({"type": "event", "event": dict(event)})
+
+    def outcome(self, outcome: Outcome | None, *, interrupted: str | None = None,
+                upgrade_id: str | None = None, state: str | None = None) -> None:
+        data: dict[str, Any] = {
+            "type": "outcome", "upgrade_id": upgrade_id, "state": state, "error": None,
+            "resumed": False, "already_applied": False, "rolled_back": [],
+            "interrupted": interrupted}
+        if outcome is not None:
+            data.update(upgrade_id=outcome.upgrade_id, state=outcome.state,
+                        error=outcome.error, resumed=outcome.resumed,
+                        already_applied=outcome.already_applied,
+                        rolled_back=list(outcome.rolled_back))
+        self._emit(data)
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _emit(data: Mapping[str, Any]) -> None:
+        echo_or_drop(json.dumps(data, ensure_ascii=False))
 
 
 @click.command("apply")
@@ -98,8 +147,10 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
 
     Running it again after a crash, a reboot or Ctrl-C resumes where it stopped;
     once the plan is applied it does nothing. The lock is held for the whole run.
-    Exit codes: 0 completed, 11 rolled back, 12 failed (needs a human), 4 lock
-    held, 6 bad plan, 9 another upgrade in progress, 130 interrupted. The plan
+    --json streams one JSON object per line (every change, then the outcome).
+    Exit codes: 0 completed, 11 rolled back, 12 failed (needs a human), 13 the dry
+    run found a component that would fail, 4 lock held, 6 bad plan, 9 another
+    upgrade in progress, 129/130/143 interrupted (SIGHUP/SIGINT/SIGTERM). The plan
     format and every rule: docs/apply.md.
     """
     # Imported here, not at the top: every per-step command loads this module.
@@ -110,24 +161,30 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
         _dry_run(cfg, plan, supersede=supersede, again=again, fmt=pick(fmt, as_json))
         return
 
-    from ledger.api import Ledger  # noqa: PLC0415
     from ledger.apply import runner  # noqa: PLC0415
 
-    # The run itself owns the lock (not the calling shell, as per-step commands do).
-    ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=os.getpid(), strict=cfg.strict,
-                    lock_timeout_s=cfg.lock_timeout_s)
-    console = Console(bar=sys.stdout.isatty() and not plain)
+    ledger = runner.open_ledger(cfg.home, db_url=cfg.db_url, strict=cfg.strict,
+                                lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name)
+    json_lines = pick(fmt, as_json) == "json"
+    reporter: Console | JsonLines = JsonLines() if json_lines else \
+        Console(bar=sys.stdout.isatty() and not plain)
     options = runner.Options(rollback=not no_rollback, supersede=supersede, again=again)
     try:
-        outcome = runner.apply(ledger, plan, options, console)
+        outcome = runner.apply(ledger, plan, options, reporter)
     except runner.Interrupted as exc:
-        console.close()
+        reporter.close()
+        name = signal.Signals(exc.signum).name
+        if isinstance(reporter, JsonLines):
+            reporter.outcome(None, interrupted=name, upgrade_id=exc.upgrade_id,
+                             state=exc.state)
         where = (f"; upgrade {exc.upgrade_id} left {exc.state} and unlocked: run the same "
                  "apply again to resume") if exc.upgrade_id else ""
-        fail(f"interrupted by {signal.Signals(exc.signum).name}{where}", 128 + exc.signum)
+        fail(f"interrupted by {name}{where}", 128 + exc.signum)
     finally:
-        console.close()
+        reporter.close()
         ledger.close()
+    if isinstance(reporter, JsonLines):
+        reporter.outcome(outcome)
     if outcome.already_applied:
         return
     if outcome.state != "COMPLETED":
@@ -139,12 +196,20 @@ def _dry_run(cfg: Config, plan: Plan, *, supersede: bool, again: bool, fmt: str)
     from ledger.apply.preview import preview_home  # noqa: PLC0415
 
     data = preview_home(cfg.home, plan, db_url=cfg.db_url, lock_timeout_s=cfg.lock_timeout_s,
-                        supersede=supersede, again=again)
+                        supersede=supersede, again=again, host_name=cfg.host_name)
+    failing = [row for row in data["components"] if row["action"].startswith("fail")]
     if fmt == "json":
         render(data, fmt)
-        return
-    click.echo(f"plan {data['plan']} (sha256 {data['sha256'][:12]}): {data['action']}")
-    render(data["components"], fmt, PREVIEW_COLUMNS)
+    else:
+        click.echo(f"plan {data['plan']} (sha256 {data['sha256'][:12]}): {data['action']}")
+        render(data["components"], fmt, PREVIEW_COLUMNS)
+        for row in failing:
+            click.echo(f"{row['phase']}/{row['component']}: {row['action']}", err=True)
+            for line in row["stderr"]:
+                click.echo(f"    | {line}", err=True)
+    if failing:
+        fail(f"{len(failing)} component(s) would fail: "
+             + ", ".join(f"{r['phase']}/{r['component']}" for r in failing), EXIT_PREVIEW_FAILS)
 
 
 COMMANDS: list[click.Command] = [apply_cmd]

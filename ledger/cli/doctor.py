@@ -49,10 +49,11 @@ def doctor(ctx: click.Context, cfg: Config, *, repair: bool, stuck_after_s: floa
     findings = checks.run_checks(cfg.home, db_url=cfg.db_url, pid=cfg.pid,
                                  lock_timeout_s=cfg.lock_timeout_s, stuck_after_s=stuck_after_s,
                                  wal_warn_bytes=int(wal_warn_mib * 1024 * 1024), quick=quick,
-                                 repair=repair)
+                                 repair=repair, host_name=cfg.host_name)
     out = pick(fmt, as_json)
     rows = [f.as_dict() for f in findings]
-    render(rows, out, None if out == "json" else COLUMNS + (["repaired"] if repair else []))
+    render(rows, out, None if out == "json" else COLUMNS + (["repaired"] if repair else []),
+           note="hint")  # in a table, each hint goes under its row
     if not checks.healthy(findings, strict=fail_on_warn):
         ctx.exit(EXIT_UNHEALTHY)
 

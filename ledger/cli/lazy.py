@@ -14,8 +14,8 @@ from importlib import import_module
 import click
 
 #: Every module that holds commands (each lists them in ``COMMANDS``), in order.
-MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "apply", "observe",
-           "legacy", "session")
+MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "retention", "apply",
+           "observe", "legacy", "session")
 
 #: Which module defines each command. A name missing here still works (every module
 #: is imported to find it, which is only slower); tests/test_bench.py checks the index
@@ -28,6 +28,7 @@ COMMAND_MODULES = {
                      "save-history", "cleanup"), "reports"),
     "doctor": "doctor",
     **dict.fromkeys(("snapshot", "snapshots", "restore"), "recovery"),
+    "prune": "retention",
     "apply": "apply",
     **dict.fromkeys(("metrics", "notify", "subscribers"), "observe"),
     "legacy": "legacy",

@@ -21,7 +21,8 @@ from typing import Any
 import click
 
 from ledger.cli.app import Config, fail, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import brief, output_option, pick, render
+from ledger.views.document import second
 
 OUTCOME_COLUMNS = ["subscriber", "state", "delivered", "cursor", "attempts", "next_try_at",
                    "error"]
@@ -109,7 +110,8 @@ def subscribers_list(cfg: Config, fmt: str, as_json: bool) -> None:
 
     rows = delivery.cursors(cfg.ledger())
     out = pick(fmt, as_json)
-    render(rows, out, None if out == "json" else SUBSCRIBER_COLUMNS)
+    render(rows, out, None if out == "json" else SUBSCRIBER_COLUMNS,
+           empty="no subscribers (add one with 'upgrade-ledger subscribers add')")
 
 
 @subscribers.command("add")
@@ -174,7 +176,7 @@ def subscribers_remove(cfg: Config, name: str) -> None:
 
 def follow_events(cfg: Config, *, fmt: str, interval_s: float, upgrade_id: str | None,
                   component: str | None, kind: str | None, since: str | None,
-                  after_id: int) -> None:
+                  after_id: int, scope: str | None = None) -> None:
     """Print matching events, then new ones as other processes record them, until
     SIGINT or SIGTERM (a clean stop: exit status 0) or until stdout is closed."""
     from ledger.observe.follow import follow  # noqa: PLC0415
@@ -184,7 +186,7 @@ def follow_events(cfg: Config, *, fmt: str, interval_s: float, upgrade_id: str |
     with _stop_on_signals(stopping):
         stream = follow(ledger, stop=lambda: bool(stopping), interval_s=interval_s,
                         upgrade_id=upgrade_id, component=component, kind=kind,
-                        since=since, after_id=after_id)
+                        since=since, after_id=after_id, host=scope)
         try:
             if fmt == "csv":
                 _write(_csv_line(STREAM_COLUMNS))
@@ -240,15 +242,17 @@ def _stdout_gone() -> bool:
 def _line(event: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(event, ensure_ascii=False) + "\n"
-    cells = ["" if event.get(c) is None else str(event[c]) for c in STREAM_COLUMNS]
+    shown = {**event, "at": second(event["at"])}  # whole seconds, as in `events`
+    cells = ["" if shown.get(c) is None else str(shown[c]) for c in STREAM_COLUMNS]
     if fmt == "csv":
         return _csv_line(cells)
     if fmt == "plain":
         return "\t".join(cells) + "\n"
     ident, at, upgrade, kind, subject, old, new, user, pid = cells
     change = f"{old or '-'} -> {new or '-'}" if old or new else ""
+    detail = brief(event.get("detail"))
     return (f"{ident:>6}  {at}  {upgrade or '-'}  {kind:<20}  {subject or '-'}  {change}  "
-            f"{user} pid {pid}\n")
+            f"{user} pid {pid}{'  ' + detail if detail else ''}\n")
 
 
 def _csv_line(cells: list[str]) -> str:

@@ -7,8 +7,12 @@ stable and documented in docs/cli.md: scripts parse it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -16,36 +20,90 @@ import click
 
 FORMATS = ("table", "json", "plain", "csv")
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", str, str | None)
 
 
-def output_option(default: str = "table") -> Callable[[F], F]:
+def output_option(default: str | None = "table", *, inherit: bool = True,
+                  ) -> Callable[[F], F]:
     """Add ``-f/--format`` (and ``--json``, its shortcut) to a command that prints data.
 
     Without ``-f`` the root's ``--format`` (or ``LEDGER_FORMAT``) applies, else
     *default*: a format chosen once for a whole script holds for every command.
+    With *inherit* false only the command's own ``-f``/``--json`` count (see
+    ``value_option``).
     """
 
-    def resolve(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
-        if value is not None:
-            return value
+    def resolve(ctx: click.Context, _param: click.Parameter, value: str | None,
+                ) -> str | None:
+        if value is not None or not inherit:
+            return value or default
         root = ctx.find_root().obj
         return getattr(root, "fmt", None) or default
 
     def decorate(func: F) -> F:
         func = click.option("--json", "as_json", is_flag=True,
                             help="Shortcut for --format json.")(func)
+        default_help = (f"the root's --format, else {default}" if inherit else
+                        "the bare text, whatever the root's --format says")
         return click.option(
             "-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
-            callback=resolve, help=f"Output format [default: the root's --format, else "
-                                   f"{default}].",
+            callback=resolve, help=f"Output format [default: {default_help}].",
         )(func)
 
     return decorate
 
 
-def pick(fmt: str, as_json: bool) -> str:
+def value_option() -> Callable[[F], F]:
+    """``-f``/``--json`` for a command that prints one value or a text for people
+    (``state get``, ``progress``, ``summary``...): without them it prints that text as
+    it always has, whatever ``--format``/``LEDGER_FORMAT`` says, so that
+    ``$(upgrade-ledger state get)`` stays one word in every script; with them, the
+    value as a record in the format asked for."""
+    return output_option(default=None, inherit=False)
+
+
+#: Standard streams found closed by their reader ("out", "err").
+_gone: set[str] = set()
+
+
+def echo_or_drop(text: str, *, err: bool = False, nl: bool = True) -> bool:
+    """``click.echo``, except that output nobody can read any more is dropped.
+
+    When the reader of a stream went away (``| head``: EPIPE) or its terminal hung up
+    (a dropped ssh session: EIO), the stream is pointed at /dev/null (so that the
+    interpreter's last flush stays quiet) and every later line for it is dropped.
+    Returns whether the text was written. Used where a command must finish its work
+    whoever reads its output (``apply``).
+    """
+    name = "err" if err else "out"
+    if name in _gone:
+        return False
+    try:
+        click.echo(text, err=err, nl=nl)
+        return True
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        _gone.add(name)
+        stream = sys.stderr if err else sys.stdout
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return False
+
+
+def pick(fmt: S, as_json: bool) -> S | str:
     """The format chosen by ``--format``/``--json``."""
     return "json" if as_json else fmt
+
+
+def render_value(record: Mapping[str, Any], fmt: str | None, text: str | None) -> None:
+    """Print *text* (nothing when it is None or empty) when no format was asked for,
+    else *record* in *fmt*: the output of a ``value_option`` command."""
+    if fmt is None:
+        if text:
+            click.echo(text)
+        return
+    render(dict(record), fmt)
 
 
 def _cell(value: Any) -> str:
@@ -58,33 +116,86 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def render(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
-    """Print *data* in *fmt*. *columns* picks and orders the columns of records."""
-    click.echo(format_data(data, fmt, columns), nl=False)
+#: Widest ``brief`` text, so that a detail stays a short column.
+BRIEF_WIDTH = 60
+_CHECKSUM = re.compile(r"[0-9a-f]{32,}")
+#: A cell of a time, a number or a version: wrapped only when nothing else helps.
+_ATOM = re.compile(r"[0-9.:TZ+-]*")
+
+
+def brief(detail: Mapping[str, Any] | None, width: int = BRIEF_WIDTH) -> str:
+    """An event's detail in a few words for a table cell: ``key=value`` pairs, nulls
+    left out, checksums cut to 12 digits, the whole cut to *width* characters."""
+    if not detail:
+        return ""
+    words = []
+    for key, value in detail.items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"),
+                                                               ensure_ascii=False)
+        if _CHECKSUM.fullmatch(text):
+            text = text[:12]
+        words.append(f"{key}={text}")
+    line = " ".join(words).replace("\n", " ").replace("\t", " ")
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def render(data: Any, fmt: str, columns: Sequence[str] | None = None, *,
+           empty: str | None = None, note: str | None = None) -> None:
+    """Print *data* in *fmt*. *columns* picks and orders the columns of records.
+
+    An empty list in a table still prints its header, and *empty* ("no upgrades
+    match") on stderr, so that a person sees the query ran and found nothing; JSON
+    prints ``[]`` and plain text and CSV nothing, for scripts. In a table, the column
+    *note* (doctor's hint) is printed under its row rather than beside it, and the
+    table is fitted to ``terminal_width()``.
+    """
+    click.echo(format_data(data, fmt, columns, note=note,
+                           width=terminal_width() if fmt == "table" else None), nl=False)
+    if empty and fmt == "table" and isinstance(data, list) and not data:
+        click.echo(empty, err=True)
+
+
+def terminal_width() -> int | None:
+    """How wide a table may be: ``COLUMNS``, else the terminal's width when stdout is a
+    terminal; None when output goes to a pipe or a file, where nothing is wrapped."""
+    value = os.environ.get("COLUMNS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        if sys.stdout.isatty():
+            return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
 
 
 def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
-                columns: Sequence[str] | None = None) -> str:
-    """*data* as text in *fmt* (newline-terminated unless empty)."""
+                columns: Sequence[str] | None = None, *, note: str | None = None,
+                width: int | None = None) -> str:
+    """*data* as text in *fmt* (newline-terminated unless empty); a table no wider than
+    *width* when that can be done by wrapping cells."""
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if isinstance(data, Mapping):
         rows = [(k, data[k]) for k in (columns or list(data))]
         if fmt == "table":
-            return _record_table([(k, _cell(v)) for k, v in rows])
+            return _record_table([(k, _cell(v)) for k, v in rows], width)
         if fmt == "csv":
             return _csv([("key", "value"), *((k, _cell(v)) for k, v in rows)])
         return "".join(f"{k}: {_cell(v)}\n" for k, v in rows)
     if isinstance(data, list):
         cols = list(columns or (list(data[0]) if data and isinstance(data[0], Mapping) else []))
-        records = [[_cell(r.get(c)) for c in cols] if isinstance(r, Mapping) else [_cell(r)]
-                   for r in data]
+        if fmt == "table" and note is not None and note in cols:
+            notes = [_cell(r.get(note)) if isinstance(r, Mapping) else "" for r in data]
+            cols.remove(note)
+            return _table(_records(data, cols), cols, width, notes, label=note)
+        records = _records(data, cols)
         if fmt == "table":
-            if not records:
+            if not records and not cols:
                 return ""
-            from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
-
-            return tabulate(records, headers=cols or (), tablefmt="simple") + "\n"
+            return _table(records, cols, width)
         if fmt == "csv":
             return _csv([cols, *records] if cols else records)
         return "".join("\t".join(r) + "\n" for r in records)
@@ -92,16 +203,115 @@ def format_data(data: Any, fmt: str,  # noqa: PLR0911 (one return per format)
     return text + "\n" if text else ""
 
 
-def _record_table(rows: Sequence[tuple[str, str]]) -> str:
-    """One record as aligned ``key  value`` lines.
+def _records(data: list[Any], cols: list[str]) -> list[list[str]]:
+    return [[_cell(r.get(c)) for c in cols] if isinstance(r, Mapping) else [_cell(r)]
+            for r in data]
+
+
+def _table(records: list[list[str]], cols: list[str], width: int | None,
+           notes: list[str] | None = None, label: str = "") -> str:
+    """Aligned columns (tabulate), cells wrapped to fit *width*; each of *notes* on
+    its own lines under its row, as ``label: text``."""
+    from tabulate import tabulate  # noqa: PLC0415 (only tables pay for it)
+
+    headers = cols
+    if width is not None and records:
+        records, headers = _fit(records, cols, width)
+    lines = tabulate(records, headers=headers, tablefmt="simple").split("\n")
+    if not notes:
+        return "\n".join(lines) + "\n"
+    at = max((h.count("\n") for h in headers), default=0) + 2  # the header and its rule
+    out = lines[:at]
+    for row, text in zip(records, notes, strict=True):
+        height = max((cell.count("\n") for cell in row), default=0) + 1
+        out += lines[at:at + height]
+        at += height
+        if text:
+            out += _wrap(text, width, f"  {label}: ")
+    return "\n".join(out) + "\n"
+
+
+def _fit(records: list[list[str]], cols: list[str], width: int,
+         ) -> tuple[list[list[str]], list[str]]:
+    """*records* and headers with cells wrapped so that the table fits *width*.
+
+    What gives way, in order, until the table fits: headers wider than their column's
+    cells (a header wraps after an underscore: ``from_`` over ``version``); columns of
+    prose (a cell with a space or a path: errors, details, hints); columns of words
+    (names, kinds); and last the columns of times and numbers. Within each group the
+    widest columns give way first, down to a common level, and no column gets
+    narrower than its header's longest part.
+    """
+    parts = [re.split(r"(?<=_)", c) for c in cols]
+    # tabulate pads a header by two and puts two spaces between columns.
+    floors = [max(map(len, p)) + 2 for p in parts]
+    cells = [[line for row in records for line in row[i].split("\n")] for i in range(len(cols))]
+    caps = [max([len(c) + 2, *map(len, cells[i])]) for i, c in enumerate(cols)]
+    room = width - 2 * (len(cols) - 1)
+    for i, column in enumerate(cells):  # headers first: that wraps no value
+        if sum(caps) > room:
+            caps[i] = max(floors[i], caps[i] - (sum(caps) - room), *map(len, column))
+    prose = [i for i, column in enumerate(cells) if any(" " in c or "/" in c for c in column)]
+    words = [i for i, column in enumerate(cells) if not all(_ATOM.fullmatch(c) for c in column)]
+    for group in (prose, words, list(range(len(cols)))):
+        if sum(caps) <= room:
+            break
+        fixed = sum(caps[i] for i in range(len(cols)) if i not in group)
+        level = max(caps)
+        while level > 1 and fixed + sum(min(caps[i], max(level, floors[i]))
+                                         for i in group) > room:
+            level -= 1
+        for i in group:
+            caps[i] = min(caps[i], max(level, floors[i]))
+    headers = [c if len(c) + 2 <= cap else _join_parts(p, cap - 2)
+               for c, p, cap in zip(cols, parts, caps, strict=True)]
+    return [[_wrap_cell(cell, cap) for cell, cap in zip(row, caps, strict=True)]
+            for row in records], headers
+
+
+def _join_parts(parts: list[str], width: int) -> str:
+    """Header *parts* on as few lines of *width* characters as they fit."""
+    lines = [""]
+    for part in parts:
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
+def _wrap_cell(cell: str, width: int) -> str:
+    """*cell* with each of its lines wrapped to *width* characters."""
+    if len(cell) <= width:
+        return cell
+    return "\n".join(line for part in cell.split("\n") for line in _wrap(part, width) or [""])
+
+
+def _wrap(text: str, width: int | None, prefix: str = "") -> list[str]:
+    """*text* as lines of at most *width* characters (one line when *width* is None),
+    the first starting with *prefix* and the others indented under it."""
+    if width is None:
+        return [prefix + text]
+    import textwrap  # noqa: PLC0415 (only wrapped output pays for it)
+
+    room = max(width, len(prefix) + 10) if prefix else max(width, 1)
+    return textwrap.wrap(text, room, initial_indent=prefix,
+                         subsequent_indent=" " * len(prefix), break_on_hyphens=False)
+
+
+def _record_table(rows: Sequence[tuple[str, str]], width: int | None = None) -> str:
+    """One record as aligned ``key  value`` lines, long values wrapped to *width*.
 
     Done here rather than by tabulate: a record is two columns, and importing
     tabulate costs ~20 ms, which ``status`` (a per-step command) should not pay.
     """
-    width = max((len(key) for key, _ in rows), default=0)
-    indent = "\n" + " " * (width + 2)
-    return "".join(f"{key.ljust(width)}  {value.replace(chr(10), indent)}".rstrip() + "\n"
-                   for key, value in rows)
+    keys = max((len(key) for key, _ in rows), default=0)
+    room = None if width is None else width - keys - 2
+    indent = "\n" + " " * (keys + 2)
+    out = []
+    for key, value in rows:
+        text = value if room is None else _wrap_cell(value, room)
+        out.append(f"{key.ljust(keys)}  {text.replace(chr(10), indent)}".rstrip() + "\n")
+    return "".join(out)
 
 
 def _csv(rows: Sequence[Sequence[str]]) -> str:

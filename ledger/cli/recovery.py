@@ -69,7 +69,8 @@ def list_snapshots(cfg: Config, check: bool, fmt: str, as_json: bool) -> None:
         if check:
             row["check"] = snapshots.check_file(snap.path) or "ok"
         rows.append(row)
-    render(rows, pick(fmt, as_json), [*SNAPSHOT_COLUMNS, *(["check"] if check else [])])
+    render(rows, pick(fmt, as_json), [*SNAPSHOT_COLUMNS, *(["check"] if check else [])],
+           empty="no snapshots")
 
 
 @click.command()

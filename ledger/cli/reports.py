@@ -4,43 +4,89 @@ cleanup."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
 from ledger.cli.app import Config, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import brief, output_option, pick, render, render_value, value_option
+from ledger.cli.params import UPGRADE_STATE
+from ledger.errors import BadInput
+from ledger.views.document import second
 
 HISTORY_COLUMNS = ["id", "state", "outcome", "hostname", "started_at", "finished_at",
                    "duration_s", "components", "completed", "failed"]
 COMPONENT_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "attempts",
                      "duration_s", "last_error"]
 EVENT_COLUMNS = ["id", "at", "upgrade_id", "kind", "subject", "from", "to", "user", "pid"]
+HOSTS_COLUMNS = ["host", "upgrade_id", "state", "outcome", "phase", "component",
+                 "progress_percent", "updated_at"]
+
+
+def host_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--host NAME`` and ``--all-hosts``: whose *what* a command reads (default: this
+    host's, as named by --host-name / LEDGER_HOST or the kernel)."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--all-hosts", is_flag=True,
+                            help=f"The {what} of every host of the ledger.")(func)
+        return click.option("--host", metavar="NAME",
+                            help=f"The {what} of host NAME instead of this host's.")(func)
+
+    return decorate
+
+
+#: The events of ``show``: all of one upgrade, so its id is not repeated on each, and
+#: who made each change is left to ``events`` and JSON, to keep the table narrow.
+SHOW_EVENT_COLUMNS = [c for c in EVENT_COLUMNS if c not in ("upgrade_id", "user", "pid")]
+
+
+def event_columns(fmt: str, columns: list[str] = EVENT_COLUMNS) -> list[str]:
+    """The columns of events: the table adds each event's detail, in brief."""
+    return [*columns, "detail"] if fmt == "table" else columns
+
+
+def event_rows(rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
+    """Events as a format shows them. JSON: as stored (the same object as in
+    notifications). Text: whole seconds, like every other time a report prints; in a
+    table, the detail in a few words."""
+    if fmt == "json":
+        return rows
+    return [{**row, "at": second(row["at"]),
+             **({"detail": brief(row["detail"])} if fmt == "table" else {})} for row in rows]
 
 
 @click.command()
 @click.option("--stuck-after", "stuck_after_s", type=click.FloatRange(min=0), default=3600.0,
               show_default=True, metavar="SECONDS",
               help="A component upgrading for longer than this is reported as stuck.")
+@host_options("current upgrade")
 @output_option()
 @pass_config
-def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
+def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool, fmt: str,
+           as_json: bool) -> None:
     """The current upgrade at a glance: state, phase, component, progress, lock,
-    rollback points and stuck components."""
-    data = cfg.ledger().status(stuck_after_s=stuck_after_s)
+    rollback points and stuck components (--all-hosts: one line per host)."""
     out = pick(fmt, as_json)
+    if all_hosts:
+        if host is not None:
+            raise BadInput("name one host or every host, not both (--host, --all-hosts)")
+        rows = cfg.ledger().hosts()
+        render(rows, out, None if out == "json" else HOSTS_COLUMNS)
+        return
+    data = cfg.ledger().status(stuck_after_s=stuck_after_s, host=host)
     if out == "json":
         render(data, out)
         return
     lock = data["lock"]
     flat = {k: v for k, v in data.items()
             if k not in ("lock", "stuck", "components", "notify")}
-    flat["components"] = ", ".join(f"{n} {s.lower()}" for s, n in data["components"].items())
-    flat["lock"] = ("free" if not lock["held"] else
-                    f"held by PID {lock['holder']['pid'] if lock['holder'] else '?'}"
-                    + (" (stale)" if lock["stale"] else " (suspect)" if lock["suspect"] else ""))
-    flat["lock_reason"] = lock["reason"]
+    flat["components"] = ", ".join(f"{n} {s.lower().replace('_', ' ')}"
+                                   for s, n in data["components"].items())
+    flat["lock"] = "not visible from this host" if lock is None else lock_line(lock)
+    flat["lock_reason"] = None if lock is None else lock["reason"]
     flat["stuck"] = ", ".join(f"{s['name']} ({s['why']})" for s in data["stuck"]) or None
     if "notify" in data:
         from ledger.cli.observe import notify_line  # noqa: PLC0415
@@ -49,35 +95,50 @@ def status(cfg: Config, stuck_after_s: float, fmt: str, as_json: bool) -> None:
     render(flat, out)
 
 
+def lock_line(lock: dict[str, Any]) -> str:
+    """The lock in words, with the verdict of ``lock held``: a stale lock is not held."""
+    pid = lock["holder"]["pid"] if lock["holder"] else "?"
+    if lock["held"]:
+        return f"held by PID {pid}" + (" (suspect)" if lock["suspect"] else "")
+    return f"not held (stale lock of PID {pid})" if lock["stale"] else "free"
+
+
 @click.command()
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=10, show_default=True,
               help="At most this many upgrades.")
 @click.option("--all", "everything", is_flag=True, help="No limit.")
-@click.option("--state", help="Only upgrades in (or that ended in) this state.")
+@click.option("--state", type=UPGRADE_STATE,
+              help="Only upgrades in (or that ended in) this state (any case).")
 @click.option("--component", help="Only upgrades that touched this component.")
-@click.option("--host", help="Only upgrades run on this host.")
+@host_options("upgrades")
 @click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "
               "such as 7d).")
 @click.option("--until", metavar="WHEN", help="Started before WHEN.")
 @output_option()
 @pass_config
 def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
-            component: str | None, host: str | None, since: str | None, until: str | None,
-            fmt: str, as_json: bool) -> None:
-    """List upgrades, newest first."""
+            component: str | None, host: str | None, all_hosts: bool, since: str | None,
+            until: str | None, fmt: str, as_json: bool) -> None:
+    """List this host's upgrades (or another's, or every host's), newest first."""
     rows = cfg.ledger().history(None if everything else limit, state=state, since=since,
-                                until=until, component=component, host=host)
-    render(rows, pick(fmt, as_json), None if pick(fmt, as_json) == "json" else HISTORY_COLUMNS)
+                                until=until, component=component, host=host,
+                                all_hosts=all_hosts)
+    out = pick(fmt, as_json)
+    columns = ["host", *HISTORY_COLUMNS] if all_hosts else HISTORY_COLUMNS
+    render(rows, out, None if out == "json" else columns, empty="no upgrades match")
 
 
 @click.command()
 @click.argument("upgrade_id", required=False)
+@host_options("upgrade")
 @output_option()
 @pass_config
-def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
+def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool, fmt: str,
+         as_json: bool) -> None:
     """Everything about one upgrade (default: the current one): phases, components with
-    versions, attempts, errors and durations, rollback points and the event trail."""
-    data = cfg.ledger().show(upgrade_id)
+    versions, attempts, errors and durations, rollback points and the event trail.
+    --host reads another host's upgrade; --all-hosts finds UPGRADE_ID on any host."""
+    data = cfg.ledger().show(upgrade_id, host=host, all_hosts=all_hosts)
     out = pick(fmt, as_json)
     if out == "json":
         render(data, out)
@@ -86,8 +147,11 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
             if k not in ("phases", "components", "rollback_points", "events")}
     sections = [("", head, None), ("Phases", data["phases"], None),
                 ("Components", data["components"], COMPONENT_COLUMNS),
-                ("Rollback points", data["rollback_points"], None),
-                ("Events", data["events"], EVENT_COLUMNS)]
+                ("Rollback points", [{**p, "sha256": (p["sha256"] or "")[:12] or None}
+                                     for p in data["rollback_points"]]
+                 if out == "table" else data["rollback_points"], None),
+                ("Events", event_rows(data["events"], out),
+                 event_columns(out, SHOW_EVENT_COLUMNS))]
     for title, section, columns in sections:
         if title:
             if not section:
@@ -104,30 +168,35 @@ def show(cfg: Config, upgrade_id: str | None, fmt: str, as_json: bool) -> None:
 @click.option("--after", "after_id", type=click.IntRange(min=0), default=0,
               help="Only events with a larger id.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="At most this many events (page on with --after).")
+              help="The newest N matching events, printed oldest first (like tail -n); "
+                   "with --after, the N right after that id (paging on).")
 @click.option("--follow", is_flag=True,
               help="Keep running: after the matching events (no --limit), print new ones as "
                    "they are recorded; JSON is one object per line. Stop with Ctrl-C/SIGTERM.")
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0.05, max=60.0),
               default=0.5, show_default=True, metavar="SECONDS",
               help="With --follow: how often to look for new events.")
+@host_options("events")
 @output_option(default="table")
 @pass_config
 def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: str | None,
            since: str | None, after_id: int, limit: int, follow: bool, interval_s: float,
-           fmt: str, as_json: bool) -> None:
+           host: str | None, all_hosts: bool, fmt: str, as_json: bool) -> None:
     """The audit trail, oldest first (with --follow, as it grows, like tail -f)."""
     if follow:
         from ledger.cli.observe import follow_events  # noqa: PLC0415
 
         follow_events(cfg, fmt=pick(fmt, as_json), interval_s=interval_s,
                       upgrade_id=upgrade_id, component=component, kind=kind, since=since,
-                      after_id=after_id)
+                      after_id=after_id, scope=cfg.ledger().read_scope(host, all_hosts))
         return
     rows = cfg.ledger().events(upgrade_id=upgrade_id, component=component, kind=kind,
-                               since=since, after_id=after_id, limit=limit)
+                               since=since, after_id=after_id, limit=limit, host=host,
+                               all_hosts=all_hosts, newest=not after_id)
     out = pick(fmt, as_json)
-    render(rows, out, None if out == "json" else EVENT_COLUMNS)
+    columns = event_columns(out, ["host", *EVENT_COLUMNS] if all_hosts else EVENT_COLUMNS)
+    render(event_rows(rows, out), out, None if out == "json" else columns,
+           empty="no events match")
 
 
 @click.command()
@@ -150,7 +219,7 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], fmt: str, as_json: boo
         bound[name] = value
     columns, rows = cfg.ledger().query(query, bound)
     render([dict(zip(columns, r, strict=True)) for r in rows], pick(fmt, as_json),
-           columns)
+           columns, empty="no rows")
 
 
 @click.command()
@@ -178,22 +247,30 @@ def export(cfg: Config, upgrade_id: str | None, output: str | None) -> None:
 @click.option("--current/--no-current", default=True, show_default=True,
               help="Make the imported upgrade the current one (use --no-current for "
                    "history files).")
+@value_option()
 @pass_config
-def import_(cfg: Config, source: BinaryIO, current: bool) -> None:
-    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger.
+def import_(cfg: Config, source: BinaryIO, current: bool, fmt: str | None,
+            as_json: bool) -> None:
+    """Load a legacy state.json or history file (SOURCE, '-' for stdin) into the ledger
+    and print its upgrade id.
 
     The document is validated first; a bad one is refused and changes nothing.
     """
     data = source.read()
-    click.echo(cfg.ledger().import_document(data, make_current=current))
+    upgrade_id = cfg.ledger().import_document(data, make_current=current)
+    render_value({"upgrade_id": upgrade_id}, pick(fmt, as_json), upgrade_id)
 
 
 @click.command("save-history")
 @click.argument("upgrade_id", required=False)
+@value_option()
 @pass_config
-def save_history(cfg: Config, upgrade_id: str | None) -> None:
-    """Write history/<id>.json for an upgrade (default: the current one)."""
-    click.echo(cfg.ledger().save_to_history(upgrade_id))
+def save_history(cfg: Config, upgrade_id: str | None, fmt: str | None,
+                 as_json: bool) -> None:
+    """Write history/<id>.json for an upgrade (default: the current one) and print its
+    path."""
+    path = cfg.ledger().save_to_history(upgrade_id)
+    render_value({"upgrade_id": path.stem, "path": str(path)}, pick(fmt, as_json), str(path))
 
 
 @click.command()

@@ -167,8 +167,9 @@ class Session:
         self.caller_pid: int | None = None
         self.busy = False
         self.stopping = False
-        #: Open databases by (URL, file): (database, the file's device and inode).
-        self._open: dict[tuple[str | None, str], tuple[Database, tuple[int, int] | None]] = {}
+        #: Open databases by (URL, file, host identity): (database, the file's device
+        #: and inode).
+        self._open: dict[tuple[object, ...], tuple[Database, tuple[int, int] | None]] = {}
 
     # -- the loop ------------------------------------------------------------------
 
@@ -250,17 +251,20 @@ class Session:
         """The ledger for *cfg*, as ``Ledger(...)`` opens it, on a connection kept open
         while its database file stays the same one; then the ``o`` frame."""
         from ledger.api import Ledger  # noqa: PLC0415
+        from ledger.core import host  # noqa: PLC0415
         from ledger.store.home import Home  # noqa: PLC0415
 
         path = str(Home.at(cfg.home).db_path)
-        key = (cfg.db_url, path)
-        db, identity = self._open.pop(key, (None, None))
-        if db is not None and (cfg.db_url is None and _identity(path) != identity):
+        # A connection serves one host's rows: the host is part of what it is kept for.
+        key = (cfg.db_url, path, host.identity(os.environ, cfg.host_name))
+        db, file = self._open.pop(key, (None, None))
+        if db is not None and (cfg.db_url is None and _identity(path) != file):
             db.close()  # replaced, moved or deleted since: open what is there now
             db = None
         try:
             ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=cfg.pid, strict=cfg.strict,
-                            lock_timeout_s=cfg.lock_timeout_s, db=db)
+                            lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name,
+                            db=db)
         except BaseException:
             if db is not None:
                 db.close()
@@ -361,7 +365,8 @@ class Replayer:
         from ledger.ops.replay import Replay  # noqa: PLC0415
 
         self.ledger = Replay(cfg.home, db_url=cfg.db_url, pid=cfg.pid, strict=cfg.strict,
-                             lock_timeout_s=cfg.lock_timeout_s, after=self.after_id)
+                             lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name,
+                             after=self.after_id)
         return self.ledger  # type: ignore[no-any-return]
 
     def finish(self) -> None:

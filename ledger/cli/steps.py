@@ -9,7 +9,9 @@ from __future__ import annotations
 import click
 
 from ledger.cli.app import Config, pass_config
-from ledger.cli.output import output_option, pick, render
+from ledger.cli.output import output_option, pick, render, render_value, value_option
+from ledger.cli.params import UPGRADE_STATE
+from ledger.errors import UpgradeInProgress
 
 
 def answer(ctx: click.Context, yes: bool, verbose: bool) -> None:
@@ -18,6 +20,10 @@ def answer(ctx: click.Context, yes: bool, verbose: bool) -> None:
         click.echo("yes" if yes else "no")
     ctx.exit(0 if yes else 1)
 
+
+#: What ``resume -f FORMAT`` lists of each component left mid-upgrade.
+RESUMED_COLUMNS = ["phase", "name", "state", "from_version", "to_version", "attempts",
+                   "started_at"]
 
 verbose_option = click.option("-v", "--verbose", is_flag=True,
                               help="Also print yes or no (the exit code is the answer).")
@@ -28,14 +34,21 @@ verbose_option = click.option("-v", "--verbose", is_flag=True,
 @click.option("--supersede", is_flag=True,
               help="If an upgrade is in progress, end it as FAILED (superseded) instead of "
                    "refusing; it stays in the ledger.")
+@value_option()
 @pass_config
-def init(cfg: Config, upgrade_id: str | None, supersede: bool) -> None:
+def init(cfg: Config, upgrade_id: str | None, supersede: bool, fmt: str | None,
+         as_json: bool) -> None:
     """Start a new upgrade (state IDLE) and print its id.
 
     Without UPGRADE_ID an id like upgrade-YYYYMMDD-HHMMSS is made (with a -N suffix
     when two start in the same second).
     """
-    click.echo(cfg.ledger().init(upgrade_id, supersede=supersede))
+    try:
+        new_id = cfg.ledger().init(upgrade_id, supersede=supersede)
+    except UpgradeInProgress as exc:  # the same refusal, in the command line's words
+        raise UpgradeInProgress(exc.upgrade_id, exc.state,
+                                remedy="supersede it explicitly (--supersede)") from None
+    render_value({"upgrade_id": new_id}, pick(fmt, as_json), new_id)
 
 
 @click.group()
@@ -44,18 +57,20 @@ def state() -> None:
 
 
 @state.command("get")
+@value_option()
 @pass_config
-def state_get(cfg: Config) -> None:
+def state_get(cfg: Config, fmt: str | None, as_json: bool) -> None:
     """Print the current upgrade's state (IDLE when there is none)."""
-    click.echo(cfg.ledger().state())
+    current = cfg.ledger().state()
+    render_value({"state": current}, pick(fmt, as_json), current)
 
 
 @state.command("set")
-@click.argument("target", metavar="STATE")
+@click.argument("target", metavar="STATE", type=UPGRADE_STATE)
 @click.option("--error", metavar="TEXT", help="Error text kept with the upgrade.")
 @pass_config
 def state_set(cfg: Config, target: str, error: str | None) -> None:
-    """Move the current upgrade to STATE (the same state again is a no-op).
+    """Move the current upgrade to STATE, in any case (the same state again is a no-op).
 
     An invalid transition changes nothing, exits 3 and names the allowed targets.
     """
@@ -63,8 +78,8 @@ def state_set(cfg: Config, target: str, error: str | None) -> None:
 
 
 @state.command("check")
-@click.argument("current", metavar="FROM")
-@click.argument("target", metavar="TO")
+@click.argument("current", metavar="FROM", type=UPGRADE_STATE)
+@click.argument("target", metavar="TO", type=UPGRADE_STATE)
 @verbose_option
 @click.pass_context
 def state_check(ctx: click.Context, current: str, target: str, verbose: bool) -> None:
@@ -114,12 +129,12 @@ def phase_skip(cfg: Config, name: str, reason: str | None) -> None:
 
 
 @phase.command("next")
+@value_option()
 @pass_config
-def phase_next(cfg: Config) -> None:
+def phase_next(cfg: Config, fmt: str | None, as_json: bool) -> None:
     """Print the first pending phase (nothing when none is left)."""
     name = cfg.ledger().next_phase()
-    if name:
-        click.echo(name)
+    render_value({"phase": name}, pick(fmt, as_json), name)
 
 
 @click.group()
@@ -206,15 +221,18 @@ def component_is_upgraded(ctx: click.Context, cfg: Config, name: str, verbose: b
 
 @component.command("version")
 @click.argument("name")
+@value_option()
 @pass_config
 @click.pass_context
-def component_version(ctx: click.Context, cfg: Config, name: str) -> None:
+def component_version(ctx: click.Context, cfg: Config, name: str, fmt: str | None,
+                      as_json: bool) -> None:
     """Print the version of NAME installed by the ledger's last completed upgrade of it
-    (exit 1 and print nothing when the ledger has never completed one)."""
+    (exit 1 and print nothing, or a null version, when the ledger has never completed
+    one)."""
     version = cfg.ledger().installed_version(name)
+    render_value({"component": name, "version": version}, pick(fmt, as_json), version)
     if version is None:
         ctx.exit(1)
-    click.echo(version)
 
 
 @click.group()
@@ -242,7 +260,8 @@ def rollback_info(cfg: Config, fmt: str, as_json: bool) -> None:
     info = cfg.ledger().rollback_info()
     out = pick(fmt, as_json)
     render(info if out == "json" else info["components"], out,
-           ["name", "backup_path", "from_version", "to_version", "size_bytes", "sha256"])
+           ["name", "backup_path", "from_version", "to_version", "size_bytes", "sha256"],
+           empty="no live rollback points")
 
 
 @rollback.command("clear")
@@ -254,15 +273,22 @@ def rollback_clear(cfg: Config) -> None:
 
 @click.group(invoke_without_command=True)
 @click.option("--quiet", "-q", is_flag=True, help="Do not list interrupted components.")
+@value_option()
 @pass_config
 @click.pass_context
-def resume(ctx: click.Context, cfg: Config, quiet: bool) -> None:
+def resume(ctx: click.Context, cfg: Config, quiet: bool, fmt: str | None,
+           as_json: bool) -> None:
     """Resume the current upgrade: record it and list components left mid-upgrade
-    (on stderr), which must be validated before going on."""
+    (on stderr; with -f or --json, as data on stdout), which must be validated before
+    going on."""
     if ctx.invoked_subcommand is not None:
         return
     stuck = cfg.ledger().resume()
-    if not quiet:
+    out = pick(fmt, as_json)
+    if out is not None:
+        render(stuck, out, None if out == "json" else RESUMED_COLUMNS,
+               empty="no component was left mid-upgrade")
+    elif not quiet:
         for comp in stuck:
             click.echo(f"component {comp['name']} (phase {comp['phase']}) was left "
                        f"mid-upgrade to {comp['to_version'] or '?'}: validate it", err=True)
@@ -295,17 +321,25 @@ def in_progress(ctx: click.Context, cfg: Config, verbose: bool) -> None:
 
 
 @click.command()
+@value_option()
 @pass_config
-def progress(cfg: Config) -> None:
+def progress(cfg: Config, fmt: str | None, as_json: bool) -> None:
     """Print the current upgrade's progress as a whole percentage."""
-    click.echo(cfg.ledger().progress_percent())
+    percent = cfg.ledger().progress_percent()
+    render_value({"progress_percent": percent}, pick(fmt, as_json), str(percent))
 
 
 @click.command()
+@value_option()
 @pass_config
-def summary(cfg: Config) -> None:
-    """Print a human-readable summary of the current upgrade."""
-    click.echo(cfg.ledger().summary())
+def summary(cfg: Config, fmt: str | None, as_json: bool) -> None:
+    """Print a human-readable summary of the current upgrade (with -f or --json: the
+    same as data)."""
+    out = pick(fmt, as_json)
+    if out is None:
+        click.echo(cfg.ledger().summary())
+    else:
+        render(cfg.ledger().summary_data(), out)
 
 
 COMMANDS = [init, state, phase, component, rollback, resume, can_resume, in_progress,

@@ -1,18 +1,77 @@
-"""Facts about this host and its processes: names, the boot, whether a PID lives.
+"""Facts about this host and its processes: names, the machine, the boot, whether a
+PID lives.
 
 The lock judges its holder with these, the home cleans up after dead writers with
-them, and the ledger records who made each change. Stdlib only, and only cheap
-modules: every per-step CLI call reads some of them.
+them, and the ledger records who made each change and which host it belongs to.
+Stdlib only, and only cheap modules: every per-step CLI call reads some of them.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from ledger.errors import BadInput
 
 _BOOT_ID_CHARS = frozenset("0123456789abcdefABCDEF-")
 _boot_id_cache: list[str | None] = []
 _user_names: dict[int, str] = {}
+_machine_id_cache: list[str | None] = []
+_MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+_MACHINE_ID = re.compile(r"[0-9a-fA-F-]{16,64}")
+#: A host name as the ledger accepts it: a DNS-like name, up to 255 characters.
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+class Identity(NamedTuple):
+    """Who owns the rows a ledger writes: a host name, and the machine that claimed it
+    (None where the machine has no id)."""
+
+    name: str
+    machine_id: str | None
+
+
+def identity(env: Mapping[str, str], name: str | None = None) -> Identity:
+    """This host's identity: *name*, else ``LEDGER_HOST``, else the kernel's node name;
+    the machine id is ``LEDGER_MACHINE_ID`` when set (a container without its own
+    /etc/machine-id), else ``machine_id()``."""
+    chosen = name or env.get("LEDGER_HOST") or hostname()
+    machine = env.get("LEDGER_MACHINE_ID") or machine_id()
+    if machine is not None and not _MACHINE_ID.fullmatch(machine):
+        raise BadInput(f"LEDGER_MACHINE_ID {machine!r} is not a machine id (16-64 hex "
+                       "digits or '-')")
+    return Identity(check_host(chosen), machine)
+
+
+def check_host(name: object) -> str:
+    """A host name: letters, digits, '.', '_' and '-', starting with a letter or digit,
+    at most 255 characters."""
+    if not isinstance(name, str) or not _HOST_NAME.fullmatch(name):
+        raise BadInput(f"host name {name!r} is not allowed; use letters, digits, '.', '_' "
+                       "and '-' (starting with a letter or digit, at most 255 characters)")
+    return name
+
+
+def machine_id() -> str | None:
+    """This machine's id, stable across reboots: /etc/machine-id, else
+    /var/lib/dbus/machine-id; None where neither holds one (an empty or missing file,
+    as in many containers)."""
+    if not _machine_id_cache:
+        value = None
+        for path in _MACHINE_ID_FILES:
+            try:
+                with open(path, "rb") as fh:
+                    text = fh.read(100).strip().decode("ascii")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if _MACHINE_ID.fullmatch(text):
+                value = text.lower()
+                break
+        _machine_id_cache.append(value)
+    return _machine_id_cache[0]
 
 
 def hostname() -> str:

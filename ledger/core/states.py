@@ -58,15 +58,18 @@ PHASE_TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
     SKIPPED: (IN_PROGRESS,),
 }
 
-COMPONENT_STATES: Final = (PENDING, UPGRADING, COMPLETED, FAILED, SKIPPED)
+COMPONENT_STATES: Final = (PENDING, UPGRADING, COMPLETED, FAILED, SKIPPED, ROLLED_BACK)
 #: A failed component may be started again (a retry counts one more attempt).
 #: COMPLETED may go back to UPGRADING only when explicitly re-run (a new target).
+#: A component whose upgrade began (COMPLETED, FAILED, or cut short in UPGRADING) is
+#: ROLLED_BACK once its backup was restored; it may be upgraded again from there.
 COMPONENT_TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
     PENDING: (UPGRADING, SKIPPED),
-    UPGRADING: (COMPLETED, FAILED, SKIPPED),
-    FAILED: (UPGRADING, SKIPPED),
-    COMPLETED: (UPGRADING,),
+    UPGRADING: (COMPLETED, FAILED, SKIPPED, ROLLED_BACK),
+    FAILED: (UPGRADING, SKIPPED, ROLLED_BACK),
+    COMPLETED: (UPGRADING, ROLLED_BACK),
     SKIPPED: (UPGRADING,),
+    ROLLED_BACK: (UPGRADING,),
 }
 
 _TABLES: Final = {

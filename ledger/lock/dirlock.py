@@ -102,30 +102,40 @@ def _check_reason(reason: object) -> str:
 class LockStatus(Value):
     """What a look at the lock found.
 
-    ``held``: a lock folder is there. ``stale``: it may be taken over (its holder is
-    proven gone, or cannot be judged and the lock is older than the timeout).
-    ``suspect``: its holder is a live process on this host but the lock is older than
-    the timeout; reported, never removed automatically. ``reason`` says why, in words.
-    A lock is held by a live holder exactly when ``held and not stale``.
+    ``present``: a lock folder is there. ``stale``: it may be taken over (its holder
+    is proven gone, or cannot be judged and the lock is older than the timeout).
+    ``held``: the one verdict every command gives, a lock there and not stale (what
+    ``is_held`` answers). ``suspect``: its holder is a live process on this host but
+    the lock is older than the timeout; reported, never removed automatically.
+    ``reason`` says why, in words.
     """
 
-    FIELDS = ("path", "held", "holder", "age_s", "stale", "suspect", "reason")
+    FIELDS = ("path", "present", "holder", "age_s", "stale", "suspect", "reason")
     __slots__ = FIELDS
     path: str
-    held: bool
+    present: bool
     holder: Holder | None
     age_s: float | None
     stale: bool
     suspect: bool
     reason: str
 
-    def __init__(self, path: str, held: bool, holder: Holder | None,
+    def __init__(self, path: str, present: bool, holder: Holder | None,
                  age_s: float | None, stale: bool, suspect: bool, reason: str) -> None:
-        self._set(path=path, held=held, holder=holder, age_s=age_s, stale=stale,
+        self._set(path=path, present=present, holder=holder, age_s=age_s, stale=stale,
                   suspect=suspect, reason=reason)
 
+    @property
+    def held(self) -> bool:
+        """A lock is there and its holder is not proven gone: the lock is held."""
+        return self.present and not self.stale
+
     def as_dict(self) -> dict[str, Any]:
-        """Stable JSON shape for the CLI: path, held, stale, suspect, reason, age_s, holder."""
+        """Stable JSON shape for the CLI: path, held, stale, suspect, reason, age_s, holder.
+
+        ``held`` is the verdict (not stale); a stale lock says ``held: false, stale:
+        true`` and still names the holder that left it.
+        """
         return {
             "path": self.path,
             "held": self.held,
@@ -287,8 +297,7 @@ class DirLock:
 
     def is_held(self) -> bool:
         """True when a live (not stale) holder has the lock."""
-        st = self.status()
-        return st.held and not st.stale
+        return self.status().held
 
     def status(self) -> LockStatus:
         """Look at the lock without changing anything (and without the guard)."""

@@ -68,7 +68,7 @@ def collect(ledger: Ledger) -> list[Family]:
     with ledger.db.read() as tx:
         families = [_info(tx), *_current_upgrade(tx), *_history(tx), *_trail(tx),
                     *_notifications(tx)]
-    families += _lock(lock.held, lock.stale, lock.age_s,
+    families += _lock(lock.present, lock.stale, lock.age_s,
                       lock.holder.timestamp if lock.holder else None)
     return families
 
@@ -85,7 +85,8 @@ def _current_upgrade(tx: Tx) -> list[Family]:
     state = Family(PREFIX + "upgrade_state", "gauge", "The current upgrade's state: one "
                    "series per state, 1 for the state it is in.", ("upgrade_id", "state"))
     uid = meta.current_upgrade(tx)
-    row = None if uid is None else tx.one("SELECT * FROM upgrades WHERE id = :u", {"u": uid})
+    row = None if uid is None else tx.one("SELECT * FROM upgrades WHERE host = :host AND "
+                                          "id = :u", {"u": uid})
     current = row["state"] if row is not None else states.IDLE
     for name in states.UPGRADE_STATES:
         state.add(1 if name == current else 0, str(uid or ""), name)
@@ -106,8 +107,8 @@ def _current_upgrade(tx: Tx) -> list[Family]:
                       ("upgrade_id", "phase", "component"))
     failures = Family(PREFIX + "component_failures", "counter", "Times each component of "
                       "the current upgrade failed.", ("upgrade_id", "phase", "component"))
-    comps = tx.all("SELECT phase, name, state, attempts FROM components WHERE upgrade_id = :u "
-                   "ORDER BY position", {"u": uid})
+    comps = tx.all("SELECT phase, name, state, attempts FROM components WHERE host = :host "
+                   "AND upgrade_id = :u ORDER BY position", {"u": uid})
     counts = dict.fromkeys(states.COMPONENT_STATES, 0)
     for c in comps:
         counts[c["state"]] = counts.get(c["state"], 0) + 1
@@ -133,12 +134,13 @@ def _last_durations(tx: Tx, uid: str) -> Family:
     fam = Family(PREFIX + "component_last_duration_seconds", "gauge", "How long the latest "
                  "finished (COMPLETED or FAILED) upgrade of each component took.",
                  ("component",))
-    names = [r[0] for r in tx.all("SELECT DISTINCT name FROM components WHERE upgrade_id = :u "
-                                  "ORDER BY name", {"u": uid})]
+    names = [r[0] for r in tx.all("SELECT DISTINCT name FROM components WHERE host = :host "
+                                  "AND upgrade_id = :u ORDER BY name", {"u": uid})]
     for name in names:
         # Two indexed look-ups (name, state, end) rather than a scan of all history.
-        runs = [tx.one(f"SELECT started_at, {end} AS ended FROM components WHERE name = :n "
-                       f"AND state = :s AND started_at IS NOT NULL AND {end} IS NOT NULL "
+        runs = [tx.one(f"SELECT started_at, {end} AS ended FROM components WHERE host = :host "
+                       f"AND name = :n AND state = :s AND started_at IS NOT NULL "
+                       f"AND {end} IS NOT NULL "
                        f"ORDER BY {end} DESC LIMIT 1", {"n": name, "s": s})
                 for s, end in ((states.COMPLETED, "completed_at"), (states.FAILED, "failed_at"))]
         latest = max((r for r in runs if r is not None), key=lambda r: r["ended"], default=None)
@@ -151,7 +153,8 @@ def _history(tx: Tx) -> list[Family]:
     fam = Family(PREFIX + "last_finished_timestamp_seconds", "gauge", "When the latest "
                  "upgrade with each outcome finished (Unix time; 0: never).", ("outcome",))
     for outcome in (states.COMPLETED, states.FAILED, states.ROLLED_BACK):
-        at = tx.scalar("SELECT MAX(finished_at) FROM upgrades WHERE outcome = :o",
+        at = tx.scalar("SELECT MAX(finished_at) FROM upgrades WHERE host = :host AND "
+                       "outcome = :o",
                        {"o": outcome})
         fam.add(_unix(at) or 0, outcome)
     return [fam]
@@ -161,10 +164,12 @@ def _trail(tx: Tx) -> list[Family]:
     total = Family(PREFIX + "events", "counter", "Events in the audit trail (one per change).")
     last = Family(PREFIX + "last_event_timestamp_seconds", "gauge",
                   "When the newest event was recorded (Unix time; 0: none yet).")
-    row = tx.one("SELECT id, at FROM events ORDER BY id DESC LIMIT 1")
-    # Events are append-only, so the newest id is their count (and never goes down).
-    total.add(row["id"] if row is not None else 0)
-    last.add((_unix(row["at"]) if row is not None else None) or 0)
+    # This host's events: append-only, so their count never goes down.
+    row = tx.one("SELECT COUNT(*) AS n, MAX(id) AS newest FROM events WHERE host = :host")
+    at = None if row is None or row["newest"] is None else tx.scalar(
+        "SELECT at FROM events WHERE id = :id", {"id": row["newest"]})
+    total.add(row["n"] if row is not None else 0)
+    last.add(_unix(at) or 0)
     return [total, last]
 
 
@@ -178,8 +183,8 @@ def _notifications(tx: Tx) -> list[Family]:
     behind = Family(PREFIX + "notify_behind_events", "gauge", "Events recorded after the "
                     "subscriber's cursor (still to deliver, or to pass by its kind filter).",
                     ("subscriber",))
-    newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
-    for r in tx.all("SELECT * FROM notify_cursors ORDER BY subscriber"):
+    newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host"))
+    for r in tx.all("SELECT * FROM notify_cursors WHERE host = :host ORDER BY subscriber"):
         delivered.add(r["delivered"], r["subscriber"])
         failures.add(r["failures"], r["subscriber"])
         failing.add(r["attempts"], r["subscriber"])

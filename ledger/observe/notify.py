@@ -10,9 +10,12 @@ sent that the ledger has not committed, nor skipped.
 
 A failed delivery stops that subscriber's pass (order is kept: event n+1 never
 overtakes event n), counts an attempt, records the error and the time of the next try
-(doubling backoff). Deliveries run with timeouts inside a time budget, and
-``deliver_pending`` never raises: a slow or dead subscriber can delay notifications,
-never an upgrade step.
+(doubling backoff). A subscriber that has not answered when the pass's time budget
+runs out is counted the same way: one that never answers costs one budget, then waits
+its backoff, instead of holding up every pass. Each delivery is bounded by one
+deadline for the whole request (``ledger.observe.send``), a stop request (a signal
+to ``apply``) cuts it short at once, and ``deliver_pending`` never raises: a slow or
+dead subscriber can delay notifications, never an upgrade step.
 
 Writers serialise on the database, so event ids commit in increasing order on every
 backend (PostgreSQL included): a cursor never jumps over an event committed later.
@@ -23,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ledger.core import clock
 from ledger.core.version import __version__
 from ledger.errors import BadInput, LedgerError
+from ledger.observe.deadline import Cancelled, Deadline
 from ledger.observe.subscribers import (
     DELIVERY_REGION,
     Subscriber,
@@ -67,10 +69,11 @@ STEP_LOCK_WAIT_S = 0.1
 class Outcome:
     """What one pass did for one subscriber.
 
-    ``state``: ``ok`` (caught up), ``failing`` (a delivery failed just now),
-    ``waiting`` (backing off until ``next_try_at``), ``deferred`` (the pass ran out of
-    time; the rest waits for the next pass), ``moved`` (another deliverer moved the
-    cursor meanwhile).
+    ``state``: ``ok`` (caught up), ``failing`` (a delivery failed just now, or got no
+    answer before the pass's budget ran out), ``waiting`` (backing off until
+    ``next_try_at``), ``deferred`` (the pass ran out of time or was asked to stop
+    before this subscriber's turn; the rest waits for the next pass), ``moved``
+    (another deliverer moved the cursor meanwhile).
     """
 
     subscriber: str
@@ -108,7 +111,8 @@ class Report:
 
 
 def deliver_pending(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
-                    force: bool = False, lock_wait_s: float | None = None) -> Report:
+                    force: bool = False, lock_wait_s: float | None = None,
+                    cancel: Callable[[], bool] | None = None) -> Report:
     """Deliver what is pending, within *budget_s*; never raises.
 
     This is what runs after each change an upgrade run makes: every problem (a broken
@@ -116,39 +120,46 @@ def deliver_pending(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
     cursors, never in the caller.
     """
     try:
-        return deliver(ledger, budget_s, force=force, lock_wait_s=lock_wait_s)
+        return deliver(ledger, budget_s, force=force, lock_wait_s=lock_wait_s,
+                       cancel=cancel)
     except Exception as exc:  # by contract nothing reaches the step
         return Report(error=f"notifications not delivered: {exc}")
 
 
 @contextlib.contextmanager
-def delivering(ledger: Ledger, budget_s: float = STEP_BUDGET_S) -> Iterator[None]:
+def delivering(ledger: Ledger, budget_s: float = STEP_BUDGET_S, *,
+               cancel: Callable[[], bool] | None = None) -> Iterator[None]:
     """While inside, deliver pending notifications after every change *ledger* makes
     (how an upgrade run notifies as it goes), each pass within *budget_s*; one last
-    pass on the way out catches what a busy moment left behind."""
+    pass on the way out catches what a busy moment left behind. Once *cancel()* is
+    true (the run was asked to stop), deliveries end at once and no more start."""
 
     def after_change() -> None:
         # Another deliverer at work (a `notify` from cron) is not waited for: it or
         # the next pass sends this change's events.
-        deliver_pending(ledger, budget_s, lock_wait_s=STEP_LOCK_WAIT_S)
+        deliver_pending(ledger, budget_s, lock_wait_s=STEP_LOCK_WAIT_S, cancel=cancel)
 
     ledger.after_change.append(after_change)
     try:
         yield
     finally:
         ledger.after_change.remove(after_change)
-        deliver_pending(ledger, budget_s)
+        deliver_pending(ledger, budget_s, cancel=cancel)
 
 
 def deliver(ledger: Ledger, budget_s: float = COMMAND_BUDGET_S, *, force: bool = False,
-            only: str | None = None, lock_wait_s: float | None = None) -> Report:
+            only: str | None = None, lock_wait_s: float | None = None,
+            cancel: Callable[[], bool] | None = None) -> Report:
     """Deliver pending events to every subscriber (or only the one named *only*).
 
     *force* ignores the backoff of failing subscribers. Another process delivering
     is waited for up to *lock_wait_s* (default: the whole budget), then the report
-    says ``busy``. Raises BadInput for a broken notify.toml or an unknown *only*;
-    delivery failures are reported, not raised.
+    says ``busy``. Once *cancel()* is true, the delivery under way is cut short (not
+    counted against its subscriber) and no other starts. Raises BadInput for a broken
+    notify.toml or an unknown *only*; delivery failures are reported, not raised.
     """
+    if cancel is not None and cancel():
+        return Report()
     deadline = time.monotonic() + budget_s
     subs = load(ledger.home)
     if only is not None:
@@ -165,7 +176,7 @@ def deliver(ledger: Ledger, budget_s: float = COMMAND_BUDGET_S, *, force: bool =
             return report
         lineage = _lineage(ledger)
         for sub in subs:
-            report.outcomes.append(_serve(ledger, sub, lineage, deadline, force))
+            report.outcomes.append(_serve(ledger, sub, lineage, deadline, force, cancel))
     return report
 
 
@@ -204,11 +215,11 @@ def register(ledger: Ledger, sub: Subscriber) -> int:
         else:
             mtime = config_mtime(ledger.home)
             start = tx.scalar(
-                "SELECT COALESCE(MAX(id), 0) FROM events" +
-                ("" if mtime is None else " WHERE at < :t"),
+                "SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host" +
+                ("" if mtime is None else " AND at < :t"),
                 {} if mtime is None else {"t": clock.stamp(datetime.fromtimestamp(mtime, UTC))})
-        tx.execute("INSERT INTO notify_cursors (subscriber, last_event_id, created_at) "
-                   "VALUES (:s, :id, :at)", {"s": sub.name, "id": int(start),
+        tx.execute("INSERT INTO notify_cursors (host, subscriber, last_event_id, created_at) "
+                   "VALUES (:host, :s, :id, :at)", {"s": sub.name, "id": int(start),
                                              "at": clock.now()})
         return int(start)
 
@@ -216,7 +227,8 @@ def register(ledger: Ledger, sub: Subscriber) -> int:
 def forget(ledger: Ledger, name: str) -> bool:
     """Drop *name*'s cursor (after the subscriber was removed); True if there was one."""
     with ledger.db.write() as tx:
-        removed: int = tx.execute("DELETE FROM notify_cursors WHERE subscriber = :s",
+        removed: int = tx.execute("DELETE FROM notify_cursors WHERE host = :host AND "
+                                  "subscriber = :s",
                                   {"s": name})
     return removed > 0
 
@@ -228,8 +240,9 @@ def cursors(ledger: Ledger) -> list[dict[str, Any]]:
 
 def _states(subs: list[Subscriber], db: Database) -> list[dict[str, Any]]:
     with db.read() as tx:
-        rows = {r["subscriber"]: r for r in tx.all("SELECT * FROM notify_cursors")}
-        newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
+        rows = {r["subscriber"]: r for r in tx.all(
+            "SELECT * FROM notify_cursors WHERE host = :host")}
+        newest = int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events WHERE host = :host"))
     blank = {"last_event_id": None, "delivered": 0, "failures": 0, "attempts": 0,
              "failing_event_id": None, "next_try_at": None, "last_error": None,
              "delivered_at": None}
@@ -273,7 +286,7 @@ def summary(home: Home, db: Database) -> dict[str, Any]:
 
 
 def _serve(ledger: Ledger, sub: Subscriber, lineage: str, deadline: float,
-           force: bool) -> Outcome:
+           force: bool, cancel: Callable[[], bool] | None = None) -> Outcome:
     register(ledger, sub)
     with ledger.db.read() as tx:
         row = _cursor(tx, sub.name)
@@ -287,11 +300,12 @@ def _serve(ledger: Ledger, sub: Subscriber, lineage: str, deadline: float,
     done = out.cursor  # the cursor as stored: every move is checked against it
     passed = done  # events up to here need no delivery (the kind filter drops them)
     while out.state == "ok":
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or (cancel is not None and cancel()):
             out.state = "deferred"
             break
         with ledger.db.read() as tx:
-            rows = tx.all("SELECT * FROM events WHERE id > :after ORDER BY id LIMIT :n",
+            rows = tx.all("SELECT * FROM events WHERE host = :host AND id > :after "
+                          "ORDER BY id LIMIT :n",
                           {"after": passed, "n": BATCH})
         if not rows:
             break
@@ -304,10 +318,17 @@ def _serve(ledger: Ledger, sub: Subscriber, lineage: str, deadline: float,
                 out.state = "deferred"
                 break
             timeout = min(sub.timeout_s, remaining)
-            error = _send(sub, event, lineage, ledger, timeout)
-            if error is not None and timeout < sub.timeout_s and error.startswith("timed out"):
-                out.state = "deferred"  # the pass's budget ran out, not the subscriber's time
+            try:
+                error, timed_out = _send(sub, event, lineage, ledger, timeout, cancel)
+            except Cancelled:
+                out.state = "deferred"  # the run is stopping: not the subscriber's fault
                 break
+            if timed_out and timeout < sub.timeout_s:
+                # The pass's budget ran out first. Counted like a failure all the
+                # same: a subscriber that never answers must not cost every pass
+                # its whole budget.
+                error = (f"no answer within the {timeout:.3g} s left in this pass (its "
+                         f"timeout is {sub.timeout_s:g} s): {sub.target}")
             if error is not None:
                 _record_failure(ledger, sub, out, expect=done, passed=passed,
                                 event_id=event["id"], error=error)
@@ -326,7 +347,8 @@ def _serve(ledger: Ledger, sub: Subscriber, lineage: str, deadline: float,
 
 
 def _cursor(tx: Tx, name: str) -> Row | None:
-    return tx.one("SELECT * FROM notify_cursors WHERE subscriber = :s", {"s": name})
+    return tx.one("SELECT * FROM notify_cursors WHERE host = :host AND subscriber = :s",
+                  {"s": name})
 
 
 def _lineage(ledger: Ledger) -> str:
@@ -342,8 +364,8 @@ def _move(ledger: Ledger, name: str, *, expect: int, to: int, delivered: bool) -
         sets += (", delivered = delivered + 1, delivered_at = :at, attempts = 0, "
                  "failing_event_id = NULL, next_try_at = NULL, last_error = NULL")
     with ledger.db.write() as tx:
-        moved: int = tx.execute(f"UPDATE notify_cursors SET {sets} WHERE subscriber = :s AND "
-                                "last_event_id = :expect",
+        moved: int = tx.execute(f"UPDATE notify_cursors SET {sets} WHERE host = :host AND "
+                                "subscriber = :s AND last_event_id = :expect",
                                 {"to": to, "at": clock.now(), "s": name, "expect": expect})
     return moved == 1
 
@@ -355,13 +377,14 @@ def _record_failure(ledger: Ledger, sub: Subscriber, out: Outcome, *, expect: in
     now = datetime.now(UTC)
     with ledger.db.write() as tx:
         attempts = 1 + int(tx.scalar(
-            "SELECT attempts FROM notify_cursors WHERE subscriber = :s", {"s": sub.name}) or 0)
+            "SELECT attempts FROM notify_cursors WHERE host = :host AND subscriber = :s",
+            {"s": sub.name}) or 0)
         next_try = clock.stamp(now + timedelta(seconds=sub.retry_delay_s(attempts)))
         changed = tx.execute(
             "UPDATE notify_cursors SET last_event_id = :passed, attempts = :n, "
             "failures = failures + 1, failing_event_id = :e, next_try_at = :next, "
-            "last_error = :err, last_attempt_at = :at WHERE subscriber = :s AND "
-            "last_event_id = :expect",
+            "last_error = :err, last_attempt_at = :at WHERE host = :host AND subscriber = :s "
+            "AND last_event_id = :expect",
             {"passed": passed, "n": attempts, "e": event_id, "next": next_try,
              "err": error[:1000], "at": clock.stamp(now), "s": sub.name, "expect": expect})
     out.state = "failing" if changed else "moved"
@@ -382,25 +405,34 @@ def idempotency_key(lineage: str, event_id: int) -> str:
     return f"{lineage}-{event_id}"
 
 
-def _send(sub: Subscriber, event: Row, lineage: str, ledger: Ledger,
-          timeout: float) -> str | None:
-    """Deliver one event; the error in a line, or None when the subscriber took it."""
+def _send(sub: Subscriber, event: Row, lineage: str, ledger: Ledger, timeout: float,
+          cancel: Callable[[], bool] | None) -> tuple[str | None, bool]:
+    """Deliver one event within *timeout*: ``(None, False)`` when the subscriber took
+    it, else ``(the error in a line, whether the time ran out)``. Raises Cancelled
+    when *cancel()* cut it short."""
     key = idempotency_key(lineage, event["id"])
     body = payload(event)
+    deadline = Deadline(time.monotonic() + timeout, cancel)
     try:
         if sub.url is not None:
-            return _post(sub, body, key, timeout)
-        return _run_hook(sub, body, key, event=event, ledger=ledger, timeout=timeout)
+            return _post(sub, body, key, deadline, timeout)
+        return _run_hook(sub, body, key, event=event, ledger=ledger, deadline=deadline,
+                         timeout=timeout)
+    except Cancelled:
+        raise
     except Exception as exc:  # any failure is the subscriber's: recorded, not raised
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}", False
 
 
-def _post(sub: Subscriber, body: bytes, key: str, timeout: float) -> str | None:
-    # urllib and http.client are imported only to send: a run without webhooks
+def _post(sub: Subscriber, body: bytes, key: str, deadline: Deadline,
+          timeout: float) -> tuple[str | None, bool]:
+    # urllib, http.client and ssl are imported only to send: a run without webhooks
     # never pays for them.
     import http.client  # noqa: PLC0415
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
+
+    from ledger.observe import send  # noqa: PLC0415
 
     assert sub.url is not None
     # S310: the scheme was checked to be http or https when the config was read.
@@ -408,68 +440,44 @@ def _post(sub: Subscriber, body: bytes, key: str, timeout: float) -> str | None:
                "User-Agent": f"upgrade-ledger/{__version__}"}
     request = urllib.request.Request(sub.url, data=body, method="POST",  # noqa: S310
                                      headers=headers)
-    opener = urllib.request.build_opener(_no_redirects())
+    timed_out = f"timed out after {timeout:g} s waiting for {sub.target}"
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with send.opener(deadline).open(request, timeout=timeout) as response:
             response.read(65536)
-            return None  # urllib raises HTTPError for anything but 2xx (redirects too)
+            return None, False  # urllib raises HTTPError for anything but 2xx
     except urllib.error.HTTPError as exc:
         exc.close()
-        return f"HTTP {exc.code} {exc.reason} from {sub.target}"
+        return f"HTTP {exc.code} {exc.reason} from {sub.target}", False
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, TimeoutError):
-            return f"timed out after {timeout:g} s waiting for {sub.target}"
+            return timed_out, True
         text = getattr(reason, "strerror", None) or str(reason)
-        return f"cannot reach {sub.target} ({text})"
+        return f"cannot reach {sub.target} ({text})", False
     except TimeoutError:
-        return f"timed out after {timeout:g} s waiting for {sub.target}"
+        return timed_out, True
     except (OSError, http.client.HTTPException) as exc:
-        return f"{sub.target} broke the connection ({type(exc).__name__}: {exc})"
-
-
-def _no_redirects() -> type:
-    import urllib.request  # noqa: PLC0415
-
-    class NoRedirects(urllib.request.HTTPRedirectHandler):
-        """A redirected POST would lose its body: report the redirect as a failure."""
-
-        def redirect_request(self, *_: Any, **__: Any) -> None:
-            return None
-
-    return NoRedirects
+        return f"{sub.target} broke the connection ({type(exc).__name__}: {exc})", False
 
 
 def _run_hook(sub: Subscriber, body: bytes, key: str, *, event: Row, ledger: Ledger,
-              timeout: float) -> str | None:
+              deadline: Deadline, timeout: float) -> tuple[str | None, bool]:
+    from ledger.observe import send  # noqa: PLC0415
+
     assert sub.hook is not None
     problem = check_executable(sub.hook)
     if problem:
-        return problem
+        return problem, False
     env = dict(os.environ, LEDGER_EVENT_ID=str(event["id"]), LEDGER_EVENT_KIND=event["kind"],
                LEDGER_IDEMPOTENCY_KEY=key, LEDGER_SUBSCRIBER=sub.name,
                LEDGER_HOME=str(ledger.home.root))
-    # A session of its own, so that a hook that hangs is killed with its children.
-    proc = subprocess.Popen([sub.hook], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
-        _, err = proc.communicate(body + b"\n", timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        return f"timed out after {timeout:g} s: hook {sub.hook} did not finish"
-    if proc.returncode != 0:
-        lines = err.decode("utf-8", "replace").strip().splitlines()
+        code, err = send.run_hook([sub.hook], body + b"\n", env, deadline)
+    except TimeoutError:
+        return f"timed out after {timeout:g} s: hook {sub.hook} did not finish", True
+    if code != 0:
+        lines = err.strip().splitlines()
         why = f": {lines[-1][:300]}" if lines else ""
-        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-               else f"exited with {proc.returncode}")
-        return f"hook {sub.hook} {how}{why}"
-    return None
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        proc.kill()
-    proc.communicate()
-
+        how = (f"was killed by signal {-code}" if code < 0 else f"exited with {code}")
+        return f"hook {sub.hook} {how}{why}", False
+    return None, False

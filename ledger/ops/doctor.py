@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import stat
@@ -155,7 +156,7 @@ def check_lock(ctx: Context) -> Finding:
     """Who holds the lock, and whether it is stale (removable) or suspect (too old)."""
     name = "lock"
     st = ctx.lock().status()
-    if not st.held:
+    if not st.present:
         return Finding(name, OK, "free")
     who = f"PID {st.holder.pid} on {st.holder.hostname or '?'} since " \
           f"{st.holder.timestamp or '?'}" if st.holder else "an unknown holder"
@@ -387,9 +388,10 @@ def _history_problems(ctx: Context) -> tuple[list[str], list[str], list[str]]:
     """(saved upgrades whose file is missing or unreadable, files of another ledger or of
     an unknown upgrade, every history file name)."""
     with ctx.database().read() as tx:
-        saved = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE saved_at IS NOT NULL")}
+        saved = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE host = :host AND "
+                                      "saved_at IS NOT NULL")}
         lineage = meta.lineage(tx)
-        known = {r[0] for r in tx.all("SELECT id FROM upgrades")} if \
+        known = {r[0] for r in tx.all("SELECT id FROM upgrades WHERE host = :host")} if \
             ctx.home.history_dir.is_dir() else set()
     broken, foreign, names = [], [], []
     files = sorted(ctx.home.history_dir.glob("*.json")) if ctx.home.history_dir.is_dir() else []
@@ -492,15 +494,23 @@ def check_stuck(ctx: Context) -> Finding:
         with ctx.database().read() as tx:
             uid = meta.current_upgrade(tx)
             stuck = [] if uid is None else queries.stuck(
-                tx, uid, lock_live=lock.held and not lock.stale, threshold_s=ctx.stuck_after_s)
+                tx, uid, lock_live=lock.held, threshold_s=ctx.stuck_after_s)
+            plan = None if uid is None else queries.plan_record(tx, uid)
     except Unavailable as exc:
         return Finding(name, SKIP, f"not checked: {exc}")
     if not stuck:
         return Finding(name, OK, "no component stuck in UPGRADING")
     items = [f"{s['name']} ({s['why']})" for s in stuck]
-    return Finding(name, FAIL, f"{len(stuck)} component(s) stuck: {_listing(items)}",
-                   "the run that started them stopped: 'upgrade-ledger resume' lists them; "
-                   "check each and record it with 'component complete' or 'component fail'")
+    hint = ("the run that started them stopped: 'upgrade-ledger resume' lists them; "
+            "check each and record it with 'component complete' or 'component fail'")
+    if plan is not None and plan.get("path"):
+        # An apply run re-validates what it left UPGRADING and goes on by itself.
+        command = shlex.join(["upgrade-ledger", "--home", str(ctx.home.root), "apply",
+                              str(plan["path"])])
+        hint = (f"upgrade {uid} was started by apply from the plan {plan['path']} (sha256 "
+                f"{str(plan.get('sha256'))[:12]}): run the same apply again to resume it, "
+                f"with that very file: {command}")
+    return Finding(name, FAIL, f"{len(stuck)} component(s) stuck: {_listing(items)}", hint)
 
 
 def _aside_pid(name: str, lock_name: str) -> int | None:
@@ -627,6 +637,7 @@ def run_checks(
     quick: bool = False,
     repair: bool = False,
     checks: Sequence[Check] | None = None,
+    host_name: str | None = None,
 ) -> list[Finding]:
     """Check the ledger at *where* (an open ``Ledger``, a ``Home`` or a home folder;
     default: resolved from the environment as the CLI does) and return one finding
@@ -641,7 +652,7 @@ def run_checks(
         home = Home.at(where, env)
     ctx = Context(home, db_url=db_url, env=env, pid=pid, lock_timeout_s=lock_timeout_s,
                   stuck_after_s=stuck_after_s, wal_warn_bytes=int(wal_warn_bytes),
-                  quick=quick, ledger=ledger)
+                  quick=quick, ledger=ledger, host_name=host_name)
     todo = list(CHECKS if checks is None else checks)
     try:
         findings = [_run_one(check, ctx) for check in todo]

@@ -7,14 +7,17 @@ Checks live beside what they check (``ledger.ops.doctor``, ``ledger.ops.snapshot
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ledger.api import Ledger
+from ledger.core.host import identity
 from ledger.errors import LedgerError
 from ledger.lock import DirLock
+from ledger.store.connect import database_at
 from ledger.store.database import Database
 from ledger.store.home import Home
 from ledger.store.sqlite import SqliteDatabase
@@ -51,8 +54,10 @@ class Context:
 
     def __init__(self, home: Home, *, db_url: str | None, env: Any, pid: int | None,
                  lock_timeout_s: float, stuck_after_s: float, wal_warn_bytes: int,
-                 quick: bool, ledger: Ledger | None = None) -> None:
+                 quick: bool, ledger: Ledger | None = None,
+                 host_name: str | None = None) -> None:
         self.home = home
+        self.host_name = host_name
         self.db_url = db_url
         self.env = env
         self.pid = pid
@@ -81,14 +86,13 @@ class Context:
         if self._db is None:
             path = self.sqlite_path
             if path is None:
-                # SQLAlchemy is imported only for a --db URL ledger.
-                from ledger.store.alchemy import AlchemyDatabase  # noqa: PLC0415
-
-                self._db = AlchemyDatabase(self.db_url or "")
+                self._db = database_at(self.db_url or "", None)
             elif not path.is_file():
                 raise Unavailable(f"there is no ledger at {path}")
             else:
                 self._db = SqliteDatabase(path)
+            # Checks read this host's rows, as the commands do.
+            self._db.identity = identity(self.env or os.environ, self.host_name)
         return self._db
 
     def ledger(self) -> Ledger:
@@ -98,7 +102,8 @@ class Context:
         if self._ledger is None:
             self.database()  # the same refusals as for reading (missing file ...)
             self._ledger = Ledger(self.home.root, db_url=self.db_url, env=self.env,
-                                  pid=self.pid, lock_timeout_s=self.lock_timeout_s)
+                                  pid=self.pid, lock_timeout_s=self.lock_timeout_s,
+                                  host_name=self.host_name)
             self._drop_own_db()  # from now on, read through the ledger's connection
         return self._ledger
 

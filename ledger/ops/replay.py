@@ -36,8 +36,8 @@ class Replay(Ledger):
 
     def __init__(self, *args: Any, after: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._done = self.events(after_id=after, pid=self.pid, hostname=self.hostname,
-                                 limit=None)
+        # The events of this host (a ledger's transactions see their host's rows).
+        self._done = self.events(after_id=after, pid=self.pid, limit=None)
         self.replayed = False
 
     def _take(self, kind: str, subject: str | None = None) -> dict[str, Any] | None:

@@ -161,11 +161,11 @@ def _record(led: Ledger, views: list[tuple[Path, bytes, dict[str, Any]]],
     with led.db.write() as tx:
         top = max([tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events"), *serials])
         tx.execute(
-            "INSERT INTO events (id, at, upgrade_id, kind, subject, from_value, to_value, "
-            "username, hostname, pid, detail) VALUES (:id, :at, NULL, 'ledger.restore', "
-            "'ledger.db', NULL, :snap, :user, :host, :pid, :detail)",
+            "INSERT INTO events (id, host, at, upgrade_id, kind, subject, from_value, "
+            "to_value, username, hostname, pid, detail) VALUES (:id, :host, :at, NULL, "
+            "'ledger.restore', 'ledger.db', NULL, :snap, :user, :hostname, :pid, :detail)",
             {"id": top + 1, "at": clock.now(), "snap": detail["snapshot"], "user": led.user,
-             "host": led.hostname, "pid": led.pid,
+             "hostname": led.hostname, "pid": led.pid,
              "detail": json.dumps(detail, sort_keys=True)})
 
 
@@ -191,9 +191,10 @@ def _newer(led: Ledger, doc: dict[str, Any]) -> bool:
     """Whether *doc* knows more about its upgrade than the restored ledger does."""
     uid = doc["upgrade_id"]
     with led.db.read() as tx:
-        row = tx.one("SELECT updated_at FROM upgrades WHERE id = :u", {"u": uid})
-        known = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :u AND "
-                          "kind != 'ledger.restore'", {"u": uid}) or 0
+        row = tx.one("SELECT updated_at FROM upgrades WHERE host = :host AND id = :u",
+                     {"u": uid})
+        known = tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND upgrade_id = :u "
+                          "AND kind != 'ledger.restore'", {"u": uid}) or 0
     serial = doc.get("serial")
     if isinstance(serial, int) and not isinstance(serial, bool):
         return serial > known

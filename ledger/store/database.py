@@ -11,15 +11,18 @@ URL). Statements are portable text with ``:name`` parameters, which both
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
-from ledger.errors import (
-    CorruptLedger,
-)
+from ledger.core import clock
+from ledger.core.host import Identity
+from ledger.errors import CorruptLedger, HostClash
 
 #: The Alembic revision this code expects; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0005"
+#: ``read(host=ALL_HOSTS)``: a transaction that sees every host's rows.
+ALL_HOSTS = "*"
 #: How long a writer waits for another writer's transaction before giving up.
 BUSY_TIMEOUT_S = 60.0
 #: Bytes of WAL kept once it restarts after a checkpoint (docs/operations.md).
@@ -30,7 +33,22 @@ Row = Any  # sqlite3.Row or SQLAlchemy RowMapping: both support row["column"]
 Report = tuple[list[str], list[tuple[Any, ...]]]  # column names, rows
 
 class Tx(ABC):
-    """A transaction in progress: run statements, fetch rows."""
+    """A transaction in progress: run statements, fetch rows.
+
+    A transaction is scoped to one host: ``:host`` in any statement is bound to
+    ``host`` (None when it reads every host's rows), so each statement says
+    ``host = :host`` and no caller passes the host around. ``memo`` holds what the
+    transaction learnt once and may reuse (the host's current upgrade).
+    """
+
+    host: str | None = None
+
+    def __init__(self) -> None:
+        self.memo: dict[Any, Any] = {}
+
+    def bind(self, params: Params | None) -> dict[str, Any]:
+        """*params* with ``host`` bound to the transaction's host (unless given)."""
+        return {"host": self.host, **(params or {})}
 
     @abstractmethod
     def execute(self, sql: str, params: Params | None = None) -> int:
@@ -50,20 +68,90 @@ class Tx(ABC):
         row = self.one(sql, params)
         return None if row is None else row[0]
 
+    @abstractmethod
+    def insert(self, sql: str, params: Params | None = None) -> int:
+        """Run an INSERT into a table with an ``id`` key; return the new row's id."""
+
 
 class Database(ABC):
-    """A ledger database: write and read transactions, and read-only reporting."""
+    """A ledger database: write and read transactions, and read-only reporting.
 
+    Transactions are in the scope of ``identity`` (this host's name and machine id):
+    they see this host's rows, and a write registers the host on first use. On a
+    ``shared`` database (a server many machines reach), a host name that another
+    machine claimed is refused (``HostClash``); a local file belongs to whichever
+    machine has it, so a moved or restored home takes the new machine's id.
+    """
+
+    #: Where the ledger is, fit to show (a password in a URL is masked).
     url: str
+    #: Where the ledger is, to connect to (never shown).
+    connect_url: str = ""
     dialect: str
+    identity: Identity = Identity("localhost", None)
+    shared: bool = False
 
     @abstractmethod
-    def write(self) -> Any:
-        """Context manager: a transaction that holds the write lock from its start."""
+    def _transaction(self, *, write: bool) -> Any:
+        """Context manager: a driver transaction (a ``Tx``); with *write*, holding the
+        write lock from its start, else a consistent read-only snapshot."""
 
-    @abstractmethod
-    def read(self) -> Any:
-        """Context manager: a consistent read-only snapshot."""
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        """A write transaction in this host's scope."""
+        with self._transaction(write=True) as tx:
+            tx.host = self.identity.name
+            self._enter(tx, write=True)
+            yield tx
+
+    @contextmanager
+    def read(self, host: str | None = None) -> Iterator[Tx]:
+        """A read-only snapshot of this host's rows, of *host*'s, or of every host's
+        (``ALL_HOSTS``)."""
+        with self._transaction(write=False) as tx:
+            tx.host = None if host == ALL_HOSTS else host or self.identity.name
+            if tx.host == self.identity.name:
+                self._enter(tx, write=False)
+            yield tx
+
+    def _enter(self, tx: Tx, *, write: bool) -> None:
+        """Read this host's row (its current upgrade); a write also locks it, which
+        serialises the host's writers on a server, and registers the host first.
+
+        The same statement reads what most steps need next, so that a step on a
+        server costs few round trips: the current upgrade's serial (its last event
+        id) and the ledger's lineage, kept in ``tx.memo``.
+        """
+        lock = " FOR UPDATE OF h" if write and self.dialect == "postgresql" else ""
+        sql = ("SELECT h.machine_id, h.current_upgrade, (SELECT MAX(e.id) FROM events e "
+               "WHERE e.host = h.name AND e.upgrade_id = h.current_upgrade) AS serial, "
+               "(SELECT value FROM ledger_meta WHERE key = 'lineage') AS lineage "
+               "FROM hosts h WHERE h.name = :host" + lock)
+        row = tx.one(sql)
+        mine = self.identity.machine_id
+        if row is None and write:
+            # Two first writes of a new host may race: the loser's insert does nothing.
+            tx.execute("INSERT INTO hosts (name, machine_id, created_at) VALUES "
+                       "(:host, :machine, :at) ON CONFLICT (name) DO NOTHING",
+                       {"machine": mine, "at": clock.now()})
+            row = tx.one(sql)
+        if row is None:
+            tx.memo["current_upgrade"] = None
+            return
+        tx.memo["lineage"] = row["lineage"]
+        if row["current_upgrade"] is not None:
+            tx.memo["serial", row["current_upgrade"]] = int(row["serial"] or 0)
+        claimed = row["machine_id"]
+        if mine is not None and claimed != mine:
+            if claimed is not None and self.shared:
+                raise HostClash(
+                    f"host name {tx.host!r} belongs to another machine in {self.url} "
+                    f"(machine id {claimed}, this one is {mine}); give this machine its own "
+                    "name with --host-name or LEDGER_HOST")
+            if write:
+                tx.execute("UPDATE hosts SET machine_id = :machine WHERE name = :host",
+                           {"machine": mine})
+        tx.memo["current_upgrade"] = row["current_upgrade"]
 
     @abstractmethod
     def report(self, sql: str, params: Params | None = None) -> Report:
@@ -75,7 +163,7 @@ class Database(ABC):
 
     def revision(self) -> str | None:
         """The Alembic revision of the ledger, or None for an empty database."""
-        with self.read() as tx:
+        with self._transaction(write=False) as tx:
             try:
                 return tx.scalar("SELECT version_num FROM alembic_version")  # type: ignore[no-any-return]
             except Exception as exc:

@@ -8,7 +8,9 @@ one, whole, never half a line, and never through a planted symbolic link.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,6 +88,66 @@ def make_private_dir(folder: Path, *, follow: bool = False) -> None:
             f"cannot create ledger folder {folder} ({exc.strerror or exc}); "
             "choose another home with --home DIR (or LEDGER_HOME)"
         ) from exc
+
+
+def private_subdir(base: Path, folder: Path, *, create: bool = True) -> Path:
+    """*folder* (below *base*), each folder from *base* down to it looked at with
+    ``lstat`` and never followed: a symbolic link, or anything but a folder, at any of
+    them is refused (StorageError, one line). With *create*, missing ones are made 0700
+    (only those: an existing folder keeps its mode); without, the walk stops at the
+    first missing one. *base* itself is the caller's to trust (a home root may be a
+    link its operator made). Returns *folder*."""
+    current = base
+    for part in folder.relative_to(base).parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            if not create:
+                return folder
+            _mkdir_private(current)
+            st = os.lstat(current)
+        except OSError as exc:
+            raise StorageError(f"cannot use ledger folder {current} ({exc.strerror or exc})") \
+                from exc
+        if stat.S_ISLNK(st.st_mode):
+            raise StorageError(f"ledger folder {current} is a symbolic link, not a folder: the "
+                               "ledger never writes through one; remove it (and find out who "
+                               "put it there)")
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"ledger folder {current} is not a folder; move it aside")
+    return folder
+
+
+def _mkdir_private(folder: Path) -> None:
+    try:
+        folder.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return  # made meanwhile (or planted): the caller looks at what is there
+    except OSError as exc:
+        raise StorageError(f"cannot create ledger folder {folder} ({exc.strerror or exc}); "
+                           "check free space and permissions") from exc
+    # The umask may have removed bits; the folder is reopened without following a
+    # link, so a link swapped in meanwhile is never chmod-ed through.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, DIR_MODE)
+        finally:
+            os.close(fd)
+
+
+def open_private_file(path: Path, flags: int) -> int:
+    """``os.open`` of a file the ledger writes in place (a log, a record), 0600 when
+    made, never through a symbolic link: one planted there is refused (StorageError)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StorageError(f"ledger file {path} is a symbolic link: the ledger never "
+                               "writes through one; remove it (and find out who put it "
+                               "there)") from None
+        raise _storage_error(path, exc) from exc
 
 
 def _mkdirs(folder: Path) -> None:

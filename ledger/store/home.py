@@ -18,10 +18,11 @@ Folders are 0700 and files 0600 whatever the caller's umask.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ledger.core import host
@@ -30,6 +31,7 @@ from ledger.errors import CorruptLedger, StorageError
 from ledger.store.files import (
     FILE_MODE,
     make_private_dir,
+    private_subdir,
     same_device,
     temp_writer_pid,
     write_file_atomic,
@@ -111,7 +113,28 @@ class Home(Value):
         """Make sure ledger.db is a private regular file before SQLite opens it, and
         refuse to start a new ledger over one that was truncated or deleted."""
         _create_private(self.db_path)
+        _refuse_linked_companions(self.db_path)
         _refuse_lost_ledger(self)
+
+    def private_dir(self, folder: Path, *, create: bool = True) -> Path:
+        """*folder*, a folder of this home (inside its root, or inside one of the
+        folders the legacy variables moved), checked from the root (or from that
+        folder) down with ``lstat`` right before use: a symbolic link planted
+        anywhere on the way is refused, never followed (``private_subdir``)."""
+        base = self._base_of(folder.absolute())
+        if base is None:
+            raise StorageError(f"{folder} is not a folder of the ledger home {self.root}")
+        return private_subdir(base, folder.absolute(), create=create)
+
+    def _base_of(self, folder: Path) -> Path | None:
+        """Where the walk down to *folder* starts: the root, or above a moved folder."""
+        if folder.is_relative_to(self.root.absolute()):
+            return self.root.absolute()
+        for moved in (self.backups_dir, self.history_dir, self.tmp_dir,
+                      self.state_file.parent, self.lock_dir.parent):
+            if folder.is_relative_to(moved.absolute()):
+                return moved.absolute().parent
+        return None
 
     def history_file(self, upgrade_id: str) -> Path:
         """``history/<id>.json``; ids are validated, so this never leaves the folder."""
@@ -121,8 +144,27 @@ class Home(Value):
                      data: bytes | Sequence[bytes | memoryview]) -> None:
         """Replace *target* with *data* atomically (see ``write_file_atomic``), 0600,
         the temp file in the home's tmp/ when that is on the target's filesystem."""
+        # The home's folders are looked at right before the write: a link planted
+        # in the home since it was opened is refused, not written through. (A file
+        # elsewhere, as ``export -o`` writes, is the caller's choice.)
+        for folder in (target.parent.absolute(), self.tmp_dir.absolute()):
+            base = self._base_of(folder)
+            if base is not None:
+                private_subdir(base, folder, create=False)
         folder = self.tmp_dir if same_device(self.tmp_dir, target.parent) else target.parent
         write_file_atomic(target, data, temp_dir=folder)
+
+    @contextlib.contextmanager
+    def views_lock(self) -> Iterator[None]:
+        """An exclusive ``flock`` on the home folder while a writer builds its view,
+        commits and puts the view in place: this home's writers then rewrite
+        state.json in the order their changes committed, so the last view stays."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def clean_tmp(self) -> int:
         """Remove temp files left by writers that died mid-write; return how many."""
@@ -167,12 +209,24 @@ def _create_private(path: Path) -> None:
         raise _unusable(path, exc.strerror) from exc
     # Outside the try: StorageError is an OSError, and would lose its reason there.
     if not stat.S_ISREG(st.st_mode):
-        raise _unusable(path, "not a regular file")
+        raise _unusable(path, "a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                        "not a regular file")
     if st.st_mode & 0o777 != FILE_MODE and st.st_uid == os.geteuid():
         try:
             path.chmod(FILE_MODE)
         except OSError as exc:
             raise _unusable(path, exc.strerror) from exc
+
+
+def _refuse_linked_companions(db_path: Path) -> None:
+    """SQLite makes ``-wal``, ``-shm`` and ``-journal`` beside the database and will
+    not open them through a link; say so plainly instead of "unable to open"."""
+    for suffix in ("-wal", "-shm", "-journal"):
+        companion = db_path.with_name(db_path.name + suffix)
+        if companion.is_symlink():
+            raise StorageError(f"ledger file {companion} is a symbolic link: the ledger "
+                               "never writes through one; remove it (and find out who put "
+                               "it there)")
 
 
 def _unusable(path: Path, why: str | None) -> StorageError:

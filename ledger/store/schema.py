@@ -4,6 +4,10 @@ Only Alembic (migrations/) and the tests import this module: the per-step path r
 on the stdlib ``sqlite3`` driver and never loads SQLAlchemy. A test proves that the
 migrations build exactly these tables (no drift).
 
+Every row belongs to a host (``host``, a ``hosts`` row naming the machine that owns
+it): upgrade ids, phases, components, the current-upgrade pointer and notification
+cursors are per host, so many hosts can share one database.
+
 Timestamps are UTC ISO-8601 text with millisecond precision
 (``2026-11-27T05:19:35.123Z``): readable in plain SQL, ordered as text, and parsed by
 ``julianday()`` in the reporting views.
@@ -27,6 +31,8 @@ from sqlalchemy import (
 NAME = 128  # longest phase, component or upgrade id accepted
 STAMP = 32  # an ISO-8601 timestamp
 STATE = 16  # the longest state name is ROLLING_BACK
+HOST = 255  # a host name (the kernel's node name is at most 64; DNS names at most 253)
+MACHINE = 64  # a machine id (/etc/machine-id holds 32 hex digits)
 
 metadata = MetaData(
     naming_convention={
@@ -37,7 +43,7 @@ metadata = MetaData(
     }
 )
 
-#: Key/value facts about the ledger itself: its lineage id and the current upgrade.
+#: Key/value facts about the ledger itself: its lineage id.
 ledger_meta = Table(
     "ledger_meta",
     metadata,
@@ -45,9 +51,22 @@ ledger_meta = Table(
     Column("value", Text, nullable=False),
 )
 
+#: The hosts whose upgrades the ledger holds: each name is claimed by one machine
+#: (``machine_id``; NULL until a machine that has one writes), and holds that host's
+#: current upgrade.
+hosts = Table(
+    "hosts",
+    metadata,
+    Column("name", String(HOST), primary_key=True),
+    Column("machine_id", String(MACHINE)),
+    Column("current_upgrade", String(NAME)),
+    Column("created_at", String(STAMP), nullable=False),
+)
+
 upgrades = Table(
     "upgrades",
     metadata,
+    Column("host", ForeignKey("hosts.name"), primary_key=True),
     Column("id", String(NAME), primary_key=True),
     Column("state", String(STATE), nullable=False),
     # The first terminal state reached (COMPLETED, ROLLED_BACK, FAILED); it survives
@@ -71,13 +90,14 @@ upgrades = Table(
     Column("metadata_extra", Text),
     Index(None, "started_at"),
     Index(None, "state"),
-    Index(None, "hostname", "started_at"),
+    Index(None, "host", "started_at"),
 )
 
 phases = Table(
     "phases",
     metadata,
-    Column("upgrade_id", ForeignKey("upgrades.id", ondelete="CASCADE"), primary_key=True),
+    Column("host", String(HOST), primary_key=True),
+    Column("upgrade_id", String(NAME), primary_key=True),
     Column("name", String(NAME), primary_key=True),
     Column("position", Integer, nullable=False),
     Column("state", String(STATE), nullable=False),
@@ -86,11 +106,18 @@ phases = Table(
     Column("failed_at", String(STAMP)),
     Column("error", Text),
     Column("extra", Text),  # the phase's kept keys (see upgrades.extra)
+    ForeignKeyConstraint(
+        ["host", "upgrade_id"],
+        ["upgrades.host", "upgrades.id"],
+        ondelete="CASCADE",
+        name="fk_phases_upgrade_upgrades",
+    ),
 )
 
 components = Table(
     "components",
     metadata,
+    Column("host", String(HOST), primary_key=True),
     Column("upgrade_id", String(NAME), primary_key=True),
     Column("phase", String(NAME), primary_key=True),
     Column("name", String(NAME), primary_key=True),
@@ -107,8 +134,8 @@ components = Table(
     Column("backup_path", Text),
     Column("extra", Text),  # the component's kept keys (see upgrades.extra)
     ForeignKeyConstraint(
-        ["upgrade_id", "phase"],
-        ["phases.upgrade_id", "phases.name"],
+        ["host", "upgrade_id", "phase"],
+        ["phases.host", "phases.upgrade_id", "phases.name"],
         ondelete="CASCADE",
         name="fk_components_phase_phases",
     ),
@@ -119,7 +146,8 @@ rollback_points = Table(
     "rollback_points",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("upgrade_id", ForeignKey("upgrades.id", ondelete="CASCADE"), nullable=False),
+    Column("host", String(HOST), nullable=False),
+    Column("upgrade_id", String(NAME), nullable=False),
     Column("phase", String(NAME)),
     Column("component", String(NAME), nullable=False),
     Column("backup_path", Text, nullable=False),
@@ -127,14 +155,22 @@ rollback_points = Table(
     Column("sha256", String(64)),
     Column("created_at", String(STAMP), nullable=False),
     Column("cleared_at", String(STAMP)),
-    Index(None, "upgrade_id", "cleared_at"),
+    ForeignKeyConstraint(
+        ["host", "upgrade_id"],
+        ["upgrades.host", "upgrades.id"],
+        ondelete="CASCADE",
+        name="fk_rollback_points_upgrade_upgrades",
+    ),
+    Index(None, "host", "upgrade_id", "cleared_at"),
 )
 
 #: The audit trail: append-only, one row per change, written in the change's transaction.
+#: ``host`` is whose trail it is; ``hostname`` where the process that wrote it ran.
 events = Table(
     "events",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("host", ForeignKey("hosts.name"), nullable=False),
     Column("at", String(STAMP), nullable=False),
     Column("upgrade_id", String(NAME)),
     Column("kind", String(32), nullable=False),
@@ -145,18 +181,20 @@ events = Table(
     Column("hostname", String(255)),
     Column("pid", Integer),
     Column("detail", Text),
-    Index(None, "upgrade_id", "id"),
+    Index(None, "host", "upgrade_id", "id"),
     Index(None, "kind", "id"),
     Index(None, "at"),
 )
 
-#: Notification delivery state, one row per subscriber (subscribers themselves are
-#: configured in the home's notify.toml). ``last_event_id`` moves only after a
-#: successful delivery; ``attempts``/``next_try_at``/``last_error`` describe the
-#: failing delivery while there is one; ``delivered`` and ``failures`` only grow.
+#: Notification delivery state, one row per host and subscriber (subscribers themselves
+#: are configured in each host's notify.toml, and are served that host's events).
+#: ``last_event_id`` moves only after a successful delivery; ``attempts``,
+#: ``next_try_at`` and ``last_error`` describe the failing delivery while there is one;
+#: ``delivered`` and ``failures`` only grow.
 notify_cursors = Table(
     "notify_cursors",
     metadata,
+    Column("host", ForeignKey("hosts.name"), primary_key=True),
     Column("subscriber", String(NAME), primary_key=True),
     Column("last_event_id", Integer, nullable=False, server_default="0"),
     Column("delivered", Integer, nullable=False, server_default="0"),

@@ -36,13 +36,17 @@ _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "forei
 
 class _SqliteTx(Tx):
     def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__()
         self._conn = conn
 
     def execute(self, sql: str, params: Params | None = None) -> int:
-        return self._conn.execute(sql, params or {}).rowcount
+        return self._conn.execute(sql, self.bind(params)).rowcount
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        return self._conn.execute(sql, params or {}).fetchall()
+        return self._conn.execute(sql, self.bind(params)).fetchall()
+
+    def insert(self, sql: str, params: Params | None = None) -> int:
+        return int(self._conn.execute(sql, self.bind(params)).lastrowid or 0)
 
 
 def _translate(exc: sqlite3.Error, where: str) -> LedgerError:
@@ -72,7 +76,7 @@ class SqliteDatabase(Database):
 
     def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
-        self.url = f"sqlite:///{path}"
+        self.url = self.connect_url = f"sqlite:///{path}"
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a write
             # transaction can start with BEGIN IMMEDIATE.
@@ -102,16 +106,10 @@ class SqliteDatabase(Database):
             raise _translate(exc, str(path)) from exc
 
     @contextmanager
-    def write(self) -> Iterator[Tx]:
+    def _transaction(self, *, write: bool) -> Iterator[Tx]:
         # BEGIN IMMEDIATE takes the write lock now (waiting up to the busy timeout),
         # so a read-validate-write sequence can never be overtaken by another writer.
-        yield from self._transaction("BEGIN IMMEDIATE")
-
-    @contextmanager
-    def read(self) -> Iterator[Tx]:
-        yield from self._transaction("BEGIN")
-
-    def _transaction(self, begin: str) -> Iterator[Tx]:
+        begin = "BEGIN IMMEDIATE" if write else "BEGIN"
         try:
             self._conn.execute(begin)
         except sqlite3.Error as exc:
@@ -159,11 +157,11 @@ class SqliteDatabase(Database):
             conn.close()
 
     def table_count(self) -> int:
-        with self.read() as tx:
+        with self._transaction(write=False) as tx:
             return int(tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"))
 
     def verify(self) -> None:
-        with self.read() as tx:  # a malformed page raises here, as CorruptLedger
+        with self._transaction(write=False) as tx:  # a malformed page raises here, as CorruptLedger
             problems = [str(r[0]) for r in tx.all("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise CorruptLedger(

@@ -69,13 +69,13 @@ COMPONENT_COLUMNS = ("phase, name, state, from_version, to_version, attempts, la
 
 def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
     """The state document of *upgrade_id*, read in the caller's transaction."""
-    u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": upgrade_id})
+    u = tx.one("SELECT * FROM upgrades WHERE host = :host AND id = :id", {"id": upgrade_id})
     if u is None:
         raise NotFound(f"no upgrade {upgrade_id!r} in this ledger")
     phases: dict[str, dict[str, Any]] = {}
     for p in tx.all(
         "SELECT name, state, started_at, completed_at, failed_at, error, extra FROM phases "
-        "WHERE upgrade_id = :id ORDER BY position", {"id": upgrade_id},
+        "WHERE host = :host AND upgrade_id = :id ORDER BY position", {"id": upgrade_id},
     ):
         phase: dict[str, Any] = {"state": p["state"]}
         _stamps(phase, p)
@@ -86,7 +86,8 @@ def build(tx: Tx, upgrade_id: str) -> dict[str, Any]:
         phase["components"] = {}
         phases[p["name"]] = phase
     for c in tx.all(
-        f"SELECT {COMPONENT_COLUMNS} FROM components WHERE upgrade_id = :id ORDER BY position",
+        f"SELECT {COMPONENT_COLUMNS} FROM components WHERE host = :host AND upgrade_id = :id "
+        f"ORDER BY position",
         {"id": upgrade_id},
     ):
         phases[c["phase"]]["components"][c["name"]] = component(c)
@@ -114,13 +115,14 @@ def frame(tx: Tx, u: Any, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
          "size_bytes": r["size_bytes"], "sha256": r["sha256"]}
         for r in tx.all(
             "SELECT component, backup_path, size_bytes, sha256 FROM rollback_points "
-            "WHERE upgrade_id = :id AND cleared_at IS NULL ORDER BY id", {"id": upgrade_id},
+            "WHERE host = :host AND upgrade_id = :id AND cleared_at IS NULL ORDER BY "
+            "id", {"id": upgrade_id},
         )
     ]
     lineage = meta.lineage(tx)
     # The serial is the id of the upgrade's last event: a view whose serial is behind
     # the ledger's is stale (doctor reports it).
-    serial = tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :id", {"id": upgrade_id})
+    serial = upgrade_serial(tx, upgrade_id)
     doc: dict[str, Any] = {
         "upgrade_id": u["id"],
         "current_state": u["state"],
@@ -171,6 +173,16 @@ def kept_text(record: Mapping[str, Any], known: frozenset[str], where: str) -> s
         raise InvalidDocument(f"document: the keys {where} that the ledger keeps as they "
                               f"are hold a value JSON cannot carry ({exc})") from None
     return text
+
+
+def upgrade_serial(tx: Tx, upgrade_id: str) -> int:
+    """The upgrade's serial: the id of its last event (0 before any); known without a
+    query when the transaction read or wrote it (``tx.memo``)."""
+    key = ("serial", upgrade_id)
+    if key not in tx.memo:
+        tx.memo[key] = int(tx.scalar("SELECT MAX(id) FROM events WHERE host = :host AND "
+                                     "upgrade_id = :id", {"id": upgrade_id}) or 0)
+    return int(tx.memo[key])
 
 
 def _stamps(target: dict[str, Any], row: Any) -> None:

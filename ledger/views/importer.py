@@ -34,10 +34,10 @@ from ledger.views.document import (
 def import_upgrade(tx: Tx, doc: Mapping[str, Any]) -> str:
     """Replace (or create) the upgrade described by a validated whole document."""
     uid: str = doc["upgrade_id"]
-    if not tx.scalar("SELECT 1 FROM upgrades WHERE id = :u", {"u": uid}):
+    if not tx.scalar("SELECT 1 FROM upgrades WHERE host = :host AND id = :u", {"u": uid}):
         # The row, then every field as for an existing upgrade.
-        tx.execute("INSERT INTO upgrades (id, state, started_at, updated_at) "
-                   "VALUES (:u, :s, :st, :up)",
+        tx.execute("INSERT INTO upgrades (host, id, state, started_at, updated_at) "
+                   "VALUES (:host, :u, :s, :st, :up)",
                    {"u": uid, "s": doc["current_state"], "st": _stamp(doc["started_at"]),
                     "up": _stamp(doc["updated_at"])})
     merge_upgrade(tx, uid, doc)
@@ -73,7 +73,8 @@ def merge_upgrade(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
         sets += ["outcome = COALESCE(outcome, :outcome)",
                  "finished_at = COALESCE(finished_at, :updated_at)"]
         columns["outcome"] = outcome
-    tx.execute(f"UPDATE upgrades SET {', '.join(sets)} WHERE id = :id", {**columns, "id": uid})
+    tx.execute(f"UPDATE upgrades SET {', '.join(sets)} WHERE host = :host AND id = :id",
+               {**columns, "id": uid})
     if "phases" in doc:
         _replace_phases(tx, uid, doc["phases"])
     _import_rollback_points(tx, uid, doc)
@@ -88,23 +89,26 @@ def merge_upgrade(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
 def kept_size(tx: Tx, uid: str) -> int:
     """Bytes of kept keys (their JSON text) the upgrade *uid* holds, all levels."""
     rows = tx.all(
-        "SELECT extra FROM upgrades WHERE id = :u UNION ALL "
-        "SELECT metadata_extra FROM upgrades WHERE id = :u UNION ALL "
-        "SELECT extra FROM phases WHERE upgrade_id = :u AND extra IS NOT NULL UNION ALL "
-        "SELECT extra FROM components WHERE upgrade_id = :u AND extra IS NOT NULL",
+        "SELECT extra FROM upgrades WHERE host = :host AND id = :u UNION ALL "
+        "SELECT metadata_extra FROM upgrades WHERE host = :host AND id = :u UNION ALL "
+        "SELECT extra FROM phases WHERE host = :host AND upgrade_id = :u "
+        "AND extra IS NOT NULL UNION ALL "
+        "SELECT extra FROM components WHERE host = :host AND upgrade_id = :u "
+        "AND extra IS NOT NULL",
         {"u": uid})
     return sum(len(row[0].encode()) for row in rows if row[0])
 
 
 def _replace_phases(tx: Tx, uid: str, phases: Mapping[str, Any]) -> None:
     """The upgrade's phases and components become the document's, in its order."""
-    tx.execute("DELETE FROM components WHERE upgrade_id = :u", {"u": uid})
-    tx.execute("DELETE FROM phases WHERE upgrade_id = :u", {"u": uid})
+    tx.execute("DELETE FROM components WHERE host = :host AND upgrade_id = :u", {"u": uid})
+    tx.execute("DELETE FROM phases WHERE host = :host AND upgrade_id = :u", {"u": uid})
     position = 0
     for ppos, (pname, phase) in enumerate(phases.items(), start=1):
         tx.execute(
-            "INSERT INTO phases (upgrade_id, name, position, state, started_at, completed_at, "
-            "failed_at, error, extra) VALUES (:u, :n, :pos, :s, :st, :co, :fa, :e, :x)",
+            "INSERT INTO phases (host, upgrade_id, name, position, state, started_at, "
+            "completed_at, failed_at, error, extra) "
+            "VALUES (:host, :u, :n, :pos, :s, :st, :co, :fa, :e, :x)",
             {"u": uid, "n": pname, "pos": ppos, "s": phase["state"],
              **_stamps_of(phase), "e": phase.get("error"),
              "x": kept_text(phase, PHASE_KEYS, f"in phase {pname!r}")})
@@ -112,10 +116,10 @@ def _replace_phases(tx: Tx, uid: str, phases: Mapping[str, Any]) -> None:
             position += 1
             state_c = states.UPGRADING if comp["state"] == "IN_PROGRESS" else comp["state"]
             tx.execute(
-                "INSERT INTO components (upgrade_id, phase, name, position, state, "
+                "INSERT INTO components (host, upgrade_id, phase, name, position, state, "
                 "from_version, to_version, attempts, last_error, started_at, completed_at, "
-                "failed_at, backup_path, note, extra) VALUES (:u, :p, :n, :pos, :s, :fv, :tv, "
-                ":a, :le, :st, :co, :fa, :bp, :note, :x)",
+                "failed_at, backup_path, note, extra) VALUES (:host, :u, :p, :n, :pos, :s, :fv, "
+                ":tv, :a, :le, :st, :co, :fa, :bp, :note, :x)",
                 {"u": uid, "p": pname, "n": cname, "pos": position, "s": state_c,
                  "fv": comp.get("from_version"), "tv": comp.get("to_version"),
                  "a": comp.get("attempts", 0), "le": comp.get("last_error"),
@@ -146,7 +150,7 @@ def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
             (available and not points and "phases" not in doc):
         return
     at = clock.now()
-    tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE upgrade_id = :u "
+    tx.execute("UPDATE rollback_points SET cleared_at = :at WHERE host = :host AND upgrade_id = :u "
                "AND cleared_at IS NULL", {"at": at, "u": uid})
     if not available:
         return
@@ -155,13 +159,14 @@ def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
         pairs = [(cname, pname) for pname, phase in doc["phases"].items()
                  for cname in phase.get("components", {})] if "phases" in doc else \
             [(r["name"], r["phase"]) for r in tx.all(
-                "SELECT name, phase FROM components WHERE upgrade_id = :u ORDER BY position",
+                "SELECT name, phase FROM components WHERE host = :host AND upgrade_id = :u "
+                "ORDER BY position",
                 {"u": uid})]
         phase_of = dict(reversed(pairs))
         for point in points:
             tx.execute(
-                "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                "size_bytes, sha256, created_at) VALUES (:u, :p, :c, :b, :s, :h, :at)",
+                "INSERT INTO rollback_points (host, upgrade_id, phase, component, backup_path, "
+                "size_bytes, sha256, created_at) VALUES (:host, :u, :p, :c, :b, :s, :h, :at)",
                 {"u": uid, "p": phase_of.get(point["component"]), "c": point["component"],
                  "b": point["backup_path"], "s": point.get("size_bytes"),
                  "h": point.get("sha256"), "at": at})
@@ -170,6 +175,6 @@ def _import_rollback_points(tx: Tx, uid: str, doc: Mapping[str, Any]) -> None:
         for cname, comp in phase.get("components", {}).items():
             if comp.get("backup_path"):
                 tx.execute(
-                    "INSERT INTO rollback_points (upgrade_id, phase, component, backup_path, "
-                    "created_at) VALUES (:u, :p, :c, :b, :at)",
+                    "INSERT INTO rollback_points (host, upgrade_id, phase, component, backup_path, "
+                    "created_at) VALUES (:host, :u, :p, :c, :b, :at)",
                     {"u": uid, "p": pname, "c": cname, "b": comp["backup_path"], "at": at})

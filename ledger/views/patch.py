@@ -61,8 +61,7 @@ class Change(NamedTuple):
 
 def serial(tx: Tx, upgrade_id: str) -> int:
     """The upgrade's serial: the id of its last event (0 before any)."""
-    return int(tx.scalar("SELECT MAX(id) FROM events WHERE upgrade_id = :id",
-                         {"id": upgrade_id}) or 0)
+    return document.upgrade_serial(tx, upgrade_id)
 
 
 def signature_path(home: Home) -> Path:
@@ -94,7 +93,7 @@ def _patch(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview]:
     old = _our_view(home, change)
     if serial(tx, change.upgrade_id) != change.after:
         raise _Unpatchable  # another change was committed since
-    u = tx.one("SELECT * FROM upgrades WHERE id = :id", {"id": change.upgrade_id})
+    u = tx.one("SELECT * FROM upgrades WHERE host = :host AND id = :id", {"id": change.upgrade_id})
     if u is None:
         raise _Unpatchable
     skeleton = document.dumps(document.frame(tx, u, {}))
@@ -110,13 +109,13 @@ def _patch(home: Home, tx: Tx, change: Change) -> list[bytes | memoryview]:
     edits = []
     for phase, name, created in change.components:
         row = tx.one(f"SELECT {document.COMPONENT_COLUMNS} FROM components "
-                     "WHERE upgrade_id = :u AND phase = :p AND name = :n",
+                     "WHERE host = :host AND upgrade_id = :u AND phase = :p AND name = :n",
                      {"u": change.upgrade_id, "p": phase, "n": name})
         if row is None:
             raise _Unpatchable
         after = tx.scalar(  # the phase that follows in the document, if any
-            "SELECT name FROM phases WHERE upgrade_id = :u AND position > "
-            "(SELECT position FROM phases WHERE upgrade_id = :u AND name = :p) "
+            "SELECT name FROM phases WHERE host = :host AND upgrade_id = :u AND position > "
+            "(SELECT position FROM phases WHERE host = :host AND upgrade_id = :u AND name = :p) "
             "ORDER BY position LIMIT 1", {"u": change.upgrade_id, "p": phase}
         ) if created else None
         edits.append(_edit(old, start, end, phase=phase, name=name, created=created,
