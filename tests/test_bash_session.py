@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -283,7 +284,7 @@ class Killer(threading.Thread):
         while not self.done.is_set():
             found = self.sessions()
             if not found:
-                time.sleep(0.002)
+                time.sleep(0.005)
                 continue
             # Anywhere in its life: starting, between two calls, in the middle of one.
             self.done.wait(self.rng.uniform(0, 1.5))
@@ -294,7 +295,7 @@ class Killer(threading.Thread):
                 except ProcessLookupError:
                     pass
             while any(p in self.sessions() for p in found) and not self.done.is_set():
-                time.sleep(0.001)
+                time.sleep(0.005)
 
 
 def run_round(tmp_path: Path, name: str, wrapper: Path, rng: random.Random | None,
@@ -362,10 +363,15 @@ def test_a_session_killed_at_random_points_loses_nothing_and_doubles_nothing(
     assert starts(log) == ["session"]
     assert [line.split()[0] for line in expected["log"]] == [str(i) for i in range(1, 201)]
     assert "shell" in {e[4] for e in expected["trail"]}
-    rng = random.Random(int(os.environ.get("LEDGER_TEST_SEED", "18")))
+    seed = random.Random(int(os.environ.get("LEDGER_TEST_SEED", "18")))
+    rounds = 500 if exhaustive else 50
+    seeds = [seed.random() for _ in range(rounds)]
+    # Two rounds at a time: a round mostly waits (on its session, on start-ups).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda r: run_round(tmp_path, f"round-{r}", wrapper,
+                                                    random.Random(seeds[r])), range(rounds)))
     kills = 0
-    for r in range(500 if exhaustive else 50):
-        got, _shell, killed = run_round(tmp_path, f"round-{r}", wrapper, rng)
+    for r, (got, _shell, killed) in enumerate(results):
         kills += killed
         assert got["log"] == expected["log"], f"round {r}"  # each call answered, once
         for i, (mine, theirs) in enumerate(zip(got["calls"], expected["calls"], strict=True)):
