@@ -44,7 +44,7 @@ from ledger.store import meta
 from ledger.store.connect import open_database
 from ledger.store.database import ALL_HOSTS, REPORT_TIMEOUT_S, Database, Row, Rows, Tx
 from ledger.store.home import Home
-from ledger.views import document, importer, patch
+from ledger.views import document, patch
 
 T = TypeVar("T")
 
@@ -81,6 +81,10 @@ class Ledger:
     new ``Ledger`` is handed to each function in ``default_wiring`` first
     (``ledger.wiring`` registers the documented defaults there); ``wired=False``
     gives a bare ledger.
+
+    *db* is a database already open on this ledger, used instead of opening one
+    (the command-line session keeps one open between calls); closing the ledger
+    closes it.
     """
 
     #: Functions that register the default listeners on each new Ledger.
@@ -98,6 +102,7 @@ class Ledger:
         wired: bool = True,
         host_name: str | None = None,
         create: bool = True,
+        db: Database | None = None,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
@@ -105,7 +110,7 @@ class Ledger:
         #: else the kernel's node name; with this machine's id.
         self.identity = host.identity(self.env, host_name)
         self.home = Home.at(home, env)
-        self.db: Database = self._open(db_url, create)
+        self.db: Database = self._open(db_url, create) if db is None else self._adopt(db)
         self.pid = os.getpid() if pid is None else pid
         self.user = host.user_name() or str(os.geteuid())
         self.hostname = self.identity.name
@@ -146,6 +151,12 @@ class Ledger:
         except BaseException:
             db.close()
             raise
+        return db
+
+    def _adopt(self, db: Database) -> Database:
+        """Prepare the home for *db*, a database already open on this ledger."""
+        self.home.ensure()
+        self.home.clean_tmp()
         return db
 
     def close(self) -> None:
@@ -379,6 +390,8 @@ class Ledger:
         records it), which is how the legacy ``upgrade_state_save`` is honoured. With
         *make_current*, another upgrade still in progress is superseded, not orphaned.
         """
+        from ledger.views import importer  # noqa: PLC0415 (imports and saves only)
+
         data = document.parse(_json_text(doc))
 
         def action(tx: Tx) -> str:
@@ -412,6 +425,8 @@ class Ledger:
         ``import_document``); one the ledger does not have needs a whole document.
         Anything invalid (bad JSON, a bad field, too many kept bytes) changes nothing.
         """
+        from ledger.views import importer  # noqa: PLC0415 (imports and saves only)
+
         data = document.validate(document.load(_json_text(doc)), whole=False)
 
         def action(tx: Tx) -> str:
@@ -1010,6 +1025,12 @@ class Ledger:
         events, as ``events -n`` prints them)."""
         with self.db.read(self.read_scope(host, all_hosts)) as tx:
             return queries.events(tx, **filters)
+
+    def last_event_id(self) -> int:
+        """The id of the newest event of any host (0 before any): every later change's
+        event has a greater one."""
+        with self.db.read() as tx:
+            return int(tx.scalar("SELECT MAX(id) FROM events") or 0)
 
     def status(self, *, stuck_after_s: float = 3600.0, host: str | None = None,
                ) -> dict[str, Any]:

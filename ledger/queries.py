@@ -228,12 +228,13 @@ def event_dict(row: Row) -> dict[str, Any]:
 
 def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = None,
            kind: str | None = None, since: str | None = None, after_id: int = 0,
-           limit: int | None = 1000, newest: bool = False) -> list[dict[str, Any]]:
+           pid: int | None = None, limit: int | None = 1000,
+           newest: bool = False) -> list[dict[str, Any]]:
     """The audit trail oldest first, of the transaction's host (or every host's),
     filtered. *kind* matches exactly or as a prefix ending in '.' (``component.`` for
     every component event); *after_id* pages. *limit* keeps the first matching events
     after *after_id*, or with *newest* the last ones (as ``tail -n`` does), still
-    returned oldest first."""
+    returned oldest first. *pid* picks the changes made for one process."""
     if isinstance(after_id, bool) or not isinstance(after_id, int) or \
             not 0 <= after_id <= MAX_ROW_ID:
         raise BadInput(f"after_id must be a whole number from 0 to {MAX_ROW_ID}")
@@ -242,6 +243,9 @@ def events(tx: Tx, *, upgrade_id: str | None = None, component: str | None = Non
         raise BadInput(f"limit must be a whole number from 1 to {MAX_ROW_ID}")
     where = [in_scope(tx, "e"), "e.id > :after"]
     params: dict[str, Any] = {"after": after_id}
+    if pid is not None:
+        where.append("e.pid = :pid")
+        params["pid"] = int(pid)
     if upgrade_id is not None:
         where.append("e.upgrade_id = :u")
         params["u"] = check_id(upgrade_id)

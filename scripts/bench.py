@@ -4,14 +4,17 @@
 Each figure is the median and p90 of repeated runs at 10, 20, 100, 1,000 and 10,000
 components (20 is the reference of the "flat as components grow" budgets), plus a
 history query over a ledger of 100,000 upgrades. Beside each figure: the floors
-measured in the same run (interpreter start, interpreter with click/sqlite3/json
-imported, a bare SQLite WAL commit with synchronous=FULL, a raw fsync), the seed
-document's own claims, and the issue budgets, each marked ok or MISSED.
+measured in the same run (interpreter start, interpreter with sqlite3/json and with
+click/sqlite3/json imported, a bare SQLite WAL commit with synchronous=FULL, a raw
+fsync), the seed document's own claims, and the budgets, each marked ok or MISSED.
+With ``--legacy-lib PATH`` the old bash+jq library is run side by side, in the same
+rounds, and the drop-in is judged by its ratio to it (same run, medians).
 
     python scripts/bench.py            # the full table (about two minutes)
     python scripts/bench.py --quick    # a smoke run (small sizes, few repetitions)
     python scripts/bench.py --json     # machine-readable results on stdout
     python scripts/bench.py --wheel    # measure the CLI from a wheel installed in a temp venv
+    python scripts/bench.py --legacy-lib PATH   # beside the old library (its upgrade-state.sh)
     python scripts/bench.py --pg-url postgresql://...   # the PostgreSQL figures on that server
 
 The PostgreSQL figures (a step at 20 components against a server, next to the SQLite
@@ -29,6 +32,7 @@ measure what an installed command costs, not the compilation of our sources
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -116,6 +120,8 @@ class Bench:
         self.env = env
         self.log = log
         self.skip_drop_in = False
+        self.legacy_lib: Path | None = None
+        self.legacy_homes: dict[int, Path] = {}
         self.floors: dict[str, dict[str, Any]] = {}
         self.rows: dict[str, dict[str, Any]] = {}
 
@@ -208,10 +214,12 @@ class Bench:
 
     def measure_processes(self, homes: dict[int, Path]) -> None:
         """Every process figure, in rounds: each round runs the floors and one step of
-        each size, so a load that comes and goes (a shared machine) hits every column
-        alike, and the "flat as components grow" ratios compare like with like."""
+        each size (and of the old library, when given), so a load that comes and goes
+        (a shared machine) hits every column alike, and the ratios (flat as components
+        grow, and to the old library) compare like with like."""
         self.log(f"processes: {self.proc_repeat} rounds over {len(homes)} ledgers")
         floors = {"python -c pass": [self.python, "-c", "pass"],
+                  "import sqlite3, json": [self.python, "-c", "import sqlite3, json"],
                   "import click, sqlite3, json": [self.python, "-c",
                                                   "import click, sqlite3, json"]}
         pg_home = None
@@ -236,8 +244,15 @@ class Bench:
                 put("cli_step", n, self._run([*base, "component", "complete", comp]), keep)
                 # can-resume answers by exit code (0: yes); the ledger is UPGRADING: yes.
                 put("resume_cli", n, self._run([*base, "can-resume"]), keep)
-                for sample in self.dropin_cycle(home, self.step_component(n, i + 7)):
+                names = [self.step_component(n, i + k) for k in (7, 11)]
+                for sample in self.dropin_cycle(home, names, session=True):
                     put("dropin_step", n, sample, keep)
+                for sample in self.dropin_cycle(home, names[:1], session=False):
+                    put("dropin_oneshot", n, sample, keep)
+                if n in self.legacy_homes:
+                    for sample in self.legacy_cycle(self.legacy_homes[n],
+                                                    self.step_component(n, i + 3)):
+                        put("legacy_step", n, sample, keep)
                 if pg_home is not None and n == REFERENCE_SIZE:
                     # The same step, same round, against the server.
                     pg = [*self.cli, "--home", str(pg_home), "--db", str(self.pg_url),
@@ -254,29 +269,50 @@ class Bench:
             else:
                 self._put(key, at, figure)
 
-    def dropin_cycle(self, home: Path, name: str) -> list[tuple[float, float]]:
-        """One start and one complete through the drop-in, timed inside one bash (which
-        sources the library first, as scripts do): [(ms, -1), (ms, -1)] (no CPU figure:
-        the calls share their shell). Nothing when the drop-in is not there."""
+    def dropin_cycle(self, home: Path, names: Sequence[str], *,
+                     session: bool) -> list[tuple[float, float]]:
+        """A start and a complete of each of *names* through the drop-in, timed inside one
+        bash (which sources the library first, as scripts do): [(ms, -1), ...] (no CPU
+        figure: the calls share their shell). With *session*, one untimed call first
+        starts the shell's session, as a script's first call does; without, every call
+        is its own process (UPGRADE_LEDGER_SESSION=0). Nothing when the drop-in is not
+        there."""
         if not DROP_IN.exists() or self.skip_drop_in:
             return []
-        script = "\n".join([
-            "set -euo pipefail",
-            f"source {_sh(str(DROP_IN))}",
-            f"t0=$EPOCHREALTIME; upgrade_component_start {_sh(name)} 1.4.2 1.5.0",
-            f"t1=$EPOCHREALTIME; upgrade_component_complete {_sh(name)}",
-            't2=$EPOCHREALTIME; echo "$t0 $t1 $t2"',
-        ])
-        env = dict(self.env, UPGRADE_STATE_DIR=str(home))
+        lines = ["set -euo pipefail", f"source {_sh(str(DROP_IN))}"]
+        if session:
+            lines.append("upgrade_state_get_current >/dev/null")
+        lines.append("t=($EPOCHREALTIME)")
+        for name in names:
+            lines += [f"upgrade_component_start {_sh(name)} 1.4.2 1.5.0; t+=($EPOCHREALTIME)",
+                      f"upgrade_component_complete {_sh(name)}; t+=($EPOCHREALTIME)"]
+        lines.append('echo "${t[*]}"')
+        env = dict(self.env, UPGRADE_STATE_DIR=str(home),
+                   UPGRADE_LEDGER_SESSION="1" if session else "0")
         if len(self.cli) == 1:
             env["UPGRADE_LEDGER_BIN"] = self.cli[0]  # else it is found on PATH
-        bash = shutil.which("bash") or "/bin/bash"
-        done = subprocess.run([bash, "-c", script], env=env, capture_output=True, text=True,
-                              check=False, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"drop-in run failed ({done.returncode}): {done.stderr[-2000:]}")
-        t0, t1, t2 = (float(x.replace(",", ".")) for x in done.stdout.split()[-3:])
-        return [((t1 - t0) * 1000, -1.0), ((t2 - t1) * 1000, -1.0)]
+        return _timed_bash("\n".join(lines), env)
+
+    def legacy_cycle(self, home: Path, name: str) -> list[tuple[float, float]]:
+        """The same start and complete through the old bash+jq library (--legacy-lib),
+        on its own state.json of the same size."""
+        assert self.legacy_lib is not None
+        script = "\n".join([
+            f"source {_sh(str(self.legacy_lib))}",
+            "upgrade_state_init_dirs",
+            f"t=($EPOCHREALTIME); upgrade_component_start {_sh(name)} 1.4.2 1.5.0",
+            f"t+=($EPOCHREALTIME); upgrade_component_complete {_sh(name)}",
+            't+=($EPOCHREALTIME); echo "${t[*]}"',
+        ])
+        return _timed_bash(script, dict(self.env, UPGRADE_STATE_DIR=str(home)))
+
+    def make_legacy(self, n: int, home: Path) -> Path:
+        """The old library's folder for *n* components: the state.json of our ledger of
+        that size (the same legacy format), nothing else."""
+        folder = self.work / f"legacy-{n}"
+        folder.mkdir()
+        shutil.copyfile(home / "state.json", folder / "state.json")
+        return folder
 
     def _put(self, key: str, n: int | str, figure: dict[str, Any]) -> None:
         self.rows.setdefault(key, {})[str(n)] = figure
@@ -392,6 +428,8 @@ class Bench:
         for n in self.sizes:
             self.log(f"{n} components: setting up")
             homes[n] = self.make_ledger(n)
+            if self.legacy_lib is not None:
+                self.legacy_homes[n] = self.make_legacy(n, homes[n])
         self.measure_processes(homes)
         for n, home in homes.items():
             self.log(f"{n} components: in-process")
@@ -445,6 +483,18 @@ def start_server(log: Callable[[str], None]) -> tuple[str | None, Any]:
 
 def _component(i: int) -> str:
     return f"exporter-{i:05d}"
+
+
+def _timed_bash(script: str, env: dict[str, str]) -> list[tuple[float, float]]:
+    """Run *script* in bash; it prints $EPOCHREALTIME stamps on its last line: the
+    durations between them in ms, as samples without a CPU figure."""
+    bash = shutil.which("bash") or "/bin/bash"
+    done = subprocess.run([bash, "-c", script], env=env, capture_output=True, text=True,
+                          check=False, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"bash run failed ({done.returncode}): {done.stderr[-2000:]}")
+    stamps = [float(x.replace(",", ".")) for x in done.stdout.splitlines()[-1].split()]
+    return [((b - a) * 1000, -1.0) for a, b in itertools.pairwise(stamps)]
 
 
 def _sh(text: str) -> str:
@@ -510,10 +560,11 @@ def build_history(db_path: Path, count: int, owner: str) -> None:
 # -- what each row means, and its budgets -------------------------------------------
 
 ROWS: list[tuple[str, str, str, str]] = [
-    # key, label, floors shown beside it, the seed's claim ("bash" is the old bash+jq
-    # library's cost per step at 20 components, as measured for issues 4 and 5)
-    ("cli_step", "CLI step (component start|complete)", "cli", "save<50; bash 176@20"),
-    ("dropin_step", "drop-in call (upgrade-state.sh)", "cli", "save<50; bash 176@20"),
+    # key, label, floors shown beside it, the seed's claim
+    ("legacy_step", "old library call (bash+jq, same run)", "", "save<50"),
+    ("cli_step", "CLI step (component start|complete)", "cli", "save<50"),
+    ("dropin_oneshot", "drop-in call, a process each", "cli", "save<50"),
+    ("dropin_step", "drop-in call, with the session", "commit", "save<50"),
     ("resume_cli", "CLI resume check (can-resume)", "cli", "resume<100"),
     ("transition", "transition (Ledger.component_*)", "commit", "save<50"),
     ("lock_dirlock", "lock acquire+release (DirLock)", "lock", "lock<10"),
@@ -534,15 +585,18 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("pg_transition", "transition on PostgreSQL (in-process)", "pgnet", ""),
     ("pg_round_trips", "PostgreSQL round trips per step", "", ""),
 ]
+#: Rows shown as a ratio to the old library's call of the same size (same run).
+COMPARED = ("cli_step", "dropin_oneshot", "dropin_step")
 
 FLOOR_SETS = {
-    "cli": ("python -c pass", "import click, sqlite3, json"),
+    "cli": ("python -c pass", "import sqlite3, json", "import click, sqlite3, json"),
     "commit": ("sqlite WAL commit (synchronous=FULL)", "raw fsync"),
     "lock": ("mkdir + rmdir", "raw fsync"),
     "pg": ("import click, sqlite3, json", PG_IMPORT),
     "pgnet": (PG_CONNECT, PG_ROUND_TRIP),
 }
-FLOOR_SHORT = {"python -c pass": "pass", "import click, sqlite3, json": "imports",
+FLOOR_SHORT = {"python -c pass": "pass", "import sqlite3, json": "+sqlite3,json",
+               "import click, sqlite3, json": "+click",
                "sqlite WAL commit (synchronous=FULL)": "WAL commit", "raw fsync": "fsync",
                "mkdir + rmdir": "mkdir+rmdir", PG_IMPORT: "+psycopg",
                PG_CONNECT: "connect", PG_ROUND_TRIP: "round trip"}
@@ -566,12 +620,26 @@ def judge(rows: dict[str, dict[str, Any]], sizes: Sequence[int]) -> dict[str, di
                          "checks": results}
 
     biggest = max(sizes)
-    for key in ("cli_step", "dropin_step"):
+    legacy = median("legacy_step", REFERENCE_SIZE)
+
+    def flat(key: str) -> tuple[str, float | None, float]:
         ref = median(key, REFERENCE_SIZE)
-        checks = [(f"median @{n}", median(key, n), 90.0) for n in sizes]
-        checks.append((f"@{biggest} vs 1.2x @{REFERENCE_SIZE}", median(key, biggest),
-                       1.2 * ref if ref is not None else math.inf))
-        check(key, f"<=90; @{biggest:,}<=1.2x@{REFERENCE_SIZE}", checks)
+        return (f"@{biggest} vs 1.2x @{REFERENCE_SIZE}", median(key, biggest),
+                1.2 * ref if ref is not None else math.inf)
+
+    def to_legacy(key: str, factor: float) -> tuple[str, float | None, float]:
+        # Unknown (n/a) without --legacy-lib: a ratio is only taken within one run.
+        return (f"@{REFERENCE_SIZE} vs {factor:g}x the old library",
+                None if legacy is None else median(key, REFERENCE_SIZE),
+                math.inf if legacy is None else factor * legacy)
+
+    for key in ("cli_step", "dropin_oneshot"):
+        check(key, f"<=90; <=0.35x old; @{biggest:,}<=1.2x@{REFERENCE_SIZE}",
+              [*((f"median @{n}", median(key, n), 90.0) for n in sizes), flat(key),
+               to_legacy(key, 0.35)])
+    check("dropin_step", f"@{REFERENCE_SIZE}<=3 & <=0.1x old; @{biggest:,}<=1.2x@{REFERENCE_SIZE}",
+          [(f"median @{REFERENCE_SIZE}", median("dropin_step", REFERENCE_SIZE), 3.0),
+           to_legacy("dropin_step", 0.1), flat("dropin_step")])
     check("transition", "<=1.5", [(f"median @{n}", median("transition", n), 1.5)
                                        for n in sizes])
     for key in ("lock_dirlock", "lock_ledger"):
@@ -610,7 +678,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [header]
     for key, label, floor_set, seed in ROWS:
         cells = rows.get(key, {})
-        if key == "dropin_step" and not cells:
+        if key in ("dropin_step", "dropin_oneshot", "legacy_step") and not cells:
             values = ["n/a"] * len(sizes) + [""]
         else:
             values = [_cell(cells.get(str(n))) for n in sizes] + [_cell(cells.get(history_key))]
@@ -636,8 +704,24 @@ def table(result: dict[str, Any]) -> str:
     floor_lines = [f"  {name}: {_cell(value)} ms"
                    + (f" (CPU {_num(value['cpu_median'])} ms)" if "cpu_median" in value else "")
                    for name, value in floors.items()]
-    return "\n".join([*out, "", "floors (median/p90 ms):", *floor_lines,
+    return "\n".join([*out, "", "floors (median/p90 ms):", *floor_lines, *ratios(rows, sizes),
                       *(["", "budgets missed:", *missed] if missed else [])]) + "\n"
+
+
+def ratios(rows: dict[str, dict[str, Any]], sizes: Sequence[int]) -> list[str]:
+    """Lines giving each compared row as a fraction of the old library's call of the
+    same size, medians of this run; none without --legacy-lib."""
+    legacy = rows.get("legacy_step", {})
+    if not legacy:
+        return []
+    labels = {key: label for key, label, _, _ in ROWS}
+    out = ["", "ratio to the old library, same run (median / median):"]
+    for key in COMPARED:
+        cells = [f"@{n:,} {rows[key][str(n)]['median'] / legacy[str(n)]['median']:.3f}"
+                 for n in sizes if str(n) in rows.get(key, {}) and str(n) in legacy]
+        if cells:
+            out.append(f"  {labels[key]}: " + ", ".join(cells))
+    return out
 
 
 # -- set-up of the command under test -------------------------------------------------
@@ -699,6 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 (options, t
                         help="leave PYTHONDONTWRITEBYTECODE as inherited (measures compiling)")
     parser.add_argument("--no-drop-in", action="store_true",
                         help="skip the drop-in figure (to measure an older ledger)")
+    parser.add_argument("--legacy-lib", metavar="PATH",
+                        help="the old bash+jq library (upgrade-state.sh), run side by side "
+                             "in the same rounds; the ratios to it are judged")
     parser.add_argument("--pg-url", default=os.environ.get("LEDGER_BENCH_PG_URL"),
                         help="PostgreSQL URL for the server figures (a new database's; "
                              "default: LEDGER_BENCH_PG_URL, else a throwaway server)")
@@ -716,6 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 (options, t
         list(QUICK_SIZES if args.quick else FULL_SIZES)
     if any(n < 2 for n in sizes):
         parser.error("sizes must be at least 2")
+    if args.legacy_lib and not Path(args.legacy_lib).is_file():
+        parser.error(f"--legacy-lib {args.legacy_lib}: no such file")
     repeat = args.repeat or (3 if args.quick else 30)
     proc_repeat = args.proc_repeat or (3 if args.quick else 20)
     history = args.history or (QUICK_HISTORY if args.quick else FULL_HISTORY)
@@ -736,6 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 (options, t
                       env=child_env(work, not args.no_bytecode_cache, python), log=log,
                       pg_url=pg_url)
         bench.skip_drop_in = args.no_drop_in
+        if args.legacy_lib:
+            bench.legacy_lib = Path(args.legacy_lib).resolve()
         started = time.perf_counter()
         bench.run()
         result = {
@@ -745,6 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 (options, t
                          "cli": cli, "bytecode_cache": not args.no_bytecode_cache,
                          "drop_in": str(DROP_IN) if DROP_IN.exists() and not args.no_drop_in
                          else None,
+                         "legacy_lib": str(bench.legacy_lib) if bench.legacy_lib else None,
                          "postgres": None if pg_url is None else urls.mask(pg_url),
                          "ledger": str(Path(ledger.__file__).parent)},
             "machine": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version,

@@ -9,8 +9,11 @@
 # upgrade.lock.d/lock.info stay where scripts expect them. See docs/bash.md.
 #
 # How it is built, and why:
-# - Each function runs at most ONE `upgrade-ledger` process (the cost that matters);
-#   everything else is bash builtins: no jq, no date, no mkdir, no subshell pipelines.
+# - Each function makes at most ONE `upgrade-ledger` call, sent to the shell's session
+#   (one `upgrade-ledger session` per shell, started at its first call) or run as its
+#   own process; everything else is bash builtins: no jq, no date, no mkdir, no
+#   subshell pipelines. A call through the session costs a few milliseconds, a
+#   process tens of milliseconds (see "the session" below, and docs/bash.md).
 # - The calling shell ($BASHPID) is the process every change is attributed to and
 #   the owner of the lock, so a lock taken in a background subshell belongs to it.
 # - Nothing leaks into the caller: no `set`/`shopt` changes, only the documented
@@ -61,30 +64,21 @@ _upgrade_state_find_bin() {
     return 1
 }
 
-# _upgrade_state_call MODE PID ARG...: run `upgrade-ledger ARG...` once, for PID.
-# Its stdout goes straight to ours; its stderr is captured and rewritten so that a
-# failure is one line starting `ERROR:` (MODE 0), `WARNING:` (MODE 2) or nothing at
-# all (MODE 1); MODE 3 is MODE 0 except that "not found" (exit 5: no upgrade yet) is
-# silent. Returns the command's own exit status (callers map it).
+# _upgrade_state_call MODE PID ARG...: run `upgrade-ledger ARG...` once, for PID:
+# through this shell's session when it has one (below), else as its own process.
+# Its stdout goes straight to ours; its stderr is rewritten so that a failure is one
+# line starting `ERROR:` (MODE 0), `WARNING:` (MODE 2) or nothing at all (MODE 1);
+# MODE 3 is MODE 0 except that "not found" (exit 5: no upgrade yet) is silent. A
+# caller's local `_ul_input`, when set, is the command's standard input (plus a
+# newline, as `<<<` gives it). Returns the command's own exit status (callers map it).
 _upgrade_state_call() {
     local _ul_mode=$1 _ul_pid=$2 _ul_bin= _ul_err= _ul_rc=0 _ul_line _ul_tag
     shift 2
     _upgrade_state_keep_armed
-    _upgrade_state_find_bin || return 1
     if [[ -z ${_ul_adopting:-} ]]; then _upgrade_state_adopt || return 1; fi
-    # fd 3 carries our stdout past the command substitution, which captures only the
-    # command's stderr. The UPGRADE_* paths go to the command as one-off environment
-    # assignments: the caller's environment is left as it was. --home and --pid are
-    # explicit so that LEDGER_HOME or LEDGER_PID in the environment cannot redirect us.
-    {
-        _ul_err=$(UPGRADE_STATE_DIR=$UPGRADE_STATE_DIR \
-            UPGRADE_HISTORY_DIR=$UPGRADE_HISTORY_DIR \
-            UPGRADE_BACKUPS_DIR=$UPGRADE_BACKUPS_DIR \
-            UPGRADE_STATE_FILE=$UPGRADE_STATE_FILE \
-            UPGRADE_LOCK_FILE=$UPGRADE_LOCK_FILE \
-            UPGRADE_TEMP_DIR=$UPGRADE_TEMP_DIR \
-            "$_ul_bin" --home "$UPGRADE_STATE_DIR" --pid "$_ul_pid" "$@" 2>&1 1>&3 3>&-)
-    } 3>&1 || _ul_rc=$?
+    if ! _upgrade_state_session_call "$_ul_pid" "$@"; then
+        _upgrade_state_process "$_ul_pid" "$@" || return 1
+    fi
     if [[ $_ul_mode == 3 && $_ul_rc == 5 ]]; then _ul_mode=1; fi
     if [[ -n $_ul_err && $_ul_mode != 1 ]]; then
         _ul_tag=ERROR
@@ -100,6 +94,36 @@ _upgrade_state_call() {
     return "$_ul_rc"
 }
 
+# _upgrade_state_process PID ARG...: `upgrade-ledger ARG...` as its own process; sets
+# the caller's `_ul_rc` and `_ul_err` (its stderr, trailing newlines removed). 1 (after
+# one ERROR: line) when the command cannot be found.
+_upgrade_state_process() {
+    if [[ -z $_ul_bin ]]; then _upgrade_state_find_bin || return 1; fi
+    if [[ -n ${_ul_input+set} ]]; then
+        _upgrade_state_exec "$@" <<<"$_ul_input"
+    else
+        _upgrade_state_exec "$@"
+    fi
+}
+
+_upgrade_state_exec() {
+    local _ul_for=$1
+    shift
+    # fd 3 carries our stdout past the command substitution, which captures only the
+    # command's stderr. The UPGRADE_* paths go to the command as one-off environment
+    # assignments: the caller's environment is left as it was. --home and --pid are
+    # explicit so that LEDGER_HOME or LEDGER_PID in the environment cannot redirect us.
+    {
+        _ul_err=$(UPGRADE_STATE_DIR=$UPGRADE_STATE_DIR \
+            UPGRADE_HISTORY_DIR=$UPGRADE_HISTORY_DIR \
+            UPGRADE_BACKUPS_DIR=$UPGRADE_BACKUPS_DIR \
+            UPGRADE_STATE_FILE=$UPGRADE_STATE_FILE \
+            UPGRADE_LOCK_FILE=$UPGRADE_LOCK_FILE \
+            UPGRADE_TEMP_DIR=$UPGRADE_TEMP_DIR \
+            "$_ul_bin" --home "$UPGRADE_STATE_DIR" --pid "$_ul_for" "$@" 2>&1 1>&3 3>&-)
+    } 3>&1 || _ul_rc=$?
+}
+
 # A host switching over from the old library has its files but no ledger yet: load
 # them (history/*.json, then state.json) before the first command, which would
 # otherwise overwrite state.json. One extra process, once per host; afterwards the
@@ -107,8 +131,234 @@ _upgrade_state_call() {
 _upgrade_state_adopt() {
     if [[ -n ${LEDGER_DB_URL:-} || -e $UPGRADE_STATE_DIR/ledger.db ]]; then return 0; fi
     if [[ ! -e $UPGRADE_STATE_FILE && ! -d $UPGRADE_HISTORY_DIR ]]; then return 0; fi
-    local _ul_adopting=1
+    local _ul_adopting=1 _ul_input
+    unset _ul_input
     _upgrade_state_call 0 "$BASHPID" legacy adopt
+}
+
+# -- the session -----------------------------------------------------------------------
+#
+# A call is nearly all Python start-up, so each shell keeps one `upgrade-ledger
+# session` (a coprocess) and sends its calls there: the same commands, answered in a
+# few milliseconds (docs/bash.md, "The session", has the protocol and the reasons).
+# - The top-level shell starts it at its first call; a subshell with none of its own
+#   at its second, so that `x=$(upgrade_...)` alone does not pay for one. Subshells
+#   (command substitutions, pipelines, background jobs) use the session they inherit.
+# - Calls from several shells take turns: a one-byte token in a pipe (T: free, X: the
+#   session is gone). A shell that waits too long for it, or finds it X, stops using
+#   that session; the call then runs as its own process.
+# - The session ends when this shell ends (end of its input and the parent-death
+#   signal) or after ten idle minutes; the next call starts a new one.
+# - If it dies during a call, the call is run again as its own process with
+#   `session retry`, which makes only the changes the ledger does not show as made.
+# - UPGRADE_LEDGER_SESSION=0 turns it off: one process per call.
+#
+# _UPGRADE_STATE_SESSION: (OWNER PID W R KEEP TOKEN MAX) of the session this shell
+# uses: the shell that started it, its PID, the descriptors on which requests are
+# written and answers read, one that keeps the request pipe open for reading (so that
+# a write to a session that died never raises SIGPIPE), the token pipe, and the
+# largest request in bytes. _UPGRADE_STATE_SESSION_SEEN: the subshell that made a call
+# without one (-PID: a shell where a session cannot start). _UPGRADE_STATE_SESSION_BUSY:
+# the shell in the middle of a call (a trap that calls the library then runs its call
+# as a process).
+
+# _upgrade_state_session_call PID ARG...: run the call through the session; 1 when
+# there is no session to use (the caller runs it as a process).
+_upgrade_state_session_call() {
+    local _ul_for=$1 _ul_opened= _ul_name _ul_status=0
+    local -a _ul_s _ul_req
+    shift
+    if [[ ${UPGRADE_LEDGER_SESSION:-} == 0 || -n ${_ul_adopting:-} || -z ${PWD:-} ||
+        ${_UPGRADE_STATE_SESSION_BUSY:-} == "$BASHPID" ]]; then
+        return 1
+    fi
+    if [[ -n ${_UPGRADE_STATE_SESSION[1]:-} ]] && ! kill -0 "${_UPGRADE_STATE_SESSION[1]}" 2>/dev/null
+    then
+        _upgrade_state_session_drop  # ended between two calls (idle, or killed)
+    fi
+    if [[ -z ${_UPGRADE_STATE_SESSION[0]:-} ]]; then
+        if ((BASHPID != $$)) && [[ ${_UPGRADE_STATE_SESSION_SEEN:-} != "$BASHPID" ]]; then
+            _UPGRADE_STATE_SESSION_SEEN=$BASHPID
+            return 1
+        fi
+        _upgrade_state_session_start || return 1
+    fi
+    _ul_s=("${_UPGRADE_STATE_SESSION[@]}")
+    _ul_req=(upgrade-ledger-1 "$_ul_for" "$PWD" 6
+        "UPGRADE_STATE_DIR=$UPGRADE_STATE_DIR" "UPGRADE_HISTORY_DIR=$UPGRADE_HISTORY_DIR"
+        "UPGRADE_BACKUPS_DIR=$UPGRADE_BACKUPS_DIR" "UPGRADE_STATE_FILE=$UPGRADE_STATE_FILE"
+        "UPGRADE_LOCK_FILE=$UPGRADE_LOCK_FILE" "UPGRADE_TEMP_DIR=$UPGRADE_TEMP_DIR")
+    for _ul_name in "${!LEDGER_@}" "${!UPGRADE_@}"; do
+        case $_ul_name in
+            UPGRADE_STATE_DIR | UPGRADE_HISTORY_DIR | UPGRADE_BACKUPS_DIR | UPGRADE_STATE_FILE | \
+                UPGRADE_LOCK_FILE | UPGRADE_TEMP_DIR) ;;
+            *) if [[ ${!_ul_name@a} == *x* ]]; then
+                _ul_req+=("$_ul_name=${!_ul_name}")
+                _ul_req[3]=$((_ul_req[3] + 1))
+            fi ;;
+        esac
+    done
+    _ul_req+=($(($# + 4)) --home "$UPGRADE_STATE_DIR" --pid "$_ul_for" "$@"
+        "${_ul_input+$_ul_input$'\n'}")
+    _upgrade_state_session_exchange || _ul_status=$?
+    case $_ul_status in
+        0) return 0 ;;
+        1) return 1 ;;  # too big for the pipe: a process
+        2) _upgrade_state_session_drop; return 1 ;;  # no turn, or gone: a process
+    esac
+    # The session died during the call: tell the other shells, and answer the call
+    # with a process of its own. Without the `o` frame the command never opened the
+    # ledger, so nothing was changed: run it again. With it, `session retry` makes
+    # only the changes that the ledger does not show as made since then.
+    _upgrade_state_session_drop
+    _ul_rc=0
+    _ul_err=
+    if [[ -z $_ul_opened ]]; then
+        _upgrade_state_process "$_ul_for" "$@" || _ul_rc=1
+    else
+        _upgrade_state_process "$_ul_for" session retry --after "$_ul_opened" -- \
+            --home "$UPGRADE_STATE_DIR" --pid "$_ul_for" "$@" || _ul_rc=1
+    fi
+    return 0
+}
+
+# _upgrade_state_session_exchange: send the caller's `_ul_req` to the session `_ul_s`
+# and read the answer: sets the caller's `_ul_opened` (the `o` frame), `_ul_rc` and
+# `_ul_err`, and prints the command's stdout (a NUL byte put back between two of its
+# pieces). 0: answered; 1: too big to send; 2: no turn (or the session is gone);
+# 3: sent, but the session died before the whole answer (nothing printed then).
+# Byte counts need the C locale, in which `read -N` and `${#...}` then count.
+_upgrade_state_session_exchange() {
+    local LC_ALL=C
+    local IFS=' ' _ul_all="${_ul_req[*]}" _ul_token= _ul_head _ul_len _ul_tag= _ul_body
+    local _ul_piece _ul_i _ul_n _ul_at _ul_text=
+    local -a _ul_words _ul_out
+    if ((${#_ul_all} + ${#_ul_req[@]} >= _ul_s[6])); then return 1; fi
+    if ! read -r -N 1 -t 5 -u "${_ul_s[5]}" _ul_token || [[ $_ul_token != T ]]; then
+        if [[ $_ul_token == X ]]; then printf X >&"${_ul_s[5]}"; fi
+        return 2
+    fi
+    _UPGRADE_STATE_SESSION_BUSY=$BASHPID
+    printf '%s\0' "${_ul_req[@]}" >&"${_ul_s[2]}"
+    while [[ $_ul_tag != = ]]; do
+        if ! read -r -N 9 -u "${_ul_s[3]}" _ul_head || [[ ${#_ul_head} != 9 ]] ||
+            [[ ${_ul_head:1} == *[!0-9]* ]]; then
+            _ul_tag=
+            break
+        fi
+        _ul_tag=${_ul_head:0:1}
+        _ul_len=$((10#${_ul_head:1}))
+        _ul_body=
+        if ((_ul_len > 0)) && ! read -r -N "$_ul_len" -u "${_ul_s[3]}" _ul_body ||
+            ((${#_ul_body} != _ul_len)); then
+            _ul_tag=
+            break
+        fi
+        case $_ul_tag in
+            o) _ul_opened=$_ul_body ;;
+            =) ;;
+            *) _ul_tag= ; break ;;
+        esac
+    done
+    if [[ $_ul_tag == = && -n $_ul_body && $_ul_body != *[!0-9\ ]* ]]; then
+        _ul_words=($_ul_body)  # digits and spaces only: nothing to glob
+        _ul_at=1
+        for _ul_n in out err; do
+            for ((_ul_i = ${_ul_words[_ul_at]:-0}; _ul_i > 0; _ul_i--)); do
+                _ul_at=$((_ul_at + 1))
+                _ul_piece=
+                if ((${_ul_words[_ul_at]:-0} > 0)) &&
+                    ! read -r -N "${_ul_words[_ul_at]}" -u "${_ul_s[3]}" _ul_piece; then
+                    _ul_tag=
+                    break 2
+                fi
+                if [[ $_ul_n == out ]]; then _ul_out+=("$_ul_piece"); else _ul_text+=$_ul_piece; fi
+            done
+            _ul_at=$((_ul_at + 1))
+        done
+    else
+        _ul_tag=
+    fi
+    if [[ $_ul_tag != = ]]; then
+        printf X >&"${_ul_s[5]}"
+        unset _UPGRADE_STATE_SESSION_BUSY
+        return 3
+    fi
+    printf T >&"${_ul_s[5]}"
+    unset _UPGRADE_STATE_SESSION_BUSY
+    _ul_rc=${_ul_words[0]}
+    while [[ $_ul_text == *$'\n' ]]; do _ul_text=${_ul_text%$'\n'}; done
+    _ul_err=$_ul_text
+    printf '%s' "${_ul_out[0]-}"
+    for ((_ul_i = 1; _ul_i < ${#_ul_out[@]}; _ul_i++)); do
+        printf '\0%s' "${_ul_out[_ul_i]}"
+    done
+    return 0
+}
+
+# _upgrade_state_session_frame FD: read one frame into the caller's `_ul_tag` and
+# `_ul_body` (the hello); 1 at the end of input or on anything that is not a frame.
+_upgrade_state_session_frame() {
+    local LC_ALL=C _ul_head _ul_len
+    if ! read -r -N 9 -u "$1" _ul_head || [[ ${#_ul_head} != 9 || ${_ul_head:1} == *[!0-9]* ]]
+    then
+        return 1
+    fi
+    _ul_tag=${_ul_head:0:1}
+    _ul_len=$((10#${_ul_head:1}))
+    _ul_body=
+    if ((_ul_len > 0)) && ! read -r -N "$_ul_len" -u "$1" _ul_body; then return 1; fi
+    ((${#_ul_body} == _ul_len))
+}
+
+# Start a session for this shell: a coprocess, its pipes moved to descriptors of our
+# own (bash closes a coprocess's when it ends), disowned (a script's `wait` must not
+# wait for it), then its hello frame. 1 (and no session) if anything fails.
+_upgrade_state_session_start() {
+    local _ul_pid _ul_w _ul_r _ul_keep= _ul_tok= _ul_tag= _ul_body=
+    if [[ ${_UPGRADE_STATE_SESSION_SEEN:-} == "-$BASHPID" ]]; then return 1; fi
+    if [[ -z $_ul_bin ]]; then _upgrade_state_find_bin 2>/dev/null || return 1; fi
+    # The LEDGER_* settings travel with each request: a bad one fails its call, not the
+    # start of the session. stderr: the session has nothing to say there, and bash's
+    # warning when the script runs a coprocess of its own ("still exists") goes too.
+    {
+        coproc _UPGRADE_STATE_COPROC {
+            LEDGER_HOME='' UPGRADE_STATE_DIR='' LEDGER_DB_URL='' LEDGER_PID='' \
+                LEDGER_STRICT='' LEDGER_LOCK_TIMEOUT='' LEDGER_FORMAT='' LEDGER_TRACEBACK='' \
+                exec "$_ul_bin" session
+        }
+    } 2>/dev/null
+    _ul_pid=$_UPGRADE_STATE_COPROC_PID
+    exec {_ul_w}>&"${_UPGRADE_STATE_COPROC[1]}" {_ul_r}<&"${_UPGRADE_STATE_COPROC[0]}"
+    exec {_UPGRADE_STATE_COPROC[1]}>&- {_UPGRADE_STATE_COPROC[0]}<&-
+    unset _UPGRADE_STATE_COPROC _UPGRADE_STATE_COPROC_PID
+    disown "$_ul_pid" 2>/dev/null || :
+    if ! { exec {_ul_keep}<"/proc/$BASHPID/fd/$_ul_w" && exec {_ul_tok}<> <(:); } 2>/dev/null
+    then
+        # No /proc here: this shell runs its calls as processes from now on.
+        _UPGRADE_STATE_SESSION_SEEN=-$BASHPID
+    elif _upgrade_state_session_frame "$_ul_r" && [[ $_ul_tag == h ]] &&
+        [[ $_ul_body == "upgrade-ledger-session 1 "* && ${_ul_body##* } != *[!0-9]* ]]; then
+        printf T >&"$_ul_tok"
+        _UPGRADE_STATE_SESSION=("$BASHPID" "$_ul_pid" "$_ul_w" "$_ul_r" "$_ul_keep" "$_ul_tok"
+            "${_ul_body##* }")
+        return 0
+    fi
+    # No session this time (it did not start, or not as one): the call runs as a process.
+    kill "$_ul_pid" 2>/dev/null || :
+    exec {_ul_w}>&- {_ul_r}<&-
+    if [[ -n $_ul_keep ]]; then exec {_ul_keep}<&-; fi
+    if [[ -n $_ul_tok ]]; then exec {_ul_tok}<&-; fi
+    return 1
+}
+
+# Stop using this shell's session (its descriptors closed here; the other shells that
+# share it find out for themselves).
+_upgrade_state_session_drop() {
+    local -a _ul_s=("${_UPGRADE_STATE_SESSION[@]}")
+    unset _UPGRADE_STATE_SESSION
+    exec {_ul_s[2]}>&- {_ul_s[3]}<&- {_ul_s[4]}<&- {_ul_s[5]}<&-
+    if ((BASHPID != $$)); then _UPGRADE_STATE_SESSION_SEEN=$BASHPID; fi
 }
 
 # _upgrade_state_do PID ARG...: one command; 0 on success, 1 (after one ERROR: line)
@@ -253,13 +503,15 @@ upgrade_state_load() {
 # changes nothing and exits 1.
 upgrade_state_save() {
     _upgrade_state_usage 1 "upgrade_state_save JSON" "$@" || return 1
-    _upgrade_state_do "$BASHPID" legacy save - <<<"$1" >/dev/null
+    local _ul_input=$1
+    _upgrade_state_do "$BASHPID" legacy save - >/dev/null
 }
 
 # Same as upgrade_state_save: every write of the ledger is atomic.
 upgrade_state_write_atomic() {
     _upgrade_state_usage 1 "upgrade_state_write_atomic JSON" "$@" || return 1
-    _upgrade_state_do "$BASHPID" legacy save - <<<"$1" >/dev/null
+    local _ul_input=$1
+    _upgrade_state_do "$BASHPID" legacy save - >/dev/null
 }
 
 # Print the current state (IDLE when no upgrade was ever started).

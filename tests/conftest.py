@@ -98,6 +98,17 @@ def ledger_process(*args: str | os.PathLike[str], env: dict[str, str] | None = N
                             env=env or child_env(), **options)  # type: ignore[call-overload]
 
 
+@pytest.fixture(params=["session", "process"])
+def dropin_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test of the bash drop-in runs twice: with the session (the default), and
+    with UPGRADE_LEDGER_SESSION=0 (one upgrade-ledger process per call)."""
+    if request.param == "session":
+        monkeypatch.delenv("UPGRADE_LEDGER_SESSION", raising=False)
+    else:
+        monkeypatch.setenv("UPGRADE_LEDGER_SESSION", "0")
+    return str(request.param)
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A ledger home that does not exist yet."""

@@ -15,6 +15,9 @@ from conftest import REPO, child_env
 
 from ledger.api import Ledger
 
+#: Every test runs with the session and without it (conftest.py, dropin_mode).
+pytestmark = pytest.mark.usefixtures("dropin_mode")
+
 EXAMPLE = REPO / "examples" / "upgrade-with-state.sh"
 EXPORTERS = {"node_exporter": "1.9.1", "blackbox_exporter": "0.27.0",
              "postgres_exporter": "0.17.1", "redis_exporter": "1.74.0",

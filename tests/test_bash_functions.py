@@ -22,6 +22,9 @@ from conftest import REPO, child_env
 
 from ledger.api import Ledger
 
+#: Every test runs with the session and without it (conftest.py, dropin_mode).
+pytestmark = pytest.mark.usefixtures("dropin_mode")
+
 LIB = REPO / "scripts" / "upgrade-state.sh"
 SCRIPTS = REPO / "tests" / "bash"
 BIN_DIR = Path(sys.executable).parent  # where this venv's upgrade-ledger lives
@@ -478,7 +481,7 @@ upgrade_save_to_history
 
 @pytest.mark.slow
 def test_strict_mode_no_user_no_hostname_sourced_twice_and_nothing_leaks(
-        tmp_path: Path) -> None:
+        tmp_path: Path, dropin_mode: str) -> None:
     # Snapshot the shell's variables, options and traps before sourcing, after sourcing
     # twice, and after calls; only the documented names may appear, nothing may change.
     snap = ("{ declare -p | grep -v -E '^declare -[-a-zA-Z]* (BASH_[A-Z_]+|_|PIPESTATUS|"
@@ -518,7 +521,9 @@ declare -F | sed 's/^declare -f //' > {tmp_path}/functions
                             "declare -- _UPGRADE_STATE_TRAPS_PID",
                             "trap -- '_upgrade_state_on_exit' EXIT"]), added
     assert set(before) - set(sourced) == set()
-    assert sorted(set(called) - set(sourced)) == ["declare -- id"]  # the script's own
+    # The script's own variable, and the session's record (docs/bash.md, The session).
+    session = ["declare -a _UPGRADE_STATE_SESSION"] if dropin_mode == "session" else []
+    assert sorted(set(called) - set(sourced)) == sorted(["declare -- id", *session])
     functions = set((tmp_path / "functions").read_text().split()) - {"take"}
     public = {f for f in functions if not f.startswith("_upgrade_state")}
     assert len(public) == 35 and all(f.startswith("upgrade_") for f in public), public

@@ -19,6 +19,9 @@ from conftest import REPO, child_env, walk_to_upgrading
 
 from ledger.api import Ledger
 
+#: Every test runs with the session and without it (conftest.py, dropin_mode).
+pytestmark = pytest.mark.usefixtures("dropin_mode")
+
 LIB = REPO / "scripts" / "upgrade-state.sh"
 BIN_DIR = Path(sys.executable).parent
 

@@ -39,9 +39,11 @@ def test_quick_run_prints_one_table_with_every_figure() -> None:
     for label in LABELS:
         assert any(line.startswith(label) for line in lines), label
     assert "floors (median/p90 ms):" in lines
-    for floor in ("python -c pass", "import click, sqlite3, json",
+    for floor in ("python -c pass", "import sqlite3, json", "import click, sqlite3, json",
                   "sqlite WAL commit (synchronous=FULL)", "raw fsync"):
         assert any(line.strip().startswith(floor + ":") for line in lines), floor
+    assert any(line.startswith("old library call") and "n/a" in line for line in lines)
+    assert "ratio to the old library" not in done.stdout  # only with --legacy-lib
     if not (REPO / "scripts" / "upgrade-state.sh").exists():
         assert any(line.startswith("drop-in call") and "n/a" in line for line in lines)
 
@@ -52,7 +54,8 @@ def test_quick_run_json_is_machine_readable() -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["settings"]["sizes"] == [10, 20]
-    assert set(result["floors"]) >= {"python -c pass", "import click, sqlite3, json",
+    assert set(result["floors"]) >= {"python -c pass", "import sqlite3, json",
+                                     "import click, sqlite3, json",
                                      "sqlite WAL commit (synchronous=FULL)", "raw fsync"}
     for key in ("cli_step", "transition", "lock_dirlock", "lock_ledger", "resume",
                 "resume_cli", "progress", "export", "history"):
@@ -66,7 +69,29 @@ def test_quick_run_json_is_machine_readable() -> None:
     assert verdicts["cli_step"]["ok"] in (True, False)
     assert verdicts["history_big"]["ok"] is None  # 100,000 upgrades only in a full run
     assert ("dropin_step" in result["rows"]) == (REPO / "scripts" / "upgrade-state.sh").exists()
+    assert "dropin_oneshot" in result["rows"] and "legacy_step" not in result["rows"]
+    assert verdicts["dropin_step"]["checks"][1]["ok"] is None  # no old library: no ratio
     assert result["seconds"] > 0
+
+
+def test_the_old_library_runs_side_by_side_when_given(tmp_path: Path) -> None:
+    # A stand-in with the old library's function names (the real one is not shipped):
+    # each call costs a sleep of 50 ms, so the ratios are known to be small.
+    fake = tmp_path / "legacy.sh"
+    fake.write_text("upgrade_state_init_dirs() { :; }\n"
+                    "upgrade_component_start() { sleep 0.05; }\n"
+                    "upgrade_component_complete() { sleep 0.05; }\n")
+    done = run_bench("--json", "--legacy-lib", str(fake))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["settings"]["legacy_lib"] == str(fake)
+    assert result["rows"]["legacy_step"]["20"]["median"] >= 50
+    ratio = result["verdicts"]["dropin_step"]["checks"][1]
+    assert ratio["what"] == "@20 vs 0.1x the old library"
+    assert ratio["limit"] == 0.1 * result["rows"]["legacy_step"]["20"]["median"]
+    assert ratio["ok"] == (ratio["measured"] <= ratio["limit"])
+    missing = run_bench("--legacy-lib", str(tmp_path / "nope.sh"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
 def test_command_index_is_right_and_covers_the_per_step_commands() -> None:

@@ -23,8 +23,9 @@ SILENT = {"state set", "phase start", "phase complete", "phase fail", "phase ski
           "component skip", "rollback mark", "rollback clear", "lock acquire",
           "lock release", "lock check-stale", "lock break", "cleanup", "subscribers add",
           "subscribers remove"}
-#: Print a format of their own: a state document, the Prometheus text format.
-OWN_FORMAT = {"export", "metrics"}
+#: Print a format of their own: a state document, the Prometheus text format, the
+#: session's frames (docs/cli.md), and what the command a session retry runs prints.
+OWN_FORMAT = {"export", "metrics", "session", "session retry"}
 
 
 def commands() -> Iterator[tuple[str, click.Command]]:

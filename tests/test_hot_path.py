@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import walk_to_upgrading
+from conftest import child_env, walk_to_upgrading
+from sessionclient import SessionClient
 
 from ledger.api import Ledger
 
@@ -118,3 +119,41 @@ def test_the_drop_ins_save_is_a_per_step_command(running: Path, home: Path,
     assert (got, out, err) == (0, "u1\n", "")
     assert state_doc(home)["ticket"] == "OPS-1"
     assert heavy == []
+
+
+def test_a_session_serves_the_per_step_commands_on_the_light_path(running: Path,
+                                                                  tmp_path: Path) -> None:
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    session = SessionClient(env=env, command=[sys.executable, "-c", PROBE])
+    for i, (args, code, did) in enumerate(STEPS):
+        home = tmp_path / f"home{i}"  # each step on its own copy, as above
+        shutil.copytree(running, home, symlinks=True)
+        got = session.call(["--home", str(home), *args])
+        assert (got.code, got.err) == (code, b""), (args, got)
+        assert did(home, got.out.decode()), args
+    assert session.close() == 0
+    assert session.errors.decode().splitlines()[-1] == "HEAVY:"  # neither, once for all
+
+
+@pytest.mark.slow
+def test_the_per_step_path_builds_no_dataclass_and_reads_no_csv(running: Path,
+                                                               home: Path) -> None:
+    """dataclasses (and the code each @dataclass compiles), csv and the document
+    importer are start-up costs a per-step command does not need: its records are
+    plain classes (core/values.py), csv is imported for CSV output only, the importer
+    for imports and saves only."""
+    shutil.copytree(running, home, symlinks=True)
+    watched = ("dataclasses", "csv", "ledger.views.importer")
+    probe = PROBE.replace(f"{{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})",
+                          f"set(sys.modules) & set({watched!r})")
+    assert probe != PROBE
+    env = {k: v for k, v in os.environ.items() if k not in ("LEDGER_HOME", "LEDGER_PID")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    for args in (["component", "start", "b", "1", "2"], ["lock", "acquire"],
+                 ["component", "status", "a"], ["state", "get"], ["export", "-o", "-"]):
+        done = subprocess.run([sys.executable, "-c", probe, "--home", str(home), *args],
+                              capture_output=True, text=True, check=False, timeout=120,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-1] == "HEAVY:", (args, done.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -24,6 +23,8 @@ from ledger.core.version import __version__
 from ledger.lock.record import PID_LIMIT
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ledger.api import Ledger
 
 #: Exit codes, documented in docs/cli.md. Predicates answer 0 (yes) or 1 (no).
@@ -53,19 +54,37 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-@dataclass
 class Config:
-    """Global settings, resolved once; opens the ledger on first use."""
+    """Global settings, resolved once; opens the ledger on first use.
 
-    home: str | None
-    db_url: str | None
-    pid: int
-    strict: bool
-    lock_timeout_s: float
-    traceback: bool
-    fmt: str | None = None  # the root's --format: the default of every command's -f
-    host_name: str | None = None  # --host-name / LEDGER_HOST: whose rows (default: uname)
-    _ledger: Ledger | None = field(default=None, repr=False)
+    *opener*, when given, opens the ledger instead of ``Ledger(...)`` and owns it
+    afterwards (the command-line session keeps ledgers open between calls, and reruns
+    an interrupted call on a ``Replay``); see ``cli.main``'s ``obj`` in ``cli``.
+    A plain class, not a dataclass: the per-step path does not import ``dataclasses``.
+    """
+
+    __slots__ = ("_ledger", "db_url", "fmt", "home", "host_name", "lock_timeout_s", "opener",
+                 "pid", "strict", "traceback")
+
+    def __init__(self, *, home: str | None, db_url: str | None, pid: int, strict: bool,
+                 lock_timeout_s: float, traceback: bool, fmt: str | None = None,
+                 host_name: str | None = None,
+                 opener: Callable[[Config, bool], Ledger] | None = None) -> None:
+        self.home = home
+        self.db_url = db_url
+        self.pid = pid
+        self.strict = strict
+        self.lock_timeout_s = lock_timeout_s
+        self.traceback = traceback
+        self.fmt = fmt  # the root's --format: the default of every command's -f
+        self.host_name = host_name  # --host-name / LEDGER_HOST: whose rows (default: uname)
+        self.opener = opener
+        self._ledger: Ledger | None = None
+
+    def __repr__(self) -> str:
+        return (f"Config(home={self.home!r}, db_url={self.db_url!r}, pid={self.pid}, "
+                f"strict={self.strict}, lock_timeout_s={self.lock_timeout_s}, "
+                f"traceback={self.traceback}, fmt={self.fmt!r}, host_name={self.host_name!r})")
 
     def ledger(self, *, create: bool = True) -> Ledger:
         """The ledger, opened (and created or migrated if needed) on first use. A
@@ -73,18 +92,22 @@ class Config:
         one line (``NoLedger``, exit 5) and nothing is made (a typo in --home, or no
         --home at all, must not leave a new home behind)."""
         if self._ledger is None:
-            # Imported on first use, so that --help and completion stay quick.
-            from ledger.api import Ledger  # noqa: PLC0415
+            if self.opener is not None:
+                self._ledger = self.opener(self, create)
+            else:
+                # Imported on first use, so that --help and completion stay quick.
+                from ledger.api import Ledger  # noqa: PLC0415
 
-            self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
-                                  strict=self.strict, lock_timeout_s=self.lock_timeout_s,
-                                  host_name=self.host_name, create=create)
+                self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
+                                      strict=self.strict, lock_timeout_s=self.lock_timeout_s,
+                                      host_name=self.host_name, create=create)
         return self._ledger
 
     def close(self) -> None:
-        if self._ledger is not None:
+        """Close the ledger this command opened (one an opener gave stays its own)."""
+        if self._ledger is not None and self.opener is None:
             self._ledger.close()
-            self._ledger = None
+        self._ledger = None
 
 
 pass_config = click.make_pass_decorator(Config)
@@ -239,7 +262,12 @@ def cli(ctx: click.Context, *, home: str | None, db_url: str | None, host_name: 
     Run 'upgrade-ledger COMMAND -h' for help on a command; docs/cli.md has the
     full reference and the exit codes.
     """
-    ctx.obj = Config(home=home, db_url=db_url, pid=pid or os.getppid(), strict=strict,
+    # A program that runs commands in its own process (the session) passes obj= to
+    # cli.main: the PID of the process it runs them for (what os.getppid() is to a
+    # command run on its own) and how to open the ledger.
+    runner = ctx.obj
+    caller = getattr(runner, "caller_pid", None) or os.getppid()
+    ctx.obj = Config(home=home, db_url=db_url, pid=pid or caller, strict=strict,
                      lock_timeout_s=lock_timeout_s, traceback=traceback, fmt=fmt,
-                     host_name=host_name)
+                     host_name=host_name, opener=getattr(runner, "open_ledger", None))
     ctx.call_on_close(ctx.obj.close)

@@ -15,7 +15,7 @@ import click
 
 #: Every module that holds commands (each lists them in ``COMMANDS``), in order.
 MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "retention", "apply",
-           "observe", "legacy")
+           "observe", "legacy", "session")
 
 #: Which module defines each command. A name missing here still works (every module
 #: is imported to find it, which is only slower); tests/test_bench.py checks the index
@@ -32,6 +32,7 @@ COMMAND_MODULES = {
     "apply": "apply",
     **dict.fromkeys(("metrics", "notify", "subscribers"), "observe"),
     "legacy": "legacy",
+    "session": "session",
 }
 
 

@@ -8,7 +8,6 @@ stable and documented in docs/cli.md: scripts parse it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -388,6 +387,8 @@ def _record_table(rows: Sequence[tuple[str, str]], width: int | None = None) -> 
 
 
 def _csv(rows: Sequence[Sequence[str]]) -> str:
+    import csv  # noqa: PLC0415 (only CSV output pays for it)
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerows(rows)

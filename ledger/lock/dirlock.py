@@ -16,11 +16,11 @@ import math
 import os
 import stat
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ledger.core import host
+from ledger.core.values import Value
 from ledger.errors import (
     BadInput,
     LockError,
@@ -99,8 +99,7 @@ def _check_reason(reason: object) -> str:
 # --- the record ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LockStatus:
+class LockStatus(Value):
     """What a look at the lock found.
 
     ``present``: a lock folder is there. ``stale``: it may be taken over (its holder
@@ -111,6 +110,8 @@ class LockStatus:
     ``reason`` says why, in words.
     """
 
+    FIELDS = ("path", "present", "holder", "age_s", "stale", "suspect", "reason")
+    __slots__ = FIELDS
     path: str
     present: bool
     holder: Holder | None
@@ -118,6 +119,11 @@ class LockStatus:
     stale: bool
     suspect: bool
     reason: str
+
+    def __init__(self, path: str, present: bool, holder: Holder | None,
+                 age_s: float | None, stale: bool, suspect: bool, reason: str) -> None:
+        self._set(path=path, present=present, holder=holder, age_s=age_s, stale=stale,
+                  suspect=suspect, reason=reason)
 
     @property
     def held(self) -> bool:
@@ -403,7 +409,7 @@ class DirLock:
                 dfd = os.open(self._path, _DIR_FLAGS)
         except OSError as exc:
             raise StorageError(f"cannot open the lock folder {self._path}: {exc.strerror}") from exc
-        holder = replace(me, timestamp=utc_now())
+        holder = me.stamped(utc_now())
         try:
             os.fchmod(dfd, 0o700)  # whatever the umask
             write_file_atomic(Path(INFO_NAME), (holder.format() + "\n").encode("utf-8"),

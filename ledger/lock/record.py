@@ -13,10 +13,10 @@ import errno
 import os
 import stat
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ledger.core import host
+from ledger.core.values import Value
 from ledger.errors import BadInput
 
 INFO_NAME = "lock.info"
@@ -73,20 +73,32 @@ def parse_utc(ts: str) -> float | None:
 
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(Value):
     """Who holds the lock: one parsed lock.info line.
 
     A record written by the old bash library has only the first four fields; the
     missing ones are None. Empty fields are None too.
     """
 
+    FIELDS = ("pid", "timestamp", "hostname", "user", "start_ticks", "boot_id")
+    __slots__ = FIELDS
     pid: int
-    timestamp: str | None = None
-    hostname: str | None = None
-    user: str | None = None
-    start_ticks: int | None = None
-    boot_id: str | None = None
+    timestamp: str | None
+    hostname: str | None
+    user: str | None
+    start_ticks: int | None
+    boot_id: str | None
+
+    def __init__(self, pid: int, timestamp: str | None = None, hostname: str | None = None,
+                 user: str | None = None, start_ticks: int | None = None,
+                 boot_id: str | None = None) -> None:
+        self._set(pid=pid, timestamp=timestamp, hostname=hostname, user=user,
+                  start_ticks=start_ticks, boot_id=boot_id)
+
+    def stamped(self, timestamp: str) -> Holder:
+        """The same holder with another timestamp."""
+        return Holder(self.pid, timestamp, self.hostname, self.user, self.start_ticks,
+                      self.boot_id)
 
     @classmethod
     def parse(cls, line: str) -> Holder:

@@ -27,10 +27,10 @@ import json
 import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.core import host
+from ledger.core.values import Value
 from ledger.errors import CorruptLedger, NoLedger, NotAHome, StorageError
 from ledger.store.files import (
     make_private_dir,
@@ -60,10 +60,12 @@ def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) 
     return Path(DEFAULT_HOME)
 
 
-@dataclass(frozen=True)
-class Home:
+class Home(Value):
     """Paths of one ledger home."""
 
+    FIELDS = ("root", "db_path", "state_file", "lock_dir", "tmp_dir", "backups_dir",
+              "history_dir", "logs_dir")
+    __slots__ = FIELDS
     root: Path
     db_path: Path
     state_file: Path
@@ -72,6 +74,12 @@ class Home:
     backups_dir: Path
     history_dir: Path
     logs_dir: Path
+
+    def __init__(self, root: Path, db_path: Path, state_file: Path, lock_dir: Path,
+                 tmp_dir: Path, backups_dir: Path, history_dir: Path, logs_dir: Path) -> None:
+        self._set(root=root, db_path=db_path, state_file=state_file, lock_dir=lock_dir,
+                  tmp_dir=tmp_dir, backups_dir=backups_dir, history_dir=history_dir,
+                  logs_dir=logs_dir)
 
     @classmethod
     def at(cls, root: str | os.PathLike[str] | None = None,
