@@ -182,13 +182,13 @@ def _replace(ftx: Tx, trees: dict[str, dict[str, Any]]) -> None:
 
 
 def _insert(ftx: Tx, table: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert this host's *rows* into the fleet's *table* (their ``host`` is the
+    transaction's)."""
     if not rows:
         return
-    columns = [c for c in rows[0] if c != "host"]
-    ftx.execute_many(
-        f"INSERT INTO {table} (host, {', '.join(columns)}) VALUES "
-        f"(:host, {', '.join(':' + c for c in columns)})",
-        [{c: row[c] for c in columns} for row in rows])
+    columns = ["host", *(c for c in rows[0] if c != "host")]
+    ftx.insert_rows(table, columns, ([ftx.host, *(row[c] for c in columns[1:])]
+                                     for row in rows))
 
 
 def _clear(ftx: Tx) -> None:

@@ -11,7 +11,7 @@ URL). Statements are portable text with ``:name`` parameters, which both
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -108,6 +108,15 @@ class Tx(ABC):
         at once)."""
         for params in rows:
             self.execute(sql, params)
+
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Iterable[Sequence[Any]]) -> None:
+        """Insert many rows of *columns* into *table* (a driver may stream them in
+        bulk). Values are given whole: ``host`` is not bound for them."""
+        names = ", ".join(columns)
+        marks = ", ".join(f":c{i}" for i in range(len(columns)))
+        self.execute_many(f"INSERT INTO {table} ({names}) VALUES ({marks})",
+                          [{f"c{i}": v for i, v in enumerate(row)} for row in rows])
 
 
 class Database(ABC):

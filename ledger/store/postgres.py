@@ -141,6 +141,18 @@ class _PgTx(Tx):
             # psycopg sends the rows in one pipeline: one round trip for them all.
             cursor.executemany(convert(sql), bound)
 
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Iterable[Sequence[Any]]) -> None:
+        if self.begin is not None:
+            begin, self.begin = self.begin, None
+            self._conn.execute(begin)
+        # COPY: the rows stream to the server in one statement, many times faster than
+        # one INSERT each, pipelined or not.
+        with self._conn.cursor() as cursor, cursor.copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
 
 class PgDatabase(Database):
     """A ledger in a PostgreSQL database, shared by the hosts that reach it.
