@@ -6,6 +6,7 @@ release, and an unreachable fleet stops a plan with limits unless it is optional
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,13 @@ def test_no_free_slot_is_exit_14_naming_the_holders(tmp_path: Path, pg_url: str)
             code, out, err = finished(apply_host(tmp_path / "h", "h", pg_url, plan, *args))
             assert code == 14 and err.count("\n") == 1, (code, out, err)
             assert said in err and "held by db7 (slot 1, since " in err
+        # Waiting, and stopped by Ctrl-C: nothing was started.
+        waiting = apply_host(tmp_path / "w", "w", pg_url, plan)
+        wait_for(lambda: _in_fleet(pg_url, "w"), what="w to try for a slot")
+        waiting.send_signal(signal.SIGINT)
+        code, out, err = finished(waiting)
+        assert code == 130 and "waiting for a slot" in out and "interrupted" in err, (out, err)
+        assert not events(tmp_path / "w", "w")
         # --max-hosts 2 makes room: a second slot.
         code, out, err = finished(apply_host(tmp_path / "h", "h", pg_url, plan,
                                              "--max-hosts", "2", "--no-wait"))
