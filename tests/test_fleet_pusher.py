@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,8 @@ def test_steps_reach_the_fleet_within_seconds_through_one_pusher(home: Path,
         for step in steps:
             done = run_ledger("--home", home, *step, env=env)
             assert (done.returncode, done.stderr) == (0, ""), (step, done.stderr)
-            # The step returned; its change reaches the fleet without it.
+            # The step returned (its output pipes closed: the pusher does not hold
+            # them); its change reaches the fleet without it.
             wait_for(lambda: fleet_cursor(pg_url, HOST) == newest(home), what="the push")
             pids.add(spawn.pusher_pid(home))
         assert len(pids) == 1 and None not in pids  # one pusher followed every step
@@ -55,6 +57,47 @@ def test_steps_reach_the_fleet_within_seconds_through_one_pusher(home: Path,
         assert section["pusher_pid"] in pids
     finally:
         stop_pusher(home)
+
+
+LONG_LIVED = textwrap.dedent("""
+    import os, signal, sys, time
+    from ledger.api import Ledger
+    from ledger.fleet import spawn
+
+    def zombies():
+        found = []
+        for name in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    fields = fh.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                found.append(int(name))
+        return found
+
+    home, url = sys.argv[1], sys.argv[2]
+    with Ledger(home, host_name="web1", fleet_url=url) as led:
+        led.init("u1")  # starts a pusher, this process's child
+        while (pid := spawn.pusher_pid(led.home.root)) is None:
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGTERM)
+        while zombies() != [pid]:  # it ended: a zombie until reaped
+            time.sleep(0.02)
+        led.set_state("PLANNING")  # the next change reaps it (and starts another)
+        print(zombies())
+        while (again := spawn.pusher_pid(led.home.root)) is None:
+            time.sleep(0.02)
+        os.kill(again, signal.SIGTERM)
+""")
+
+
+def test_a_long_lived_process_leaves_no_zombie_pusher(home: Path, pg_url: str) -> None:
+    done = subprocess.run([sys.executable, "-c", LONG_LIVED, str(home), pg_url],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env=child_env())
+    assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
+    stop_pusher(home)
 
 
 def test_follow_pushes_as_the_ledger_changes_until_sigterm(home: Path, pg_url: str) -> None:

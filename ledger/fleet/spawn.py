@@ -30,6 +30,10 @@ IDLE_EXIT_S = 30.0
 #: What the started pusher must not inherit: the run's owner and a plan command's id
 #: (``apply`` stops every process that carries its command's id).
 _NOT_INHERITED = ("LEDGER_PID", "LEDGER_COMMAND_ID", "LEDGER_DB_URL")
+#: Pushers this process started and has not reaped yet: a long-lived process (an
+#: ``apply`` run, a Python program, a session serving a script's steps) reaps them
+#: as they exit, so none stays a zombie.
+_started: set[int] = set()
 
 
 def lock_path(home_root: Path) -> Path:
@@ -82,10 +86,22 @@ def after_change(ledger: Ledger) -> None:
     when none runs and the fleet lacks some of this host's events. Never raises: the
     change is committed, and shipping it is never a reason for a step to fail."""
     with contextlib.suppress(Exception):
+        _reap()
         root = ledger.home.root
         if pusher_pid(root) is not None or not _unshipped(ledger):
             return
         start(ledger)
+
+
+def _reap() -> None:
+    """Collect the exit status of the pushers this process started that ended."""
+    for pid in list(_started):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere
+            done = pid
+        if done:
+            _started.discard(pid)
 
 
 def _unshipped(ledger: Ledger) -> bool:
@@ -109,7 +125,12 @@ def start(ledger: Ledger) -> int | None:
             "--host-name", ledger.identity.name, "fleet", "push", "--follow",
             "--exit-when-idle", f"{IDLE_EXIT_S:g}", "--quiet"]
     null = os.devnull
-    return os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
+    # A session of its own: the script's terminal, its Ctrl-C and its end are not the
+    # pusher's. Its output goes nowhere: a script reading a step's output through a
+    # pipe ($(...)) must not wait for the pusher to close it.
+    pid = os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, null, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0),
         (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0)])
+    _started.add(pid)
+    return pid
