@@ -161,6 +161,11 @@ def test_no_free_slot_is_exit_14_naming_the_holders(tmp_path: Path, pg_url: str)
                    "0" * 64, 4242)
     try:
         assert holder.take(1) == 1
+        with Fleet(pg_url, Identity("reader", None)) as fleet:  # the holder, as ops see it
+            (row,) = [r for r in fleet.status() if r["host"] == "db7"]
+        assert [(s["plan"], s["slot"]) for s in row["slots"]] == [("observability-stack", 1)]
+        code, out, _ = finished(ledger_process("--fleet", pg_url, "fleet", "status"))
+        assert code == 0 and "observability-stack#1 since" in out
         for args, said in ((["--no-wait"], "no free slot"),
                            (["--wait-timeout", "0.3"], "after waiting 0.3 s")):
             code, out, err = finished(apply_host(tmp_path / "h", "h", pg_url, plan, *args))

@@ -190,8 +190,10 @@ def test_what_is_not_a_fleet_is_refused_and_steps_go_on(home: Path, tmp_path: Pa
 
 
 def _grow(led: Ledger, rng: random.Random, round_: int) -> None:
-    """Some changes of every kind a push ships: upgrades begun, planned, upgraded,
-    failed, rolled back, annotated, imported, saved, pruned."""
+    """Some changes of every kind a push ships: upgrades begun, superseded, planned,
+    upgraded, failed, skipped, rolled back, resumed, annotated, noted, saved as a
+    legacy document, imported, saved to history, pruned. Each round checks the copy:
+    a change that wrote no event (and so was not shipped) would show."""
     if round_ % 4 == 0:
         led.init(f"u{round_}", supersede=True)
         for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
@@ -213,6 +215,24 @@ def _grow(led: Ledger, rng: random.Random, round_: int) -> None:
                 led.component_complete(name, phase="a")
         else:
             led.annotate("test.note", name, {"round": round_})
+    extra = rng.choice(("skip", "save", "resume", "note", "roll back", "phase"))
+    if extra == "skip" and led.component_status("z", phase="b").get("state") == "PENDING":
+        led.component_skip("z", "already there", phase="b")
+    elif extra == "save":
+        led.save_document({"ticket": f"OPS-{round_}"})  # the legacy save: kept keys
+    elif extra == "resume" and led.can_resume():
+        led.resume()
+    elif extra == "note":
+        led.note("test.aside", None, {"round": round_})
+    elif extra == "roll back":
+        done = [n for n in names if led.component_status(n, phase="a").get("state")
+                == "COMPLETED"]
+        if done:
+            led.component_rolled_back(done[0], "restored", phase="a")
+    elif extra == "phase" and "b" in led.document()["phases"]:
+        led.phase_start("b")
+        led.phase_fail("b", f"round {round_}")
+        led.phase_start("a")
     if round_ % 4 == 3:
         if rng.random() < 0.5:
             led.import_document(led.document())  # the upgrade's rows replaced whole
