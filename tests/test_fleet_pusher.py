@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import child_env, ledger_process, run_ledger
 from fleethelpers import assert_same, fleet_cursor, stop_pusher, wait_for
@@ -23,6 +24,7 @@ from test_bash_functions import bash_env
 from ledger.api import Ledger
 from ledger.fleet import pusher, pushstate, spawn
 from ledger.lock import DirLock
+from ledger.ops import restore, snapshots
 from ledger.store.home import Home
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -207,3 +209,31 @@ def test_with_the_fleet_stopped_a_drop_in_upgrade_runs_and_one_push_catches_up(
     assert_same(url, HOST, home / "ledger.db")
     with Ledger(home, host_name=HOST, wired=False) as led:
         assert pushstate.status(led.db, None)["failures"] == 0
+
+
+def test_a_follower_follows_a_restored_ledger(home: Path, pg_url: str) -> None:
+    """``restore`` puts another file in place of ledger.db: a running follower ships
+    what is in the new file (the restored ledger anew), not the file set aside."""
+    with Ledger(home, host_name=HOST, wired=False) as led:
+        led.init("u1")
+        snapshots.take_now(led)
+        led.set_state("PLANNING")
+    proc = ledger_process("--home", home, "--host-name", HOST, "--fleet", pg_url,
+                          "fleet", "push", "--follow")
+    try:
+        wait_for(lambda: fleet_cursor(pg_url, HOST) == newest(home), what="the push")
+        restore.restore(Home.at(home), force=True)
+        with Ledger(home, host_name=HOST, wired=False) as led:
+            led.set_state("PLANNING")
+            led.set_state("BACKING_UP")
+        wait_for(lambda: fleet_state(pg_url) == "BACKING_UP", what="the restored ledger")
+        assert_same(pg_url, HOST, home / "ledger.db")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def fleet_state(url: str) -> str | None:
+    with psycopg.connect(url) as pg:
+        row = pg.execute("SELECT state FROM host_status WHERE host = %s", (HOST,)).fetchone()
+    return None if row is None else row[0]

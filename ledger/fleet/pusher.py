@@ -47,6 +47,8 @@ class Pusher:
         self.shown_url = urls.mask(fleet_url)
         self.identity = identity
         self.batch = batch
+        self.db_path = db_path
+        self._file = _file_id(db_path)
         self.local: Database = SqliteDatabase(db_path)
         self.local.identity = identity
         self._fleet: Database | None = None
@@ -70,6 +72,8 @@ class Pusher:
                 not isinstance(exc, OSError) else FleetUnavailable(str(exc))
             with contextlib.suppress(LedgerError):
                 pushstate.failed(self.local, self.shown_url, str(error))
+            if error is exc:
+                raise
             raise error from exc
         self.shipped, self.failing = done.shipped_event_id, False
         pushstate.succeeded(self.local, self.shown_url, self.shipped)
@@ -87,7 +91,18 @@ class Pusher:
         return True
 
     def newest(self) -> int:
-        """The newest event id of the host's ledger (0 when it has none)."""
+        """The newest event id of the host's ledger (0 when it has none). A ledger.db
+        replaced since it was opened (``restore``) is opened again: the connection
+        would go on reading the file set aside."""
+        now = _file_id(self.db_path)
+        if now is not None and now != self._file:
+            self.local.close()
+            self.local = SqliteDatabase(self.db_path)
+            self.local.identity = self.identity
+            self._file = now
+            # What the new file says was shipped: the next push finds out the rest.
+            self.shipped = int((pushstate.read(self.local) or {}).get("shipped_event_id")
+                               or 0)
         with self.local.read() as tx:
             return int(tx.scalar("SELECT COALESCE(MAX(id), 0) FROM events "
                                  "WHERE host = :host") or 0)
@@ -101,6 +116,15 @@ class Pusher:
     def close(self) -> None:
         self._drop()
         self.local.close()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file *path* is (device, inode), or None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def pusher_for(ledger: Ledger, *, batch: int = ship.BATCH) -> Pusher:
