@@ -46,6 +46,7 @@ def fleet_cli(url: str, *args: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
+@pytest.mark.slow
 def test_fleet_status_is_one_row_per_host_in_every_format(fleet: str) -> None:
     code, out, err = fleet_cli(fleet, "status", "--json")
     assert code == 0, err
@@ -66,6 +67,7 @@ def test_fleet_status_is_one_row_per_host_in_every_format(fleet: str) -> None:
     assert plain[0].split("\t")[:3] == ["web1", "u2", "UPGRADING"]
 
 
+@pytest.mark.slow
 def test_fleet_history_and_show_read_every_host(fleet: str) -> None:
     code, out, _ = fleet_cli(fleet, "history", "--json")
     assert code == 0
@@ -89,6 +91,7 @@ def test_fleet_history_and_show_read_every_host(fleet: str) -> None:
         assert code == 5 and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_fleet_sql_reads_and_refuses_writes(fleet: str) -> None:
     code, out, err = fleet_cli(fleet, "sql", "SELECT host, state FROM host_status "
                                "WHERE host = :h", "-p", "h=web2", "-f", "csv")

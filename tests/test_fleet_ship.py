@@ -145,6 +145,7 @@ def test_a_name_another_machine_claimed_is_refused(tmp_path: Path, pg_url: str) 
     assert fleet_copy(pg_url, HOST, tmp_path / "a" / "ledger.db") == before
 
 
+@pytest.mark.slow
 def test_an_unreachable_fleet_is_one_line_exit_16_and_recorded(home: Path,
                                                               pg_url: str) -> None:
     gone = pg_url.replace("/ledger_", "/no_such_", 1)
@@ -174,6 +175,7 @@ def test_an_unreachable_fleet_is_one_line_exit_16_and_recorded(home: Path,
     assert_same(pg_url, HOST, home / "ledger.db")
 
 
+@pytest.mark.slow
 def test_what_is_not_a_fleet_is_refused_and_steps_go_on(home: Path, tmp_path: Path) -> None:
     sqlite_url = f"sqlite:///{tmp_path / 'x.db'}"
     step = run_ledger("--home", home, "--fleet", sqlite_url, "init")
