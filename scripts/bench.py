@@ -21,7 +21,8 @@ throwaway server is started as the test suite does (tests/pgserver.py) when
 ``initdb`` is installed, else they are skipped (``--no-pg`` skips them always).
 The same server is the fleet database of the fleet figures: the CLI step at 20
 components with a fleet URL configured (a pusher running in the background) and with
-the fleet database down, beside the local step of the same rounds; how many events a
+the fleet database down (the drop-in's call too), beside the local step of the same
+rounds; how many events a
 push sends per second (batches of 1,000); and the lag from a step to its row in the
 fleet database while ``fleet push --follow`` runs.
 
@@ -263,6 +264,12 @@ class Bench:
                     put(key, n, self._run([*fbase, "component", "start", comp, "1.4.2",
                                            "1.5.0"], env), keep)
                     put(key, n, self._run([*fbase, "component", "complete", comp], env), keep)
+                if n == REFERENCE_SIZE and "fleet_down_cli_step" in fleet_homes:
+                    # The drop-in too, with the fleet database down.
+                    for sample in self.dropin_cycle(fleet_homes["fleet_down_cli_step"],
+                                                    self.step_component(n, i + 7),
+                                                    FLEET_DOWN):
+                        put("fleet_down_dropin_step", n, sample, keep)
                 if pg_home is not None and n == REFERENCE_SIZE:
                     # The same step, same round, against the server.
                     pg = [*self.cli, "--home", str(pg_home), "--db", str(self.pg_url),
@@ -281,7 +288,8 @@ class Bench:
             else:
                 self._put(key, at, figure)
 
-    def dropin_cycle(self, home: Path, name: str) -> list[tuple[float, float]]:
+    def dropin_cycle(self, home: Path, name: str, fleet_url: str | None = None,
+                     ) -> list[tuple[float, float]]:
         """One start and one complete through the drop-in, timed inside one bash (which
         sources the library first, as scripts do): [(ms, -1), (ms, -1)] (no CPU figure:
         the calls share their shell). Nothing when the drop-in is not there."""
@@ -295,6 +303,8 @@ class Bench:
             't2=$EPOCHREALTIME; echo "$t0 $t1 $t2"',
         ])
         env = dict(self.env, UPGRADE_STATE_DIR=str(home))
+        if fleet_url is not None:
+            env["LEDGER_FLEET_URL"] = fleet_url
         if len(self.cli) == 1:
             env["UPGRADE_LEDGER_BIN"] = self.cli[0]  # else it is found on PATH
         bash = shutil.which("bash") or "/bin/bash"
@@ -645,6 +655,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("pg_round_trips", "PostgreSQL round trips per step", "", ""),
     ("fleet_cli_step", "CLI step, fleet URL set (start|complete)", "cli", ""),
     ("fleet_down_cli_step", "CLI step, fleet database down", "cli", ""),
+    ("fleet_down_dropin_step", "drop-in call, fleet database down", "cli", ""),
     ("fleet_push_rate", "fleet push, history (events/s, 1,000/batch)", "", ""),
     ("fleet_push_rate_steps", "fleet push, one upgrade's steps (events/s)", "", ""),
     ("fleet_lag", "lag step -> fleet row (push --follow)", "", ""),
@@ -698,8 +709,9 @@ def judge(rows: dict[str, dict[str, Any]], sizes: Sequence[int]) -> dict[str, di
                 "history_big_host"):
         check(key, f"<=100 @{FULL_HISTORY:,} upg.", [(big, median(key, big), 100.0)])
     check("state_size", "@100<=31 KB", [("@100", median("state_size", 100), 31.0)])
-    local = median("cli_step", REFERENCE_SIZE)
-    for key in ("fleet_cli_step", "fleet_down_cli_step"):
+    for key, local_key in (("fleet_cli_step", "cli_step"), ("fleet_down_cli_step", "cli_step"),
+                           ("fleet_down_dropin_step", "dropin_step")):
+        local = median(local_key, REFERENCE_SIZE)
         check(key, f"<=1.1x local @{REFERENCE_SIZE}",
               [(f"median @{REFERENCE_SIZE}", median(key, REFERENCE_SIZE),
                 1.1 * local if local is not None else math.inf)])

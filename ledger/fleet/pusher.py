@@ -49,8 +49,7 @@ class Pusher:
         self.batch = batch
         self.db_path = db_path
         self._file = _file_id(db_path)
-        self.local: Database = SqliteDatabase(db_path)
-        self.local.identity = identity
+        self.local: Database = _open_local(db_path, identity)
         self._fleet: Database | None = None
         record = pushstate.read(self.local) or {}
         #: The last event the fleet confirmed it has (0 before the first push).
@@ -97,8 +96,7 @@ class Pusher:
         now = _file_id(self.db_path)
         if now is not None and now != self._file:
             self.local.close()
-            self.local = SqliteDatabase(self.db_path)
-            self.local.identity = self.identity
+            self.local = _open_local(self.db_path, self.identity)
             self._file = now
             # What the new file says was shipped: the next push finds out the rest.
             self.shipped = int((pushstate.read(self.local) or {}).get("shipped_event_id")
@@ -116,6 +114,15 @@ class Pusher:
     def close(self) -> None:
         self._drop()
         self.local.close()
+
+
+def _open_local(path: Path, identity: Identity) -> Database:
+    """The host's ledger, as a pusher reads it. Its only writes are its record of the
+    pushes, which a power loss may lose (the next push writes it again): they are
+    committed without an fsync each, not to take the disk from the steps."""
+    db = SqliteDatabase(path, synchronous="NORMAL")
+    db.identity = identity
+    return db
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
