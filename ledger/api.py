@@ -14,12 +14,14 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from ledger import queries
 from ledger.core import clock, host, states
 from ledger.core.host import check_host
+from ledger.core.rollout import Rollout
 from ledger.core.validate import (
     MAX_NUMBER,
     check_id,
@@ -60,6 +62,26 @@ _ATTEMPT_IN_PROGRESS = "CASE WHEN attempts < 1 THEN 1 ELSE attempts END"
 
 #: A planned component: (name, from_version, to_version).
 PlannedComponent = tuple[str, str | None, str | None]
+#: Where the fleet database is, unless ``Ledger(fleet_url=...)`` says (docs/fleet.md).
+FLEET_URL_ENV = "LEDGER_FLEET_URL"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an ``apply`` run tells its ``during_run`` listeners as it starts: the plan
+    (name, sha256 of its file, path), its rolling-upgrade limits, whether it resumes
+    an upgrade of this plan in progress or has nothing to do (the plan is applied
+    already), a function that says whether the run was asked to stop, and one that
+    tells the operator something."""
+
+    plan_name: str
+    plan_sha256: str
+    plan_path: str
+    rollout: Rollout
+    resuming: bool
+    idle: bool
+    stopping: Callable[[], bool]
+    say: Callable[[str], None]
 
 
 class Ledger:
@@ -103,9 +125,13 @@ class Ledger:
         host_name: str | None = None,
         create: bool = True,
         db: Database | None = None,
+        fleet_url: str | None = None,
     ) -> None:
         #: The environment the ledger's settings are read from (default: os.environ).
         self.env: Mapping[str, str] = os.environ if env is None else env
+        #: The fleet database this host's ledger is shipped to (*fleet_url*, else
+        #: ``LEDGER_FLEET_URL``), or None; the fleet part (``ledger.fleet``) ships it.
+        self.fleet_url: str | None = fleet_url or self.env.get(FLEET_URL_ENV) or None
         #: Whose rows this ledger reads and writes: *host_name*, else ``LEDGER_HOST``,
         #: else the kernel's node name; with this machine's id.
         self.identity = host.identity(self.env, host_name)
@@ -122,10 +148,10 @@ class Ledger:
         self.after_change: list[Callable[[], object]] = []
         #: Called with the upgrade id after ``save_to_history`` wrote its file.
         self.after_save: list[Callable[[str], object]] = []
-        #: Context managers entered around an ``apply`` run, given this ledger and a
-        #: function that says whether the run was asked to stop (notifications are
-        #: delivered as the run goes this way, and cut short when it stops).
-        self.during_run: list[Callable[[Ledger, Callable[[], bool]],
+        #: Context managers entered around an ``apply`` run, given this ledger and the
+        #: run's ``RunContext`` (notifications are delivered as the run goes this way,
+        #: and cut short when it stops; the fleet takes a slot and ships the changes).
+        self.during_run: list[Callable[[Ledger, RunContext],
                                        AbstractContextManager[object]]] = []
         #: Extra sections of ``status()``: name -> function returning its data.
         self.status_sections: dict[str, Callable[[], object]] = {}
@@ -856,6 +882,26 @@ class Ledger:
         *kind* is ``word.word`` (lower case, at most 32 characters) outside
         ``CORE_EVENT_KINDS``; *detail* must be JSON.
         """
+        self._check_annotation(kind, subject, detail)
+
+        def action(tx: Tx) -> None:
+            u = self._current(tx)
+            self._event(tx, kind, u["id"], subject, detail=detail)
+
+        self._change(action, [])  # no component changes: the view can be patched
+
+    def note(self, kind: str, subject: str | None = None,
+             detail: Mapping[str, Any] | None = None) -> None:
+        """Append one event of this host that belongs to no upgrade (as ``annotate``
+        checks it): what happened around the upgrades, such as a rolling-upgrade slot
+        taken or freed. No view changes: state.json shows the current upgrade only."""
+        self._check_annotation(kind, subject, detail)
+        with self.db.write() as tx:
+            self._event(tx, kind, None, subject, detail=detail)
+        self._changed()
+
+    def _check_annotation(self, kind: str, subject: str | None,
+                          detail: Mapping[str, Any] | None) -> None:
         if not isinstance(kind, str) or not _ANNOTATION_KIND.fullmatch(kind) or \
                 len(kind) > 32 or kind.startswith(self.CORE_EVENT_KINDS):
             raise BadInput(f"event kind {kind!r} is not allowed; use lower-case word.word "
@@ -867,12 +913,6 @@ class Ledger:
         except (TypeError, ValueError) as exc:
             raise BadInput(f"event detail must be JSON: {exc}") from None
         check_text(text, "event detail")
-
-        def action(tx: Tx) -> None:
-            u = self._current(tx)
-            self._event(tx, kind, u["id"], subject, detail=detail)
-
-        self._change(action, [])  # no component changes: the view can be patched
 
     # -- rollback points -----------------------------------------------------------
 
@@ -1091,19 +1131,7 @@ class Ledger:
         then iterate; close it, or use ``with``). Writes and pragmas that set something
         are refused before they run; past *timeout_s* seconds (None: no limit) the query
         is stopped with ``QueryTimeout``, and Ctrl-C stops it too."""
-        if not isinstance(sql, str) or not sql.strip():
-            raise BadInput("sql: the query is empty")
-        if _SURROGATE.search(sql):
-            raise BadInput("sql: the query is not valid UTF-8 text")
-        for name, value in (params or {}).items():
-            if not isinstance(name, str) or (isinstance(value, str) and
-                                             _SURROGATE.search(value)):
-                raise BadInput(f"sql: parameter {name} is not valid UTF-8 text")
-        if timeout_s is not None and (isinstance(timeout_s, bool) or
-                                      not isinstance(timeout_s, int | float) or
-                                      not 0 < timeout_s <= MAX_REPORT_TIMEOUT_S):
-            raise BadInput(f"sql: the timeout must be a number of seconds from 0 to "
-                           f"{MAX_REPORT_TIMEOUT_S:g}, or None for no limit")
+        check_report(sql, params, timeout_s)
         return self.db.report(sql, params, timeout_s=timeout_s)
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None, *,
@@ -1241,6 +1269,25 @@ class Ledger:
         return previous
 
 
+def check_report(sql: str, params: Mapping[str, Any] | None,
+                 timeout_s: float | None) -> None:
+    """Refuse a reporting query that is empty or not UTF-8 text, a parameter that is
+    not, or a timeout out of range (``BadInput``), before anything runs."""
+    if not isinstance(sql, str) or not sql.strip():
+        raise BadInput("sql: the query is empty")
+    if _SURROGATE.search(sql):
+        raise BadInput("sql: the query is not valid UTF-8 text")
+    for name, value in (params or {}).items():
+        if not isinstance(name, str) or (isinstance(value, str) and
+                                         _SURROGATE.search(value)):
+            raise BadInput(f"sql: parameter {name} is not valid UTF-8 text")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or
+                                  not isinstance(timeout_s, int | float) or
+                                  not 0 < timeout_s <= MAX_REPORT_TIMEOUT_S):
+        raise BadInput(f"sql: the timeout must be a number of seconds from 0 to "
+                       f"{MAX_REPORT_TIMEOUT_S:g}, or None for no limit")
+
+
 def _json_text(doc: str | bytes | Mapping[str, Any]) -> str | bytes:
     """A document as JSON text; a mapping must hold what a file could (no NaN, no
     sets, no objects)."""
@@ -1254,5 +1301,5 @@ def _json_text(doc: str | bytes | Mapping[str, Any]) -> str | bytes:
             "null, lists and objects") from exc
 
 
-__all__ = ["Ledger", "PlannedComponent"]
+__all__ = ["FLEET_URL_ENV", "Ledger", "PlannedComponent", "RunContext", "check_report"]
 

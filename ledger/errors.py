@@ -127,3 +127,25 @@ class CorruptLedger(LedgerError):
 class SchemaTooNew(LedgerError):
     """The ledger was migrated by a newer upgrade-ledger than this one."""
 
+
+
+class FleetUnavailable(StorageError):
+    """The fleet database cannot be reached, or cannot be used as one."""
+
+
+class NoSlot(LedgerError):
+    """Every rolling-upgrade slot of the plan is held by other hosts, and waiting was
+    not allowed (``--no-wait``) or took longer than allowed (``--wait-timeout``)."""
+
+    def __init__(self, message: str, holders: Iterable[Any] = ()) -> None:
+        self.holders = tuple(holders)
+        super().__init__(message)
+
+
+class BrakeEngaged(LedgerError):
+    """Enough hosts ended this plan FAILED or ROLLED_BACK that ``apply`` refuses to
+    start it on another (the plan's ``halt_after_failures``)."""
+
+    def __init__(self, message: str, hosts: Iterable[str] = ()) -> None:
+        self.hosts = tuple(hosts)
+        super().__init__(message)

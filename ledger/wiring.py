@@ -12,7 +12,12 @@ one place that decides which effects follow a change by default:
 - ``status()`` carries a ``notify`` section;
 - after an upgrade that COMPLETED is saved to history, the retention policy in the
   ``[retention]`` section of ``HOME/ledger.toml``, if there is one, removes the
-  files of upgrades past it (``ledger.ops.prune``).
+  files of upgrades past it (``ledger.ops.prune``);
+- with a fleet database (``LEDGER_FLEET_URL``, ``--fleet``): after each change of a
+  SQLite ledger, a pusher is started in the background when none runs
+  (``ledger.fleet.spawn``: standard library only, the step never waits); ``status()``
+  carries a ``fleet`` section; around an ``apply`` run, the plan's rolling-upgrade
+  limits are honoured and every change is pushed (``ledger.fleet.rollout``).
 
 Each effect's module is imported when the effect first happens, not here: the
 per-step commands register these listeners on every call and must stay light.
@@ -21,10 +26,11 @@ Importing ``ledger`` installs this wiring.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 from contextlib import AbstractContextManager
 
-from ledger.api import Ledger
+from ledger.api import Ledger, RunContext
+from ledger.store import urls
 
 TEXTFILE_ENV = "LEDGER_METRICS_TEXTFILE"
 
@@ -40,6 +46,11 @@ def install(ledger: Ledger) -> None:
     ledger.after_save.append(lambda upgrade_id: _retention(ledger, upgrade_id))
     ledger.during_run.append(_deliver_notifications)
     ledger.status_sections["notify"] = lambda: _notify_status(ledger)
+    ledger.during_run.append(_fleet_run)
+    if ledger.fleet_url:
+        if urls.is_postgres(ledger.fleet_url) and ledger.db.dialect == "sqlite":
+            ledger.after_change.append(lambda: _start_pusher(ledger))
+        ledger.status_sections["fleet"] = lambda: _fleet_status(ledger)
 
 
 def _refresh_metrics(ledger: Ledger, textfile: str) -> None:
@@ -60,11 +71,30 @@ def _retention(ledger: Ledger, upgrade_id: str) -> None:
     prune.after_upgrade(ledger, upgrade_id)
 
 
-def _deliver_notifications(ledger: Ledger, stopping: Callable[[], bool],
-                           ) -> AbstractContextManager[None]:
+def _deliver_notifications(ledger: Ledger, run: RunContext) -> AbstractContextManager[None]:
     from ledger.observe import notify  # noqa: PLC0415 (only during an apply run)
 
-    return notify.delivering(ledger, cancel=stopping)
+    return notify.delivering(ledger, cancel=run.stopping)
+
+
+def _start_pusher(ledger: Ledger) -> None:
+    from ledger.fleet import spawn  # noqa: PLC0415 (stdlib only: this is the per-step path)
+
+    spawn.after_change(ledger)
+
+
+def _fleet_run(ledger: Ledger, run: RunContext) -> AbstractContextManager[None]:
+    if ledger.fleet_url is None and not run.rollout.limited:
+        return contextlib.nullcontext()
+    from ledger.fleet import rollout  # noqa: PLC0415 (only during an apply run)
+
+    return rollout.during_run(ledger, run)
+
+
+def _fleet_status(ledger: Ledger) -> dict[str, object]:
+    from ledger.fleet import status  # noqa: PLC0415 (only for status)
+
+    return status.local(ledger)
 
 
 def _notify_status(ledger: Ledger) -> dict[str, object]:

@@ -22,6 +22,12 @@ step of the same run, and what it is made of) use ``--pg-url`` or
 ``LEDGER_BENCH_PG_URL`` (a role that may create a database); without either, a
 throwaway server is started as the test suite does (tests/pgserver.py) when
 ``initdb`` is installed, else they are skipped (``--no-pg`` skips them always).
+The same server is the fleet database of the fleet figures: the CLI step at 20
+components with a fleet URL configured (a pusher running in the background) and with
+the fleet database down (the drop-in's call too), beside the local step of the same
+rounds; how many events a
+push sends per second (batches of 1,000); and the lag from a step to its row in the
+fleet database while ``fleet push --follow`` runs.
 
 Everything happens in a temporary folder that is removed at the end. Child
 processes get a private bytecode cache (``PYTHONPYCACHEPREFIX``) so that they
@@ -32,6 +38,7 @@ measure what an installed command costs, not the compilation of our sources
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -72,6 +79,7 @@ except ImportError:  # pragma: no cover - running from a bare checkout
     import ledger
 
 from ledger.api import Ledger  # noqa: E402
+from ledger.fleet import pusher, spawn  # noqa: E402
 from ledger.lock import DirLock  # noqa: E402
 from ledger.store import urls  # noqa: E402
 
@@ -127,11 +135,12 @@ class Bench:
 
     # processes ------------------------------------------------------------------------
 
-    def _run(self, argv: list[str]) -> tuple[float, float]:
+    def _run(self, argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
         """Run one process to its end: (wall ms, its user+system CPU ms)."""
         with tempfile.TemporaryFile() as err:
             start = time.perf_counter()
-            child = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
+            child = subprocess.Popen(argv, env=env or self.env, stdout=subprocess.DEVNULL,
+                                     stderr=err)
             _, status, usage = os.wait4(child.pid, 0)  # wait4: the child's own CPU time too
             wall = (time.perf_counter() - start) * 1000
             child.returncode = os.waitstatus_to_exitcode(status)
@@ -183,10 +192,10 @@ class Bench:
 
     # ledgers --------------------------------------------------------------------------
 
-    def make_ledger(self, n: int, url: str | None = None) -> Path:
+    def make_ledger(self, n: int, url: str | None = None, name: str | None = None) -> Path:
         """A ledger mid-upgrade: phase p1 current, n components of which half done
         (in the home's SQLite file, or at *url*)."""
-        home = self.work / (f"ledger-{n}" if url is None else f"pg-ledger-{n}")
+        home = self.work / (name or (f"ledger-{n}" if url is None else f"pg-ledger-{n}"))
         with Ledger(home, db_url=url, host_name=PG_HOST if url else None) as led:
             led.init("bench-upgrade")
             for state in ("PLANNING", "BACKING_UP", "UPGRADING"):
@@ -226,6 +235,7 @@ class Bench:
         if self.pg_url is not None:
             floors[PG_IMPORT] = [self.python, "-c", "import click, sqlite3, json, psycopg"]
             pg_home = self.make_ledger(REFERENCE_SIZE, self.pg_url)
+        fleet_homes = self.fleet_copies(homes)
         samples: dict[tuple[str, int | str], list[tuple[float, float]]] = {}
 
         def put(key: str, at: int | str, sample: tuple[float, float], keep: bool) -> None:
@@ -253,15 +263,11 @@ class Bench:
                     for sample in self.legacy_cycle(self.legacy_homes[n],
                                                     self.step_component(n, i + 3)):
                         put("legacy_step", n, sample, keep)
-                if pg_home is not None and n == REFERENCE_SIZE:
-                    # The same step, same round, against the server.
-                    pg = [*self.cli, "--home", str(pg_home), "--db", str(self.pg_url),
-                          "--host-name", PG_HOST]
-                    comp = self.step_component(n, i)
-                    put("pg_cli_step", n, self._run([*pg, "component", "start", comp,
-                                                     "1.4.2", "1.5.0"]), keep)
-                    put("pg_cli_step", n, self._run([*pg, "component", "complete", comp]),
-                        keep)
+                if n == REFERENCE_SIZE:
+                    for key, sample in self.reference_round(i, names, fleet_homes, pg_home):
+                        put(key, n, sample, keep)
+        for fleet_home, _ in fleet_homes.values():
+            stop_pusher(fleet_home)
         for (key, at), runs in samples.items():
             figure = summarize([w for w, _ in runs], [c for _, c in runs if c >= 0])
             if at == "floor":
@@ -269,13 +275,56 @@ class Bench:
             else:
                 self._put(key, at, figure)
 
+    def fleet_copies(self, homes: dict[int, Path]) -> dict[str, tuple[Path, str]]:
+        """Copies of the reference ledger for the step with a fleet configured (its
+        pusher running in the background) and with the fleet database down:
+        {row key: (home, fleet URL)}."""
+        if REFERENCE_SIZE not in homes:
+            return {}
+        fleets = {"fleet_down_cli_step": FLEET_DOWN}
+        if self.pg_url is not None:
+            fleets["fleet_cli_step"] = self.pg_url
+        for key in fleets:
+            shutil.copytree(homes[REFERENCE_SIZE], self.work / key, symlinks=True)
+        return {key: (self.work / key, url) for key, url in fleets.items()}
+
+    def reference_round(self, i: int, names: Sequence[str],
+                        fleet_homes: dict[str, tuple[Path, str]], pg_home: Path | None,
+                        ) -> list[tuple[str, tuple[float, float]]]:
+        """Round *i*'s figures taken at the reference size only: the step with a fleet
+        URL (and the fleet database up or down), the drop-in with the fleet database
+        down, the step against the PostgreSQL server; [(row key, sample), ...]."""
+        taken: list[tuple[str, tuple[float, float]]] = []
+        comp = self.step_component(REFERENCE_SIZE, i)
+        for key, (fleet_home, url) in fleet_homes.items():
+            env = dict(self.env, LEDGER_FLEET_URL=url)
+            fbase = [*self.cli, "--home", str(fleet_home)]
+            taken.append((key, self._run([*fbase, "component", "start", comp, "1.4.2",
+                                          "1.5.0"], env)))
+            taken.append((key, self._run([*fbase, "component", "complete", comp], env)))
+        if "fleet_down_cli_step" in fleet_homes:
+            # The drop-in too (its session), with the fleet database down.
+            taken += [("fleet_down_dropin_step", sample) for sample in self.dropin_cycle(
+                fleet_homes["fleet_down_cli_step"][0], names, session=True,
+                fleet_url=FLEET_DOWN)]
+        if pg_home is not None:
+            # The same step, same round, against the server.
+            pg = [*self.cli, "--home", str(pg_home), "--db", str(self.pg_url),
+                  "--host-name", PG_HOST]
+            taken.append(("pg_cli_step", self._run([*pg, "component", "start", comp,
+                                                    "1.4.2", "1.5.0"])))
+            taken.append(("pg_cli_step", self._run([*pg, "component", "complete", comp])))
+        return taken
+
     def dropin_cycle(self, home: Path, names: Sequence[str], *,
-                     session: bool) -> list[tuple[float, float]]:
+                     session: bool, fleet_url: str | None = None,
+                     ) -> list[tuple[float, float]]:
         """A start and a complete of each of *names* through the drop-in, timed inside one
         bash (which sources the library first, as scripts do): [(ms, -1), ...] (no CPU
         figure: the calls share their shell). With *session*, one untimed call first
         starts the shell's session, as a script's first call does; without, every call
-        is its own process (UPGRADE_LEDGER_SESSION=0). Nothing when the drop-in is not
+        is its own process (UPGRADE_LEDGER_SESSION=0). *fleet_url* is the fleet
+        database the calls are configured with. Nothing when the drop-in is not
         there."""
         if not DROP_IN.exists() or self.skip_drop_in:
             return []
@@ -289,6 +338,8 @@ class Bench:
         lines.append('echo "${t[*]}"')
         env = dict(self.env, UPGRADE_STATE_DIR=str(home),
                    UPGRADE_LEDGER_SESSION="1" if session else "0")
+        if fleet_url is not None:
+            env["LEDGER_FLEET_URL"] = fleet_url
         if len(self.cli) == 1:
             env["UPGRADE_LEDGER_BIN"] = self.cli[0]  # else it is found on PATH
         return _timed_bash("\n".join(lines), env)
@@ -422,6 +473,50 @@ class Bench:
             self._put("pg_round_trips", n, {"median": max(trips, trips_done), "p90": None,
                                             "n": 2})
 
+    def measure_fleet(self) -> None:
+        """Push throughput (a ledger of finished upgrades, batches of 1,000 events) and
+        the lag from a step to its row in the fleet database under ``push --follow``."""
+        import psycopg  # noqa: PLC0415 (only with a server)
+
+        url = str(self.pg_url)
+        count = min(self.history_upgrades, FLEET_HISTORY)
+        self.log(f"fleet: pushing {count:,} upgrades ({2 * count:,} events)")
+        home = self.work / "fleet-push"
+        with Ledger(home, host_name="bench-push") as led:
+            pass
+        build_history(home / "ledger.db", count, "bench-push")
+        self._put("fleet_push_rate", f"{self.history_upgrades:,} upgrades",
+                  _push_rate(home, "bench-push", url))
+        # The other shape: one upgrade's step events (what a host sends as it upgrades).
+        home = self.make_ledger(REFERENCE_SIZE, name="fleet-steps")
+        add_step_events(home / "ledger.db", 2 * count)
+        self._put("fleet_push_rate_steps", REFERENCE_SIZE, _push_rate(home, None, url))
+        self.log("fleet: lag under push --follow")
+        home = self.make_ledger(REFERENCE_SIZE, name="fleet-follow")
+        follower = subprocess.Popen([*self.cli, "--home", str(home), "fleet", "push",
+                                     "--follow"], env=dict(self.env, LEDGER_FLEET_URL=url),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples: list[float] = []
+        try:
+            with Ledger(home, wired=False) as led, psycopg.connect(url) as pg:
+                host = led.identity.name
+                for i in range(-1, self.repeat):  # -1: the follower's first push
+                    name = self.step_component(REFERENCE_SIZE, i)
+                    led.component_start(name, "1.4.2", "1.5.0")
+                    stepped = time.perf_counter()
+                    event = led.events(limit=1, newest=True)[0]["id"]
+                    while not pg.execute("SELECT 1 FROM events WHERE host = %s AND "
+                                         "local_id = %s", (host, event)).fetchall():
+                        time.sleep(0.002)
+                    if i >= 0:
+                        samples.append((time.perf_counter() - stepped) * 1000)
+                    led.component_complete(name)
+                    time.sleep(0.25)  # steps of a script come apart, not back to back
+        finally:
+            follower.terminate()
+            follower.wait(timeout=60)
+        self._put("fleet_lag", REFERENCE_SIZE, summarize(samples))
+
     def run(self) -> None:
         self.measure_floors()
         homes = {}
@@ -436,10 +531,49 @@ class Bench:
             self.in_process(home, n)
         if self.pg_url is not None:
             self.measure_postgres()
+            self.measure_fleet()
         self.measure_history()
 
 
 PG_HOST = "bench-host"
+#: A fleet database nobody answers for: connections are refused at once.
+FLEET_DOWN = "postgresql://ledger@127.0.0.1:1/fleet"
+#: The most upgrades the push throughput ledger holds (two events each).
+FLEET_HISTORY = 20_000
+
+
+def _push_rate(home: Path, host: str | None, url: str) -> dict[str, Any]:
+    """Events per second of one push of the ledger at *home* to *url* (batches of 1,000)."""
+    with Ledger(home, host_name=host, fleet_url=url, wired=False) as led:
+        start = time.perf_counter()
+        done = pusher.push(led, batch=1000)
+        seconds = time.perf_counter() - start
+    return {"median": round(done.events / seconds), "p90": None, "n": 1}
+
+
+def add_step_events(db_path: Path, count: int) -> None:
+    """Append *count* component events to the bench ledger's upgrade (bulk SQL)."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    host = conn.execute("SELECT name FROM hosts").fetchone()[0]
+    conn.executemany(
+        "INSERT INTO events (host, at, upgrade_id, kind, subject, from_value, to_value, "
+        "username, hostname, pid, detail) VALUES (?, '2026-01-01T10:00:00.000Z', "
+        "'bench-upgrade', 'component.completed', ?, 'UPGRADING', 'COMPLETED', 'ops', ?, "
+        "4242, '{\"phase\": \"p1\"}')",
+        [(host, _component(i % REFERENCE_SIZE), host) for i in range(count)])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def stop_pusher(home: Path) -> None:
+    """Stop the pusher a step started for *home* (it would outlive the bench)."""
+    deadline = time.monotonic() + 30
+    while (pid := spawn.pusher_pid(home)) is not None and time.monotonic() < deadline:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        time.sleep(0.05)
 PG_IMPORT = "import click, sqlite3, json, psycopg"
 PG_CONNECT = "psycopg connect + close"
 PG_ROUND_TRIP = "PostgreSQL round trip (SELECT 1)"
@@ -584,6 +718,12 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("pg_cli_step", "CLI step on PostgreSQL (start|complete)", "pg", ""),
     ("pg_transition", "transition on PostgreSQL (in-process)", "pgnet", ""),
     ("pg_round_trips", "PostgreSQL round trips per step", "", ""),
+    ("fleet_cli_step", "CLI step, fleet URL set (start|complete)", "cli", ""),
+    ("fleet_down_cli_step", "CLI step, fleet database down", "cli", ""),
+    ("fleet_down_dropin_step", "drop-in call, fleet database down", "cli", ""),
+    ("fleet_push_rate", "fleet push, history (events/s, 1,000/batch)", "", ""),
+    ("fleet_push_rate_steps", "fleet push, one upgrade's steps (events/s)", "", ""),
+    ("fleet_lag", "lag step -> fleet row (push --follow)", "", ""),
 ]
 #: Rows shown as a ratio to the old library's call of the same size (same run).
 COMPARED = ("cli_step", "dropin_oneshot", "dropin_step")
@@ -651,6 +791,12 @@ def judge(rows: dict[str, dict[str, Any]], sizes: Sequence[int]) -> dict[str, di
                 "history_big_host"):
         check(key, f"<=100 @{FULL_HISTORY:,} upg.", [(big, median(key, big), 100.0)])
     check("state_size", "@100<=31 KB", [("@100", median("state_size", 100), 31.0)])
+    for key, local_key in (("fleet_cli_step", "cli_step"), ("fleet_down_cli_step", "cli_step"),
+                           ("fleet_down_dropin_step", "dropin_step")):
+        local = median(local_key, REFERENCE_SIZE)
+        check(key, f"<=1.1x local @{REFERENCE_SIZE}",
+              [(f"median @{REFERENCE_SIZE}", median(key, REFERENCE_SIZE),
+                1.1 * local if local is not None else math.inf)])
     return verdicts
 
 

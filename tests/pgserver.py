@@ -37,11 +37,24 @@ class Server:
     """A PostgreSQL server the tests may create databases on."""
 
     def __init__(self, admin_url: str, stop: list[str] | None = None,
-                 folder: Path | None = None) -> None:
+                 folder: Path | None = None, start: list[str] | None = None) -> None:
         self.admin_url = admin_url
         self._stop = stop
+        self._start = start
         self._folder = folder
         self._numbers = itertools.count(1)
+
+    def pause(self) -> None:
+        """Stop a server the suite started (as a crash would: immediate mode), keeping
+        its data; ``resume`` starts it again."""
+        assert self._stop is not None, "not a server of the suite's own"
+        subprocess.run(self._stop, capture_output=True, check=True, timeout=60)
+
+    def resume(self) -> None:
+        """Start again a server ``pause`` stopped."""
+        assert self._start is not None, "not a server of the suite's own"
+        subprocess.run(self._start, capture_output=True, check=True, timeout=180,
+                       cwd=self._folder)
 
     def new_database(self, prefix: str = "t") -> str:
         """Create an empty database; return its URL (postgresql://...)."""
@@ -107,6 +120,12 @@ def start() -> Server:
     given = os.environ.get("LEDGER_TEST_PG_URL")
     if given:
         return Server(given)
+    return start_own()
+
+
+def start_own() -> Server:
+    """A new cluster of the caller's own, whatever ``LEDGER_TEST_PG_URL`` says (a test
+    that stops its server needs one nobody else uses)."""
     initdb, pg_ctl = _binaries()
     prefix = _run_as()
     folder = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
@@ -125,9 +144,9 @@ def start() -> Server:
         raise Unavailable(f"initdb failed: {done.stderr.strip()[-500:]}")
     port = 50000 + os.getpid() % 10000  # names the socket file; no TCP port is opened
     stop = [*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]
-    done = subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"),
-                           "-w", "-t", "120", "-o", f"-p {port} -k {folder} {SERVER_SETTINGS}",
-                           "start"], capture_output=True, text=True, check=False, env=env,
+    begin = [*prefix, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"),
+             "-w", "-t", "120", "-o", f"-p {port} -k {folder} {SERVER_SETTINGS}", "start"]
+    done = subprocess.run(begin, capture_output=True, text=True, check=False, env=env,
                           timeout=180, cwd=folder)
     if done.returncode != 0:
         log = (folder / "server.log").read_text(errors="replace") \
@@ -136,4 +155,4 @@ def start() -> Server:
         shutil.rmtree(folder, ignore_errors=True)
         raise Unavailable(f"pg_ctl start failed: {(done.stderr + log).strip()[-500:]}")
     url = f"postgresql://postgres@/postgres?host={quote(str(folder))}&port={port}"
-    return Server(url, stop, folder)
+    return Server(url, stop, folder, begin)

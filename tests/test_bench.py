@@ -71,6 +71,15 @@ def test_quick_run_json_is_machine_readable() -> None:
     assert ("dropin_step" in result["rows"]) == (REPO / "scripts" / "upgrade-state.sh").exists()
     assert "dropin_oneshot" in result["rows"] and "legacy_step" not in result["rows"]
     assert verdicts["dropin_step"]["checks"][1]["ok"] is None  # no old library: no ratio
+    # The fleet: a step with the fleet database down is measured everywhere; with a
+    # server, a step with a fleet, the push throughput and the lag under --follow too.
+    assert result["rows"]["fleet_down_cli_step"]["20"]["median"] > 0
+    assert verdicts["fleet_down_cli_step"]["ok"] in (True, False)
+    if result["settings"]["postgres"]:
+        assert result["rows"]["fleet_cli_step"]["20"]["median"] > 0
+        assert result["rows"]["fleet_push_rate"]["2,000 upgrades"]["median"] > 0
+        assert result["rows"]["fleet_push_rate_steps"]["20"]["median"] > 0
+        assert result["rows"]["fleet_lag"]["20"]["n"] == 3
     assert result["seconds"] > 0
 
 

@@ -22,7 +22,7 @@ from ledger.ops import doctor
 
 FINDING_KEYS = ["check", "status", "detail", "hint", "repaired"]
 CHECK_NAMES = ["integrity", "schema", "lock", "permissions", "state-view", "history-views",
-               "wal", "stuck", "temp-files", "notifications", "snapshots"]
+               "wal", "stuck", "temp-files", "notifications", "snapshots", "fleet"]
 
 
 def dead_pid() -> int:

@@ -1,10 +1,12 @@
-"""The per-step commands never import SQLAlchemy or Alembic.
+"""The per-step commands never import SQLAlchemy, Alembic or the PostgreSQL driver.
 
 Shell scripts run ``upgrade-ledger`` once per step, so every import is paid per step;
 SQLAlchemy alone costs several hundred milliseconds. Each command below runs in a
-real process on an existing ledger, and reports, at interpreter exit, which of the two
-packages it had imported. A new ledger (which must be migrated) shows that the probe
-does see Alembic when it is imported.
+real process on an existing ledger, with and without a fleet database configured
+(``--fleet``: a change then starts a pusher in the background, which may import what
+it likes, but the step itself never waits on the network), and reports, at
+interpreter exit, which of those packages it had imported. A new ledger (which must
+be migrated) shows that the probe does see Alembic when it is imported.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from pathlib import Path
 
 import pytest
 from conftest import child_env, walk_to_upgrading
+from fleethelpers import stop_pusher, wait_for
 from sessionclient import SessionClient
 
 from ledger.api import Ledger
+from ledger.fleet import spawn
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("sqlalchemy", "alembic")
+HEAVY = ("sqlalchemy", "alembic", "psycopg")
+#: A fleet database nobody answers for (connection refused at once).
+FLEET = "postgresql://ledger@127.0.0.1:1/fleet"
 #: Runs the command as ``python -m ledger`` does, and on exit prints the heavy
 #: top-level packages found in sys.modules (after everything, even sys.exit, ran).
 PROBE = f"""
@@ -40,7 +46,8 @@ runpy.run_module('ledger', run_name='__main__', alter_sys=True)
 def probe(home: Path, *args: str) -> tuple[int, str, str, list[str]]:
     """Run one command in a new interpreter: (exit code, stdout, stderr, heavy imports)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LEDGER_HOME", "UPGRADE_STATE_DIR", "LEDGER_DB_URL", "LEDGER_PID")}
+           if k not in ("LEDGER_HOME", "UPGRADE_STATE_DIR", "LEDGER_DB_URL", "LEDGER_PID",
+                        "LEDGER_FLEET_URL")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-c", PROBE, "--home", str(home), *args],
                           capture_output=True, text=True, check=False, timeout=120, env=env)
@@ -89,15 +96,27 @@ STEPS = [
 ]
 
 
+#: The steps that change the ledger (and so start a pusher when a fleet is configured).
+CHANGING = {"state set", "phase start", "component start", "component complete",
+            "rollback mark"}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("fleet", [None, FLEET], ids=["local", "fleet"])
 @pytest.mark.parametrize(("args", "code", "did"), STEPS, ids=[" ".join(s[0]) for s in STEPS])
-def test_per_step_commands_import_neither_sqlalchemy_nor_alembic(
-        running: Path, home: Path, args: list[str], code: int, did) -> None:
+def test_per_step_commands_import_neither_sqlalchemy_nor_alembic_nor_psycopg(
+        running: Path, home: Path, args: list[str], code: int, did, fleet: str | None) -> None:
     shutil.copytree(running, home, symlinks=True)
-    got, out, err, heavy = probe(home, *args)
-    assert (got, err) == (code, ""), (got, err)
-    assert did(home, out)  # the command really ran (not an early usage error)
-    assert heavy == []
+    try:
+        got, out, err, heavy = probe(home, *(["--fleet", fleet] if fleet else []), *args)
+        assert (got, err) == (code, ""), (got, err)
+        assert did(home, out)  # the command really ran (not an early usage error)
+        assert heavy == []
+        if fleet is not None and " ".join(args[:2]) in CHANGING:
+            # The change started a pusher in the background (which ships it later).
+            wait_for((home / spawn.LOCK_NAME).exists, what="a pusher")
+    finally:
+        stop_pusher(home)
 
 
 @pytest.mark.slow

@@ -21,8 +21,9 @@ from ledger.store.database import SCHEMA_REVISION
 from ledger.store.schema import metadata
 
 TABLES = {"ledger_meta", "hosts", "upgrades", "phases", "components", "rollback_points", "events",
-          "notify_cursors"}
-VIEWS = {"upgrade_summary", "component_runs", "phase_runs", "failures"}
+          "notify_cursors", "fleet_push", "fleet_cursors", "fleet_slots"}
+VIEWS = {"upgrade_summary", "component_runs", "phase_runs", "failures", "plan_runs",
+         "host_status"}
 
 
 @pytest.fixture

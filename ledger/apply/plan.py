@@ -41,9 +41,12 @@ DEFAULT_RETRIES = 0
 DEFAULT_BACKOFF_S = 5.0
 LIMITS: dict[str, tuple[float, float]] = {
     "timeout": (0.001, 7 * 86400.0), "retries": (0, 100), "backoff": (0.0, 3600.0),
-    "max_parallel": (1, 64)}
+    "max_parallel": (1, 64), "max_hosts": (1, 100_000), "halt_after_failures": (1, 100_000)}
 
-TOP_KEYS = ("upgrade", "defaults", "phase")
+TOP_KEYS = ("upgrade", "defaults", "fleet", "phase")
+#: A rolling upgrade across the fleet (docs/fleet.md): at most max_hosts hosts at once;
+#: no host starts once halt_after_failures hosts ended the plan FAILED or ROLLED_BACK.
+FLEET_KEYS = ("max_hosts", "halt_after_failures")
 UPGRADE_KEYS = ("name", "description", "id_prefix")
 DEFAULT_KEYS = ("timeout", "retries", "backoff")
 PHASE_KEYS = ("name", "max_parallel", "component")
@@ -103,7 +106,8 @@ class Phase:
 @dataclass(frozen=True)
 class Plan:
     """A checked plan. ``sha256`` (of the file's bytes) is how a resumed run knows it
-    is being given the same plan again."""
+    is being given the same plan again. ``max_hosts`` and ``halt_after_failures`` are
+    its ``[fleet]`` limits (None when not set)."""
 
     path: Path
     sha256: str
@@ -111,6 +115,8 @@ class Plan:
     description: str | None
     id_prefix: str
     phases: tuple[Phase, ...]
+    max_hosts: int | None = None
+    halt_after_failures: int | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -263,6 +269,7 @@ class _Checker:
         self.table(doc, (), TOP_KEYS)
         head = self.table(doc.get("upgrade", {}), ("upgrade",), UPGRADE_KEYS)
         defaults = self.table(doc.get("defaults", {}), ("defaults",), DEFAULT_KEYS)
+        fleet = self.table(doc.get("fleet", {}), ("fleet",), FLEET_KEYS)
         settings = {
             "timeout": self.number(defaults, "timeout", ("defaults",), DEFAULT_TIMEOUT_S),
             "retries": self.number(defaults, "retries", ("defaults",), DEFAULT_RETRIES,
@@ -294,7 +301,10 @@ class _Checker:
             seen.add(phase.name)
             phases.append(phase)
         plan = Plan(path=path, sha256=sha256, name=name, description=description,
-                    id_prefix=prefix, phases=tuple(phases))
+                    id_prefix=prefix, phases=tuple(phases),
+                    max_hosts=self.number(fleet, "max_hosts", ("fleet",), None, integer=True),
+                    halt_after_failures=self.number(fleet, "halt_after_failures", ("fleet",),
+                                                    None, integer=True))
         self.stages(plan)
         return plan
 

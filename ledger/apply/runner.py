@@ -16,18 +16,19 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ledger import queries
-from ledger.api import Ledger
+from ledger.api import Ledger, RunContext
 from ledger.apply import backups, contain
 from ledger.apply.jobs import Jobs, Quiet, Reporter, backup_dir
 from ledger.apply.plan import Component, Plan
 from ledger.apply.scheduler import Interrupted, Stop
 from ledger.apply.shell import stop_leftovers
 from ledger.core import clock, states
+from ledger.core.rollout import Rollout
 from ledger.errors import Conflict, LedgerError, StorageError, UpgradeInProgress
 from ledger.lock import DEFAULT_TIMEOUT_S
 
@@ -45,11 +46,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 @dataclass(frozen=True)
 class Options:
     """How to run: roll back automatically; end another plan's upgrade in progress;
-    start anew even when the current upgrade already completed this plan."""
+    start anew even when the current upgrade already completed this plan; how to meet
+    the plan's rolling-upgrade limits (``rollout``: its ``max_hosts``, when set,
+    overrides the plan's; the rest says how to wait and what to ignore)."""
 
     rollback: bool = True
     supersede: bool = False
     again: bool = False
+    rollout: Rollout = field(default_factory=Rollout)
+
+#: What a run does with the current upgrade: continue it, start a new one, or nothing.
+RESUME, NEW, DONE = "resume", "new", "done"
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,11 @@ class Outcome:
 def open_ledger(home: str | os.PathLike[str] | None = None, *, db_url: str | None = None,
                 env: Mapping[str, str] | None = None, strict: bool = False,
                 lock_timeout_s: float = DEFAULT_TIMEOUT_S,
-                host_name: str | None = None) -> Ledger:
+                host_name: str | None = None, fleet_url: str | None = None) -> Ledger:
     """The ledger a run works on: the run itself (this process) owns the lock and its
     changes, not the shell that started it, as the per-step commands' owner is."""
     return Ledger(home, db_url=db_url, env=env, pid=os.getpid(), strict=strict,
-                  lock_timeout_s=lock_timeout_s, host_name=host_name)
+                  lock_timeout_s=lock_timeout_s, host_name=host_name, fleet_url=fleet_url)
 
 
 def apply(ledger: Ledger, plan: Plan, options: Options = Options(),
@@ -105,14 +112,17 @@ class Run(Jobs):
         try:
             self.ledger.acquire_lock()
             try:
+                decision = self._decide()
                 # What the ledger's listeners do during a run (by default, subscribers
-                # hear of every change as it is made, never failing a step).
+                # hear of every change as it is made, never failing a step; with a
+                # fleet, the run takes its slot first and ships every change).
                 with _catching_signals(self.stop), contain.subreaper(), \
                         contextlib.ExitStack() as effects:
+                    run = self._context(decision)
                     for effect in self.ledger.during_run:
-                        effects.enter_context(effect(self.ledger, self.stop.requested))
+                        effects.enter_context(effect(self.ledger, run))
                     try:
-                        return self._execute()
+                        return self._execute(decision)
                     except Interrupted as exc:
                         self._note_interrupt(exc)
                         raise
@@ -122,9 +132,20 @@ class Run(Jobs):
             self.ledger.after_change.remove(feed)
             feed()
 
-    def _execute(self) -> Outcome:
+    def _context(self, decision: str) -> RunContext:
+        plan = self.plan
+        rollout = self.options.rollout
+        rollout = replace(rollout, max_hosts=rollout.max_hosts or plan.max_hosts,
+                          halt_after_failures=plan.halt_after_failures)
+        return RunContext(plan_name=plan.name, plan_sha256=plan.sha256,
+                          plan_path=str(plan.path), rollout=rollout,
+                          resuming=decision == RESUME, idle=decision == DONE,
+                          stopping=self.stop.requested, say=self.out.line)
+
+    def _execute(self, decision: str) -> Outcome:
+        self.stop.check()  # asked to stop while the listeners started (waiting for a slot)
         leftovers = stop_leftovers(self.ledger.home, self.records)
-        already = self._choose_upgrade()
+        already = self._choose_upgrade(decision)
         if already is not None:
             return already
         for item in leftovers:
@@ -154,30 +175,44 @@ class Run(Jobs):
         return Outcome(self.uid, state, resumed=self.resumed, error=doc.get("error"),
                        rolled_back=tuple(self._rolled_back()))
 
-    def _choose_upgrade(self) -> Outcome | None:
-        """Resume the current upgrade if it runs this plan; else start a new one."""
+    def _decide(self) -> str:
+        """What this run does (``RESUME``, ``NEW`` or ``DONE``), decided before it
+        changes anything: resume the current upgrade if it runs this plan, do nothing
+        when it applied the plan already, else start a new one."""
         current = self.ledger.current_id()
-        if current is not None:
-            doc = self.ledger.document()
-            state, outcome = doc["current_state"], doc["outcome"]
-            same = plan_digest(self.ledger, current) == self.plan.sha256
-            if same and (states.is_in_progress(state) or (state == states.IDLE and
-                                                           outcome is None)):
-                self.uid, self.resumed = current, True
-                if states.is_in_progress(state):
-                    self.ledger.resume()  # records the resume in the trail
-                self.out.line(f"resuming upgrade {current} ({state}) of {self.plan.path}")
-                return None
-            if same and outcome == states.COMPLETED and not self.options.again:
-                self.out.line(f"upgrade {current} already applied this plan (COMPLETED); "
-                              "nothing to do (--again starts it anew)")
-                return Outcome(current, states.COMPLETED, already_applied=True)
-            if states.is_in_progress(state) and not self.options.supersede:
-                raise Conflict(
-                    f"upgrade {current} is in progress ({state}) for "
-                    + ("another plan" if plan_digest(self.ledger, current) else
-                       "no plan file") + "; resume it with its own plan, or start this "
-                    "one with --supersede (ends it as FAILED)")
+        if current is None:
+            return NEW
+        doc = self.ledger.document()
+        state, outcome = doc["current_state"], doc["outcome"]
+        same = plan_digest(self.ledger, current) == self.plan.sha256
+        if same and (states.is_in_progress(state) or (state == states.IDLE and
+                                                       outcome is None)):
+            return RESUME
+        if same and outcome == states.COMPLETED and not self.options.again:
+            return DONE
+        if states.is_in_progress(state) and not self.options.supersede:
+            raise Conflict(
+                f"upgrade {current} is in progress ({state}) for "
+                + ("another plan" if plan_digest(self.ledger, current) else
+                   "no plan file") + "; resume it with its own plan, or start this "
+                "one with --supersede (ends it as FAILED)")
+        return NEW
+
+    def _choose_upgrade(self, decision: str) -> Outcome | None:
+        """Act on the decision: resume the current upgrade, say there is nothing to
+        do, or start a new upgrade."""
+        current = self.ledger.current_id()
+        if decision == RESUME and current is not None:
+            state = self.ledger.state()
+            self.uid, self.resumed = current, True
+            if states.is_in_progress(state):
+                self.ledger.resume()  # records the resume in the trail
+            self.out.line(f"resuming upgrade {current} ({state}) of {self.plan.path}")
+            return None
+        if decision == DONE and current is not None:
+            self.out.line(f"upgrade {current} already applied this plan (COMPLETED); "
+                          "nothing to do (--again starts it anew)")
+            return Outcome(current, states.COMPLETED, already_applied=True)
         self.uid = self._new_upgrade()
         self.ledger.annotate(PLAN_EVENT, None, {"sha256": self.plan.sha256,
                                                 "path": str(self.plan.path),

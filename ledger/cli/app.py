@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 #: Exit codes, documented in docs/cli.md. Predicates answer 0 (yes) or 1 (no).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (e.InvalidTransition, 3),
+    (e.NoSlot, 14),
+    (e.BrakeEngaged, 15),
+    (e.FleetUnavailable, 16),
     (e.LockError, 4),
     (e.NotFound, 5),
     (e.BadInput, 6),
@@ -63,12 +66,12 @@ class Config:
     A plain class, not a dataclass: the per-step path does not import ``dataclasses``.
     """
 
-    __slots__ = ("_ledger", "db_url", "fmt", "home", "host_name", "lock_timeout_s", "opener",
-                 "pid", "strict", "traceback")
+    __slots__ = ("_ledger", "db_url", "fleet_url", "fmt", "home", "host_name",
+                 "lock_timeout_s", "opener", "pid", "strict", "traceback")
 
     def __init__(self, *, home: str | None, db_url: str | None, pid: int, strict: bool,
                  lock_timeout_s: float, traceback: bool, fmt: str | None = None,
-                 host_name: str | None = None,
+                 host_name: str | None = None, fleet_url: str | None = None,
                  opener: Callable[[Config, bool], Ledger] | None = None) -> None:
         self.home = home
         self.db_url = db_url
@@ -78,6 +81,7 @@ class Config:
         self.traceback = traceback
         self.fmt = fmt  # the root's --format: the default of every command's -f
         self.host_name = host_name  # --host-name / LEDGER_HOST: whose rows (default: uname)
+        self.fleet_url = fleet_url  # --fleet / LEDGER_FLEET_URL: where this host ships to
         self.opener = opener
         self._ledger: Ledger | None = None
 
@@ -100,7 +104,8 @@ class Config:
 
                 self._ledger = Ledger(self.home, db_url=self.db_url, pid=self.pid,
                                       strict=self.strict, lock_timeout_s=self.lock_timeout_s,
-                                      host_name=self.host_name, create=create)
+                                      host_name=self.host_name, create=create,
+                                      fleet_url=self.fleet_url)
         return self._ledger
 
     def close(self) -> None:
@@ -229,6 +234,10 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
 @click.option("--db", "db_url", metavar="URL", envvar="LEDGER_DB_URL", show_envvar=True,
               help="URL of a shared ledger instead of DIR/ledger.db: postgresql://... "
                    "(docs/postgres.md) or any SQLAlchemy URL.")
+@click.option("--fleet", "fleet_url", metavar="URL", envvar="LEDGER_FLEET_URL",
+              show_envvar=True,
+              help="The fleet database this host's ledger is shipped to: postgresql://... "
+                   "(docs/fleet.md). Steps never wait for it.")
 @click.option("--host-name", metavar="NAME", envvar="LEDGER_HOST", show_envvar=True,
               help="The host whose upgrades this is (its rows in a shared ledger) "
                    "[default: the kernel's node name].")
@@ -253,9 +262,9 @@ def _positive_pid(_ctx: click.Context, _param: click.Parameter, value: Any) -> i
               help="Show the full Python traceback on errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="upgrade-ledger")
 @click.pass_context
-def cli(ctx: click.Context, *, home: str | None, db_url: str | None, host_name: str | None,
-        pid: int | None, strict: bool, lock_timeout_s: float, fmt: str | None,
-        traceback: bool) -> None:
+def cli(ctx: click.Context, *, home: str | None, db_url: str | None, fleet_url: str | None,
+        host_name: str | None, pid: int | None, strict: bool, lock_timeout_s: float,
+        fmt: str | None, traceback: bool) -> None:
     """Track an upgrade of many components on a host: resumable after a crash,
     never run twice, reported on afterwards.
 
@@ -269,5 +278,6 @@ def cli(ctx: click.Context, *, home: str | None, db_url: str | None, host_name: 
     caller = getattr(runner, "caller_pid", None) or os.getppid()
     ctx.obj = Config(home=home, db_url=db_url, pid=pid or caller, strict=strict,
                      lock_timeout_s=lock_timeout_s, traceback=traceback, fmt=fmt,
-                     host_name=host_name, opener=getattr(runner, "open_ledger", None))
+                     host_name=host_name, fleet_url=fleet_url,
+                     opener=getattr(runner, "open_ledger", None))
     ctx.call_on_close(ctx.obj.close)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ledger.cli.app import EXIT_INTERRUPTED, Config, fail, pass_config
+from ledger.cli.app import EXIT_INTERRUPTED, MAX_SECONDS, Config, NumberRange, fail, pass_config
 from ledger.cli.output import echo_or_drop, output_option, pick, render
 from ledger.core import clock
 
@@ -138,18 +138,38 @@ class JsonLines:
               help="Start a new upgrade even if the current one already completed this plan.")
 @click.option("--plain", is_flag=True,
               help="Plain lines only, even on a terminal (no progress bar).")
+@click.option("--max-hosts", type=click.IntRange(1, 100_000), metavar="N",
+              help="At most N hosts of the fleet run this plan at once (overrides the "
+                   "plan's [fleet] max_hosts; docs/fleet.md).")
+@click.option("--wait-timeout", "wait_timeout_s", type=NumberRange(0, MAX_SECONDS),
+              metavar="SECONDS",
+              help="Wait at most this long for a free slot [default: as long as it takes].")
+@click.option("--no-wait", is_flag=True,
+              help="When every slot is taken, exit 14 at once instead of waiting.")
+@click.option("--ignore-brake", is_flag=True,
+              help="Start even though halt_after_failures hosts ended this plan FAILED or "
+                   "ROLLED_BACK (recorded as a brake.ignored event).")
+@click.option("--fleet-optional", is_flag=True,
+              help="When the fleet database cannot be reached, run without the plan's "
+                   "[fleet] limits instead of refusing to start (exit 16).")
 @output_option()
 @pass_config
 def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
-              supersede: bool, again: bool, plain: bool, fmt: str, as_json: bool) -> None:
+              supersede: bool, again: bool, plain: bool, max_hosts: int | None,
+              wait_timeout_s: float | None, no_wait: bool, ignore_brake: bool,
+              fleet_optional: bool, fmt: str, as_json: bool) -> None:
     """Run the upgrade plan PLAN (TOML): back up, upgrade and validate every
     component, rolling back automatically on failure.
 
     Running it again after a crash, a reboot or Ctrl-C resumes where it stopped;
     once the plan is applied it does nothing. The lock is held for the whole run.
     --json streams one JSON object per line (every change, then the outcome).
+    A plan's [fleet] table makes the run one of a rolling upgrade: it takes one of
+    max_hosts slots first (waiting for one), and refuses to start once
+    halt_after_failures hosts ended the plan badly (docs/fleet.md).
     Exit codes: 0 completed, 11 rolled back, 12 failed (needs a human), 13 the dry
-    run found a component that would fail, 4 lock held, 6 bad plan, 9 another
+    run found a component that would fail, 14 no free slot, 15 the failure brake is
+    on, 16 the fleet database cannot be reached, 4 lock held, 6 bad plan, 9 another
     upgrade in progress, 129/130/143 interrupted (SIGHUP/SIGINT/SIGTERM). The plan
     format and every rule: docs/apply.md.
     """
@@ -165,7 +185,8 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
 
     try:
         ledger = runner.open_ledger(cfg.home, db_url=cfg.db_url, strict=cfg.strict,
-                                    lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name)
+                                    lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name,
+                                    fleet_url=cfg.fleet_url)
     except KeyboardInterrupt:
         # A new ledger is created whole or not at all, and nothing is recorded yet.
         fail("interrupted before the run started; nothing was recorded: run the same apply "
@@ -173,7 +194,13 @@ def apply_cmd(cfg: Config, *, plan_file: Path, dry_run: bool, no_rollback: bool,
     json_lines = pick(fmt, as_json) == "json"
     reporter: Console | JsonLines = JsonLines() if json_lines else \
         Console(bar=sys.stdout.isatty() and not plain)
-    options = runner.Options(rollback=not no_rollback, supersede=supersede, again=again)
+    from ledger.core.rollout import Rollout  # noqa: PLC0415
+
+    options = runner.Options(rollback=not no_rollback, supersede=supersede, again=again,
+                             rollout=Rollout(max_hosts=max_hosts, wait=not no_wait,
+                                             wait_timeout_s=wait_timeout_s,
+                                             ignore_brake=ignore_brake,
+                                             optional=fleet_optional))
     try:
         outcome = runner.apply(ledger, plan, options, reporter)
     except runner.Interrupted as exc:

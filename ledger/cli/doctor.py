@@ -38,7 +38,8 @@ def doctor(ctx: click.Context, cfg: Config, *, repair: bool, stuck_after_s: floa
            wal_warn_mib: float, quick: bool, fail_on_warn: bool, fmt: str,
            as_json: bool) -> None:
     """Check the ledger: integrity, schema revision, lock, permissions, views
-    (state.json and history files), WAL size, stuck components and leftover temp files.
+    (state.json and history files), WAL size, stuck components, leftover temp files,
+    notifications, snapshots and the pushes to the fleet database.
 
     One line per check: ok, warn, fail or skip. Exits 0 when no check failed, 1 when
     one did. Checking changes nothing; --repair applies only the safe fixes.
@@ -49,7 +50,8 @@ def doctor(ctx: click.Context, cfg: Config, *, repair: bool, stuck_after_s: floa
     findings = checks.run_checks(cfg.home, db_url=cfg.db_url, pid=cfg.pid,
                                  lock_timeout_s=cfg.lock_timeout_s, stuck_after_s=stuck_after_s,
                                  wal_warn_bytes=int(wal_warn_mib * 1024 * 1024), quick=quick,
-                                 repair=repair, host_name=cfg.host_name)
+                                 repair=repair, host_name=cfg.host_name,
+                                 fleet_url=cfg.fleet_url)
     out = pick(fmt, as_json)
     rows = [f.as_dict() for f in findings]
     render(rows, out, None if out == "json" else COLUMNS + (["repaired"] if repair else []),

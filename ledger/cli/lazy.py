@@ -15,7 +15,7 @@ import click
 
 #: Every module that holds commands (each lists them in ``COMMANDS``), in order.
 MODULES = ("steps", "lockcmds", "reports", "doctor", "recovery", "retention", "apply",
-           "observe", "legacy", "session")
+           "observe", "fleet", "legacy", "session")
 
 #: Which module defines each command. A name missing here still works (every module
 #: is imported to find it, which is only slower); tests/test_bench.py checks the index
@@ -31,6 +31,7 @@ COMMAND_MODULES = {
     "prune": "retention",
     "apply": "apply",
     **dict.fromkeys(("metrics", "notify", "subscribers"), "observe"),
+    "fleet": "fleet",
     "legacy": "legacy",
     "session": "session",
 }

@@ -92,7 +92,7 @@ def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool,
         return
     lock = data["lock"]
     flat = {k: v for k, v in data.items()
-            if k not in ("lock", "stuck", "components", "notify")}
+            if k not in ("lock", "stuck", "components", "notify", "fleet")}
     flat["components"] = ", ".join(f"{n} {s.lower().replace('_', ' ')}"
                                    for s, n in data["components"].items())
     flat["lock"] = "not visible from this host" if lock is None else lock_line(lock)
@@ -102,6 +102,10 @@ def status(cfg: Config, stuck_after_s: float, host: str | None, all_hosts: bool,
         from ledger.cli.observe import notify_line  # noqa: PLC0415
 
         flat["notify"] = notify_line(data["notify"])
+    if "fleet" in data:
+        from ledger.fleet.status import line  # noqa: PLC0415
+
+        flat["fleet"] = line(data["fleet"])
     render(flat, out)
 
 
@@ -149,7 +153,12 @@ def show(cfg: Config, upgrade_id: str | None, host: str | None, all_hosts: bool,
     versions, attempts, errors and durations, rollback points and the event trail.
     --host reads another host's upgrade; --all-hosts finds UPGRADE_ID on any host."""
     data = cfg.ledger(create=False).show(upgrade_id, host=host, all_hosts=all_hosts)
-    out = pick(fmt, as_json)
+    show_sections(data, pick(fmt, as_json))
+
+
+def show_sections(data: dict[str, Any], out: str) -> None:
+    """Print what ``show`` has of one upgrade: its head, then phases, components,
+    rollback points and events, each under its title (JSON: one object)."""
     if out == "json":
         render(data, out)
         return
@@ -229,14 +238,20 @@ def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt:
     query. The reporting views are upgrade_summary, component_runs, phase_runs and
     failures; docs/sql-reporting.md has ready queries.
     """
+    bound = parse_params(params)
+    with cfg.ledger(create=False).report(query, bound, timeout_s=timeout_s or None) as rows:
+        stream_rows(rows.columns, rows, pick(fmt, as_json), empty="no rows")
+
+
+def parse_params(params: tuple[str, ...]) -> dict[str, str]:
+    """``--param NAME=VALUE`` options as a mapping (a usage error for anything else)."""
     bound = {}
     for item in params:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         bound[name] = value
-    with cfg.ledger(create=False).report(query, bound, timeout_s=timeout_s or None) as rows:
-        stream_rows(rows.columns, rows, pick(fmt, as_json), empty="no rows")
+    return bound
 
 
 @click.command()

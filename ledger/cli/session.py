@@ -264,7 +264,7 @@ class Session:
         try:
             ledger = Ledger(cfg.home, db_url=cfg.db_url, pid=cfg.pid, strict=cfg.strict,
                             lock_timeout_s=cfg.lock_timeout_s, host_name=cfg.host_name,
-                            create=create, db=db)
+                            create=create, db=db, fleet_url=cfg.fleet_url)
         except BaseException:
             if db is not None:
                 db.close()

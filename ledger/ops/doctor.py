@@ -33,6 +33,7 @@ from ledger import queries
 from ledger.api import Ledger
 from ledger.core import host
 from ledger.errors import CorruptLedger, LedgerError
+from ledger.fleet import status as fleet_status
 from ledger.lock import DEFAULT_TIMEOUT_S
 from ledger.observe import notify
 from ledger.ops import snapshots
@@ -601,6 +602,39 @@ def check_notifications(ctx: Context) -> Finding:
 
 
 
+# -- the fleet -------------------------------------------------------------------------
+
+
+def check_fleet(ctx: Context) -> Finding:
+    """doctor's ``fleet`` check: how this host's pushes to the fleet database went, from
+    its own ledger (the fleet database itself is not contacted)."""
+    name = "fleet"
+    try:
+        db = ctx.database()
+        data = fleet_status.summary(db, ctx.fleet_url, ctx.home.root)
+    except Unavailable as exc:
+        return Finding(name, SKIP, f"not checked: {exc}")
+    if ctx.fleet_url is None and data["pushed_at"] is None and not data["failures"]:
+        return Finding(name, OK, "no fleet database is configured (LEDGER_FLEET_URL): this "
+                                 "ledger stays local")
+    if data["error"]:
+        return Finding(name, FAIL, data["error"], "set LEDGER_FLEET_URL (or --fleet) to the "
+                       "fleet database's postgresql:// URL; docs/fleet.md")
+    behind = (f"{data['lag_events']} event(s) not shipped (the oldest {data['lag_s']:.0f} s "
+              "old)") if data["lag_events"] else "everything shipped"
+    if data["failures"]:
+        return Finding(name, WARN, f"{data['failures']} failed push(es) in a row to "
+                       f"{data['fleet']} (last: {data['last_error']}); {behind}; next try "
+                       f"at {document.second(data['next_try_at'])}",
+                       "check the fleet database and the network; steps go on locally, and "
+                       "'upgrade-ledger fleet push' ships everything once it is back")
+    if data["pushed_at"] is None and data["lag_events"]:
+        return Finding(name, WARN, f"never pushed to {data['fleet']}; {behind}",
+                       "run 'upgrade-ledger fleet push' (steps start a pusher by themselves)")
+    return Finding(name, OK, f"last push {document.second(data['pushed_at']) or 'never'} to "
+                   f"{data['fleet']}; {behind}")
+
+
 CHECKS: list[Check] = [
     Check("integrity", check_integrity),
     Check("schema", check_schema),
@@ -613,6 +647,7 @@ CHECKS: list[Check] = [
     Check("temp-files", check_temp_files, repair_temp_files),
     Check("notifications", check_notifications),
     Check("snapshots", snapshots.check_snapshots),
+    Check("fleet", check_fleet),
 ]
 
 
@@ -640,6 +675,7 @@ def run_checks(
     repair: bool = False,
     checks: Sequence[Check] | None = None,
     host_name: str | None = None,
+    fleet_url: str | None = None,
 ) -> list[Finding]:
     """Check the ledger at *where* (an open ``Ledger``, a ``Home`` or a home folder;
     default: resolved from the environment as the CLI does) and return one finding
@@ -654,7 +690,7 @@ def run_checks(
         home = Home.at(where, env)
     ctx = Context(home, db_url=db_url, env=env, pid=pid, lock_timeout_s=lock_timeout_s,
                   stuck_after_s=stuck_after_s, wal_warn_bytes=int(wal_warn_bytes),
-                  quick=quick, ledger=ledger, host_name=host_name)
+                  quick=quick, ledger=ledger, host_name=host_name, fleet_url=fleet_url)
     todo = list(CHECKS if checks is None else checks)
     try:
         findings = [_run_one(check, ctx) for check in todo]

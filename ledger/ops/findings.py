@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger.api import Ledger
+from ledger.api import FLEET_URL_ENV, Ledger
 from ledger.core.host import identity
 from ledger.errors import LedgerError
 from ledger.lock import DirLock
@@ -55,9 +55,13 @@ class Context:
     def __init__(self, home: Home, *, db_url: str | None, env: Any, pid: int | None,
                  lock_timeout_s: float, stuck_after_s: float, wal_warn_bytes: int,
                  quick: bool, ledger: Ledger | None = None,
-                 host_name: str | None = None) -> None:
+                 host_name: str | None = None, fleet_url: str | None = None) -> None:
         self.home = home
         self.host_name = host_name
+        #: The fleet database this host ships to (None: none configured).
+        self.fleet_url = fleet_url if fleet_url is not None else (
+            ledger.fleet_url if ledger is not None else
+            (env or os.environ).get(FLEET_URL_ENV) or None)
         self.db_url = db_url
         self.env = env
         self.pid = pid

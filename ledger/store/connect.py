@@ -42,6 +42,18 @@ def open_database(url: str | None, sqlite_path: Path | None, identity: Identity,
     return db
 
 
+def prepare(db: Database, *, create: bool = True) -> Database:
+    """*db* (a server database opened by its driver) with a current schema: created
+    when new (unless *create* is False: ``NoLedger``), migrated when behind. It is
+    closed when that fails."""
+    try:
+        _ensure_schema(db, None, create=create)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def database_at(url: str | None, sqlite_path: Path | None) -> Database:
     """The database at *url* or *sqlite_path* through the driver it calls for, as it
     is (neither created nor migrated)."""

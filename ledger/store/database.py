@@ -11,7 +11,7 @@ URL). Statements are portable text with ``:name`` parameters, which both
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from ledger.core.host import Identity
 from ledger.errors import CorruptLedger, HostClash
 
 #: The Alembic revision this code expects; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 #: ``read(host=ALL_HOSTS)``: a transaction that sees every host's rows.
 ALL_HOSTS = "*"
 #: How long a writer waits for another writer's transaction before giving up.
@@ -102,6 +102,21 @@ class Tx(ABC):
     @abstractmethod
     def insert(self, sql: str, params: Params | None = None) -> int:
         """Run an INSERT into a table with an ``id`` key; return the new row's id."""
+
+    def execute_many(self, sql: str, rows: Iterable[Params]) -> None:
+        """Run one statement once per row of parameters (a driver may send them all
+        at once)."""
+        for params in rows:
+            self.execute(sql, params)
+
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Iterable[Sequence[Any]]) -> None:
+        """Insert many rows of *columns* into *table* (a driver may stream them in
+        bulk). Values are given whole: ``host`` is not bound for them."""
+        names = ", ".join(columns)
+        marks = ", ".join(f":c{i}" for i in range(len(columns)))
+        self.execute_many(f"INSERT INTO {table} ({names}) VALUES ({marks})",
+                          [{f"c{i}": v for i, v in enumerate(row)} for row in rows])
 
 
 class Database(ABC):

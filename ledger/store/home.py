@@ -11,6 +11,7 @@ Layout (each path can be moved by the legacy ``UPGRADE_*`` variables)::
     backups/         backups that upgrade scripts make
     history/         <upgrade_id>.json per upgrade saved to history
     logs/            command output of ``apply`` runs
+    fleet-push.lock  held (flock) by the process pushing to the fleet database, if any
 
 Folders and files the ledger creates are 0700 and 0600 whatever the caller's umask;
 what exists already keeps its mode (``doctor`` reports a loose one and ``--repair``
@@ -49,7 +50,8 @@ HOME_MARKERS = ("ledger.db", "state.json", "views.sig", "upgrade.lock.d",
 #: What else the ledger keeps in a home: the folders it makes before its ledger.db
 #: exists (another process may be making the same home right now) and the operator's
 #: configuration files. A folder of these only is a home too.
-HOME_NAMES = ("tmp", "backups", "logs", "snapshots", "notify.toml", "ledger.toml")
+HOME_NAMES = ("tmp", "backups", "logs", "snapshots", "notify.toml", "ledger.toml",
+              "fleet-push.lock")
 
 
 def resolve_root(option: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -130,28 +130,61 @@ class _PgTx(Tx):
         with self._run(sql + " RETURNING id", params) as cursor:
             return int(cursor.fetchone()[0])
 
+    def execute_many(self, sql: str, rows: Iterable[Params]) -> None:
+        bound = [self.bind(params) for params in rows]
+        if not bound:
+            return
+        if self.begin is not None:
+            begin, self.begin = self.begin, None
+            self._conn.execute(begin)
+        with self._conn.cursor() as cursor:
+            # psycopg sends the rows in one pipeline: one round trip for them all.
+            cursor.executemany(convert(sql), bound)
+
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Iterable[Sequence[Any]]) -> None:
+        if self.begin is not None:
+            begin, self.begin = self.begin, None
+            self._conn.execute(begin)
+        # COPY: the rows stream to the server in one statement, many times faster than
+        # one INSERT each, pipelined or not.
+        with self._conn.cursor() as cursor, cursor.copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
 
 class PgDatabase(Database):
-    """A ledger in a PostgreSQL database, shared by the hosts that reach it."""
+    """A ledger in a PostgreSQL database, shared by the hosts that reach it.
+
+    *what* names the URL's option in messages (``--db``, ``--fleet``); *settings*
+    are session settings (``statement_timeout`` ...) set when it connects, unless the
+    URL's ``options`` say otherwise.
+    """
 
     dialect = "postgresql"
     shared = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, what: str = "--db",
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 settings: Mapping[str, str] | None = None) -> None:
         self._secret_url = self.connect_url = url
         self.url = urls.mask(url)
+        self.what = what
         options: dict[str, Any] = {}  # defaults; what the URL says wins
         if "application_name=" not in url:
             options["application_name"] = "upgrade-ledger"
         if "connect_timeout=" not in url:
-            options["connect_timeout"] = CONNECT_TIMEOUT_S
+            options["connect_timeout"] = max(1, round(connect_timeout_s))
+        if settings and "options=" not in url:
+            options["options"] = " ".join(f"-c {k}={v}" for k, v in settings.items())
         try:
             self._conn = psycopg.connect(urls.libpq(url), autocommit=True, **options)
         except psycopg.Error as exc:
-            raise StorageError(f"--db: cannot connect to {self.url} "
+            raise StorageError(f"{what}: cannot connect to {self.url} "
                                f"({self._message(exc)})") from exc
         except psycopg.ProgrammingError as exc:
-            raise BadInput(f"--db: cannot use {self.url} ({self._message(exc)})") from exc
+            raise BadInput(f"{what}: cannot use {self.url} ({self._message(exc)})") from exc
         self._conn.adapters.register_loader("numeric", FloatLoader)
 
     def _message(self, exc: BaseException) -> str:

@@ -155,6 +155,8 @@ rollback_points = Table(
     Column("sha256", String(64)),
     Column("created_at", String(STAMP), nullable=False),
     Column("cleared_at", String(STAMP)),
+    # In a fleet database: the point's id in its host's own ledger (NULL there).
+    Column("local_id", Integer),
     ForeignKeyConstraint(
         ["host", "upgrade_id"],
         ["upgrades.host", "upgrades.id"],
@@ -162,6 +164,7 @@ rollback_points = Table(
         name="fk_rollback_points_upgrade_upgrades",
     ),
     Index(None, "host", "upgrade_id", "cleared_at"),
+    Index("uq_rollback_points_host_local_id", "host", "local_id", unique=True),
 )
 
 #: The audit trail: append-only, one row per change, written in the change's transaction.
@@ -181,7 +184,10 @@ events = Table(
     Column("hostname", String(255)),
     Column("pid", Integer),
     Column("detail", Text),
+    # In a fleet database: the event's id in its host's own ledger (NULL there).
+    Column("local_id", Integer),
     Index(None, "host", "upgrade_id", "id"),
+    Index("uq_events_host_local_id", "host", "local_id", unique=True),
     Index(None, "kind", "id"),
     Index(None, "at"),
 )
@@ -206,4 +212,52 @@ notify_cursors = Table(
     Column("last_attempt_at", String(STAMP)),
     Column("delivered_at", String(STAMP)),
     Column("created_at", String(STAMP), nullable=False),
+)
+
+#: How this host's pushes to the fleet database went (``ledger.fleet``): the event it
+#: last shipped as the fleet confirmed it, the last push, and while pushes fail, how
+#: many failed in a row, the next try and the last error. Only in a host's own ledger.
+fleet_push = Table(
+    "fleet_push",
+    metadata,
+    Column("host", ForeignKey("hosts.name"), primary_key=True),
+    Column("fleet", Text),  # the fleet database's URL, its password masked
+    Column("shipped_event_id", Integer, nullable=False, server_default="0"),
+    Column("pushed_at", String(STAMP)),
+    Column("attempted_at", String(STAMP)),
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("next_try_at", String(STAMP)),
+    Column("last_error", Text),
+    Column("last_error_at", String(STAMP)),
+)
+
+#: In a fleet database: how far each host's ledger was shipped. ``lineage`` is the
+#: host ledger's, ``shipped_mark`` a fingerprint of the last event shipped: a host
+#: ledger that no longer has that event (restored, replaced) is shipped anew.
+#: ``pushed_at`` is the server's time of the host's last push.
+fleet_cursors = Table(
+    "fleet_cursors",
+    metadata,
+    Column("host", ForeignKey("hosts.name"), primary_key=True),
+    Column("lineage", String(64)),
+    Column("shipped_event_id", Integer, nullable=False, server_default="0"),
+    Column("shipped_mark", Text),
+    Column("pushed_at", String(STAMP), nullable=False),
+    Column("first_pushed_at", String(STAMP), nullable=False),
+    Column("resets", Integer, nullable=False, server_default="0"),
+)
+
+#: In a fleet database: who took each rolling-upgrade slot of a plan, and when. The
+#: slot itself is a session advisory lock of ``backend_pid``: a row whose backend no
+#: longer holds the lock is a dead holder's, and is not believed.
+fleet_slots = Table(
+    "fleet_slots",
+    metadata,
+    Column("plan", Text, primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("host", String(HOST), nullable=False),
+    Column("pid", Integer),
+    Column("backend_pid", Integer, nullable=False),
+    Column("plan_sha256", String(64)),
+    Column("taken_at", String(STAMP), nullable=False),
 )

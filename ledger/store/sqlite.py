@@ -97,7 +97,8 @@ class SqliteDatabase(Database):
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 synchronous: str = "FULL") -> None:
         self.path = path
         self.url = self.connect_url = f"sqlite:///{path}"
         try:
@@ -117,8 +118,11 @@ class SqliteDatabase(Database):
                         f"{self.url} is a database but not a ledger (no schema revision); "
                         "point --home or --db at a ledger")
                 _switch_to_wal(self._conn, time.monotonic() + busy_timeout_s)
-            # FULL: a call that returned is on disk, even after power loss.
-            self._conn.execute("PRAGMA synchronous=FULL")
+            # FULL: a call that returned is on disk, even after power loss. (A
+            # connection that only writes bookkeeping a power loss may lose, such as a
+            # pusher's record of its pushes, may ask for NORMAL: no fsync per commit.)
+            level = "NORMAL" if synchronous == "NORMAL" else "FULL"
+            self._conn.execute(f"PRAGMA synchronous={level}")
             # Foreign keys are off by default in SQLite; the schema relies on them.
             self._conn.execute("PRAGMA foreign_keys=ON")
             # The WAL is checkpointed every 1000 pages (SQLite's default), ~4 MiB. A
