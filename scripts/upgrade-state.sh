@@ -368,6 +368,14 @@ _upgrade_state_do() {
     return 1
 }
 
+# _upgrade_state_ask PID ARG...: a yes/no question (0 yes, 1 no). A home with no
+# ledger yet (exit 5) answers "no" without a word, as the old library did when it
+# had no state file; the question creates nothing.
+_upgrade_state_ask() {
+    if _upgrade_state_call 3 "$@"; then return 0; fi
+    return 1
+}
+
 # _upgrade_state_usage MIN USAGE "$@": refuse a call with fewer than MIN arguments.
 _upgrade_state_usage() {
     local _ul_min=$1 _ul_usage=$2
@@ -581,7 +589,7 @@ upgrade_component_fail() {
 # Exit 0 if COMPONENT is COMPLETED in the current upgrade, 1 if not.
 upgrade_component_is_upgraded() {
     _upgrade_state_usage 1 "upgrade_component_is_upgraded COMPONENT" "$@" || return 1
-    _upgrade_state_do "$BASHPID" component is-upgraded -- "$1"
+    _upgrade_state_ask "$BASHPID" component is-upgraded -- "$1"
 }
 
 # Print COMPONENT's JSON object ({} when unknown).
@@ -594,7 +602,7 @@ upgrade_component_get_status() {
 
 # Exit 0 if the current upgrade stopped mid-run and can be resumed, 1 if not.
 upgrade_can_resume() {
-    _upgrade_state_do "$BASHPID" can-resume
+    _upgrade_state_ask "$BASHPID" can-resume
 }
 
 # Print {state, phase, component, can_resume} as JSON.
@@ -629,7 +637,7 @@ upgrade_clear_rollback_point() {
 # Exit 0 while an upgrade runs (PLANNING, BACKING_UP, UPGRADING, VALIDATING,
 # ROLLING_BACK), 1 if not.
 upgrade_is_in_progress() {
-    _upgrade_state_do "$BASHPID" in-progress
+    _upgrade_state_ask "$BASHPID" in-progress
 }
 
 # Print the progress as an integer 0..100.
@@ -695,7 +703,7 @@ upgrade_lock_release() {
 
 # Exit 0 if a live process holds the lock, 1 if not (a stale lock is not held).
 upgrade_lock_is_held() {
-    _upgrade_state_do "$BASHPID" lock held
+    _upgrade_state_ask "$BASHPID" lock held
 }
 
 # Remove the lock if its holder is proven gone (a note on stderr when it does).

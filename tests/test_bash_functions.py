@@ -309,6 +309,18 @@ check phase upgrade_phase_start exporters
     assert not (harness.home / "state.json").exists()
 
 
+def test_questions_on_a_home_with_no_ledger_answer_no_in_silence(harness: Harness) -> None:
+    calls = harness.run("""
+check upgraded upgrade_component_is_upgraded node_exporter
+check canresume upgrade_can_resume
+check inprogress upgrade_is_in_progress
+check held upgrade_lock_is_held
+""")
+    for name in ("upgraded", "canresume", "inprogress", "held"):
+        assert (calls[name].rc, calls[name].out, calls[name].err) == (1, "", ""), name
+    assert not (harness.home / "ledger.db").exists()  # a question makes no ledger
+
+
 @pytest.mark.slow
 def test_save_and_write_atomic_replace_the_document_and_refuse_bad_json(
         harness: Harness) -> None:
