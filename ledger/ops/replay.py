@@ -110,7 +110,8 @@ class Replay(Ledger):
             return super().resume()
         names = list((event["detail"] or {}).get("interrupted") or [])
         with self.db.read() as tx:
-            rows = tx.all("SELECT * FROM components WHERE upgrade_id = :u ORDER BY position",
+            rows = tx.all("SELECT * FROM components WHERE host = :host AND upgrade_id = :u "
+                          "ORDER BY position",
                           {"u": event["upgrade_id"]})
         return [queries.component_dict(r) for r in rows if r["name"] in names]
 
