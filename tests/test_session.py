@@ -102,11 +102,14 @@ def test_each_answer_is_the_one_shot_answer(running: Path, session: SessionClien
     same_answer(session, ["--home", str(running), *args])
 
 
-def test_nul_bytes_in_the_output_arrive_in_place(running: Path, session: SessionClient,
-                                                 ) -> None:
-    got = session.call(["--home", str(running), "sql", "--format", "plain",
-                        "SELECT char(0) || 'a' || char(0, 0) || 'b' || char(0)"])
-    assert (got.code, got.out) == (0, b"\0a\0\0b\0\n")
+def test_control_characters_in_the_output_arrive_as_a_process_writes_them(
+        running: Path, session: SessionClient) -> None:
+    args = ["--home", str(running), "sql", "--format", "plain",
+            "SELECT char(0) || 'a' || char(0, 0) || 'b\u00e9' || char(0)"]
+    got = session.call(args)
+    # Plain output escapes control characters and keeps the rest as UTF-8.
+    assert (got.code, got.out) == (0, "\\x00a\\x00\\x00b\u00e9\\x00\n".encode())
+    same_answer(session, args)
 
 
 # A script's worth of changes, some refused: the same answers, and the same ledger.
