@@ -14,14 +14,12 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ledger import queries
 from ledger.core import clock, host, states
 from ledger.core.host import check_host
-from ledger.core.rollout import Rollout
 from ledger.core.validate import (
     MAX_NUMBER,
     check_id,
@@ -31,6 +29,7 @@ from ledger.core.validate import (
     check_version,
     clip_text,
 )
+from ledger.core.values import Value
 from ledger.errors import (
     BadInput,
     Conflict,
@@ -47,6 +46,9 @@ from ledger.store.connect import open_database
 from ledger.store.database import ALL_HOSTS, REPORT_TIMEOUT_S, Database, Row, Rows, Tx
 from ledger.store.home import Home
 from ledger.views import document, patch
+
+if TYPE_CHECKING:
+    from ledger.core.rollout import Rollout
 
 T = TypeVar("T")
 
@@ -66,13 +68,17 @@ PlannedComponent = tuple[str, str | None, str | None]
 FLEET_URL_ENV = "LEDGER_FLEET_URL"
 
 
-@dataclass(frozen=True)
-class RunContext:
+class RunContext(Value):
     """What an ``apply`` run tells its ``during_run`` listeners as it starts: the plan
     (name, sha256 of its file, path), its rolling-upgrade limits, whether it resumes
     an upgrade of this plan in progress or has nothing to do (the plan is applied
     already), a function that says whether the run was asked to stop, and one that
-    tells the operator something."""
+    tells the operator something. (A ``Value``, not a dataclass: ``api`` is on the
+    per-step path.)"""
+
+    FIELDS = ("plan_name", "plan_sha256", "plan_path", "rollout", "resuming", "idle",
+              "stopping", "say")
+    __slots__ = FIELDS
 
     plan_name: str
     plan_sha256: str
@@ -82,6 +88,13 @@ class RunContext:
     idle: bool
     stopping: Callable[[], bool]
     say: Callable[[str], None]
+
+    def __init__(self, *, plan_name: str, plan_sha256: str, plan_path: str,
+                 rollout: Rollout, resuming: bool, idle: bool,
+                 stopping: Callable[[], bool], say: Callable[[str], None]) -> None:
+        self._set(plan_name=plan_name, plan_sha256=plan_sha256, plan_path=plan_path,
+                  rollout=rollout, resuming=resuming, idle=idle, stopping=stopping,
+                  say=say)
 
 
 class Ledger:

@@ -115,4 +115,5 @@ def test_the_installed_package_creates_and_migrates_a_ledger_from_python(
     assert not Path(facts["package"]).is_relative_to(REPO)
     assert facts["revision"] == facts["head"]
     assert facts["installed"] == "2"
-    assert facts["views"] == ["component_runs", "failures", "phase_runs", "upgrade_summary"]
+    assert facts["views"] == ["component_runs", "failures", "host_status", "phase_runs",
+                             "plan_runs", "upgrade_summary"]
