@@ -416,6 +416,7 @@ def test_a_probe_that_prints_no_version_stops_before_any_change(
         assert led.component_status("a")["state"] == "PENDING"
 
 
+@pytest.mark.slow
 def test_rolled_back_components_read_rolled_back_everywhere(tmp_path: Path) -> None:
     """The README's rollback demo: every component undone reads ROLLED_BACK, counted
     apart (status, summary, show, the views, metrics, state.json); the one that never

@@ -54,6 +54,7 @@ WITNESS = ("for p in /proc/[0-9]*; do "
            "then echo \"$p still running\" >> {W}/at-rollback; fi; done; sh {W}/t.sh rollback")
 
 
+@pytest.mark.slow
 def test_a_timeout_stops_what_left_the_process_group(
         tmp_path: Path, home: Path, reaper: None) -> None:
     work = tmp_path / "w"
@@ -78,6 +79,7 @@ def test_what_a_command_leaves_running_in_another_session_is_stopped(
     assert running(home, "sleep", "1013") == []
 
 
+@pytest.mark.slow
 def test_a_later_run_stops_what_a_killed_run_left_in_another_session(
         tmp_path: Path, home: Path, reaper: None) -> None:
     work = tmp_path / "w"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, child_env, run_ledger
 
 from ledger.api import Ledger
@@ -32,6 +33,7 @@ def shell(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 # -- a reader that goes away ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_never_stops_the_run(tmp_path: Path) -> None:
     """``apply | head -3``: head exits after three lines; the run still completes, its
     exit code is the run's, and nothing is written to a closed file."""
@@ -47,6 +49,7 @@ def test_a_reader_that_goes_away_never_stops_the_run(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "history" / f"{uid}.json").exists()
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_during_a_rollback_keeps_the_exit_code(tmp_path: Path) -> None:
     done = shell('SIM_FAIL=loki "$PY" -m ledger --home demo apply "$1" 2>&1 | head -1; '
                  'echo "${PIPESTATUS[0]}" > rc'.replace("$1", str(EXAMPLE)), tmp_path)
@@ -145,6 +148,7 @@ def log_of(home: Path, name: str) -> str:
     return (home / "logs" / str(uid) / f"{name}.log").read_text(errors="replace")
 
 
+@pytest.mark.slow
 def test_the_log_footer_says_how_long_once(tmp_path: Path, home: Path) -> None:
     work = tmp_path / "w"
     plan = write_plan(work, [("one", 1, [component(
@@ -155,6 +159,7 @@ def test_the_log_footer_says_how_long_once(tmp_path: Path, home: Path) -> None:
     assert re.fullmatch(r"<== timed out after \d+\.\d{3} s \(timeout 0\.5 s\)", footer), footer
 
 
+@pytest.mark.slow
 def test_a_log_keeps_its_head_and_its_tail_and_says_what_was_cut(
         tmp_path: Path, home: Path) -> None:
     work = tmp_path / "w"
@@ -189,6 +194,7 @@ def test_a_failing_step_shows_at_most_20_short_lines(tmp_path: Path, home: Path)
     assert any("more characters" in line for line in shown)
 
 
+@pytest.mark.slow
 def test_two_loud_commands_at_once_each_fill_their_own_log(
         tmp_path: Path, home: Path) -> None:
     """Output is pumped by apply: two loud commands at once both finish, each log

@@ -153,6 +153,7 @@ def test_ctrl_c_mid_run_stops_cleanly_and_resumes(tmp_path: Path, home: Path, si
         assert led.events(kind="apply.leftover") == []  # nothing was left running
 
 
+@pytest.mark.slow
 def test_a_dropped_ssh_session_stops_the_run_cleanly(tmp_path: Path, home: Path) -> None:
     """What an ssh session that drops does to a run: its output goes nowhere and
     SIGHUP arrives. The run stops as on SIGTERM (commands stopped, the interruption
@@ -189,6 +190,7 @@ def test_a_dropped_ssh_session_stops_the_run_cleanly(tmp_path: Path, home: Path)
     assert_each_upgraded_once(work)
 
 
+@pytest.mark.slow
 def test_doctor_says_to_run_the_same_apply_again(tmp_path: Path, home: Path) -> None:
     """An upgrade that apply started and that was killed mid-run: doctor names the
     plan file the ledger recorded, not the per-step commands."""

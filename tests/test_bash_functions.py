@@ -698,6 +698,7 @@ def test_text_that_looks_like_an_option_is_recorded_as_text(tmp_path: Path) -> N
         assert led.show()["phases"][0]["error"] == "-1 exit"
 
 
+@pytest.mark.slow
 def test_a_failure_whose_text_is_not_utf8_is_still_recorded(tmp_path: Path) -> None:
     # The old library recorded these; the ledger once lost them with an internal error,
     # leaving the component UPGRADING. Bytes that are not UTF-8 and control characters

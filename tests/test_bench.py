@@ -83,6 +83,7 @@ def test_quick_run_json_is_machine_readable() -> None:
     assert result["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_the_old_library_runs_side_by_side_when_given(tmp_path: Path) -> None:
     # A stand-in with the old library's function names (the real one is not shipped):
     # each call costs a sleep of 50 ms, so the ratios are known to be small.

@@ -168,6 +168,7 @@ def test_cleanup_releases_the_owners_lock(cli, shells, home) -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                     reason="renaming the host in a namespace of its own needs root and "
                            "unshare(1)")
+@pytest.mark.slow
 def test_a_host_renamed_while_a_shell_holds_the_lock_keeps_it(tmp_path: Path) -> None:
     """After `hostname hostB`, the shell that took the lock as hostA still owns it:
     another process cannot take it over (not even past --lock-timeout), and the

@@ -329,6 +329,7 @@ def _peak_rss_kib(*args: str) -> tuple[int, int]:
     return int(code), int(peak)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["csv", "plain", "json"])
 def test_rows_are_streamed_not_collected(reports: Path, fmt: str) -> None:
     """80 MB of rows go through in a few tens of MB: memory does not grow with the

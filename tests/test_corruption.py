@@ -280,6 +280,7 @@ def test_restore_rebuilds_the_current_upgrade_from_a_newer_state_json(tmp_path: 
     assert most == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("serial", [2**64, 2**63 - 2])
 def test_restore_passes_over_a_view_whose_serial_is_out_of_range(tmp_path: Path,
                                                                  serial: int) -> None:
@@ -336,6 +337,7 @@ def _kept_aside(home: Path) -> bool:
     return any(p.name.startswith("ledger.db.corrupt-") for p in home.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["staging", "kept-aside"])
 def test_a_restore_killed_on_the_way_leaves_one_ledger_or_the_other(
         tmp_path: Path, finished_template: Path, moment: str) -> None:

@@ -376,6 +376,7 @@ def _revision(db: Path) -> str | None:
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("round_no", range(3))
 def test_a_first_apply_killed_while_the_ledger_is_made_leaves_none_or_a_whole_one(
         tmp_path: Path, round_no: int) -> None:

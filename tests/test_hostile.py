@@ -192,6 +192,7 @@ ARGV_TEXT = st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"").decode(
     "utf-8", "surrogateescape"))
 
 
+@pytest.mark.slow
 def test_any_bytes_in_a_cli_text_are_recorded_and_stay_visible(running: Path,
                                                                tmp_path: Path) -> None:
     home = tmp_path / "home"

@@ -167,6 +167,7 @@ def test_a_bad_host_name_is_refused_in_one_line(tmp_path: Path, cli: Callable[..
     assert cli("events", "--json").out == before
 
 
+@pytest.mark.slow
 def test_the_cli_reads_across_hosts(tmp_path: Path) -> None:
     url = f"sqlite+pysqlite:///{tmp_path / 'shared.db'}"
 

@@ -351,6 +351,7 @@ def test_a_subscriber_cut_by_the_budget_is_backed_off_like_a_failure(
         assert notify.deliver_pending(led, budget_s=0.3).outcomes[0].state == "waiting"
 
 
+@pytest.mark.slow
 def test_a_subscriber_that_never_answers_costs_an_upgrade_one_budget(
         cli, home: Path, tmp_path: Path) -> None:
     """Not one budget per change: after its first deferral it backs off, and status
@@ -564,6 +565,7 @@ def sleepers() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_webhook_answering_one_byte_a_second_is_cut_at_its_timeout(
         home: Path, webhook) -> None:
     server = webhook(0, "drip")
@@ -577,6 +579,7 @@ def test_a_webhook_answering_one_byte_a_second_is_cut_at_its_timeout(
     assert cursor(home, "drip")["attempts"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["exec sleep 1016", "exit 0"], ids=["hangs", "exits"])
 def test_a_hook_whose_child_keeps_its_stderr_never_hangs_the_delivery(
         home: Path, tmp_path: Path, sleepers: list[int], ending: str) -> None:
@@ -610,6 +613,7 @@ print(report.outcomes[0].state, report.outcomes[0].attempts)
 """
 
 
+@pytest.mark.slow
 def test_a_stop_request_ends_a_delivery_at_once(home: Path, webhook) -> None:
     """A delivery with 300 s to go is cut short by a stop request (what a signal to
     apply makes), and is not held against the subscriber."""
@@ -629,6 +633,7 @@ def test_a_stop_request_ends_a_delivery_at_once(home: Path, webhook) -> None:
     assert cursor(home, "drip")["attempts"] == 0
 
 
+@pytest.mark.slow
 def test_apply_stops_on_sigterm_while_a_subscriber_drips(
         home: Path, tmp_path: Path, webhook) -> None:
     server = webhook(0, "drip")

@@ -207,6 +207,7 @@ def rel_is_folder(stage: Stage, rel: str) -> bool:
     return bool(ops & {"mkdir", "inside", "rmtree"})
 
 
+@pytest.mark.slow
 def test_the_scenario_writes_what_the_docs_list(stage: Stage) -> None:
     """The traces are what they claim: the paths docs/apply.md and README.md name."""
     fixed = fixed_paths(stage)
@@ -256,6 +257,7 @@ def run_scenario(stage: Stage, rel: str,
         yield args, run_ledger("--home", stage.home, *args, env=env_for(stage.base))
 
 
+@pytest.mark.slow
 def test_a_symlink_at_each_path_is_refused_or_replaced_never_followed(
         stage: Stage, tmp_path: Path) -> None:
     problems = []

@@ -28,6 +28,7 @@ def with_password(url: str) -> str:
     return url.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@")
 
 
+@pytest.mark.slow
 def test_numbers_print_and_serialise_as_on_sqlite(tmp_path: Path, pg_url: str) -> None:
     outputs = {}
     for name, url in (("sqlite", None), ("postgres", pg_url)):
@@ -56,6 +57,7 @@ def test_numbers_print_and_serialise_as_on_sqlite(tmp_path: Path, pg_url: str) -
         assert type(value[0]) is float
 
 
+@pytest.mark.slow
 def test_any_number_of_first_calls_on_an_empty_database_succeed(
         tmp_path: Path, pg_server: Server) -> None:
     for attempt in range(3):
@@ -81,6 +83,7 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"alembic", "sqlalchemy"})
 """
 
 
+@pytest.mark.slow
 def test_a_step_does_not_pay_for_alembic_once_the_schema_is_current(
         tmp_path: Path, pg_url: str) -> None:
     def step(*args: str) -> str:
@@ -95,6 +98,7 @@ def test_a_step_does_not_pay_for_alembic_once_the_schema_is_current(
     assert step("phase", "start", "p") == "[]"
 
 
+@pytest.mark.slow
 def test_the_password_is_never_printed(tmp_path: Path, pg_url: str) -> None:
     good = with_password(pg_url)
     wrong = good.replace("/ledger_", "/no_such_", 1)
@@ -126,6 +130,7 @@ def pg_ledger(tmp_path: Path, pg_url: str) -> Ledger:
                                  "-- a comment\nSELECT 1", "WITH x AS (SELECT 1 AS a) "
                                  "SELECT a FROM x", "EXPLAIN SELECT * FROM upgrades",
                                  "VALUES (1)", "SELECT * FROM upgrades WHERE id LIKE 'u%'"])
+@pytest.mark.slow
 def test_sql_accepts_what_sqlite_accepts(pg_ledger: Ledger, tmp_path: Path, sql: str) -> None:
     sqlite = Ledger(tmp_path / "sqlite")
     sqlite.init("u1")

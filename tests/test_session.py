@@ -96,6 +96,7 @@ READS: list[list[str | bytes]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", READS, ids=[repr(a)[:60] for a in READS])
 def test_each_answer_is_the_one_shot_answer(running: Path, session: SessionClient,
                                             args: list[str | bytes]) -> None:

@@ -21,7 +21,7 @@ from ledger.api import Ledger
 PLAN = REPO / "examples" / "observability-stack.toml"
 ROUNDS = 20
 CONCURRENT_HOSTS_BASH = 4
-BASH_ROUNDS = 3
+BASH_ROUNDS = 20
 WRITERS = 8
 COMPONENTS_PER_WRITER = 6
 
@@ -122,6 +122,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_hosts_processes_write_one_upgrade_without_the_lock(tmp_path: Path,
                                                                 pg_url: str) -> None:
     home = tmp_path / "home"
