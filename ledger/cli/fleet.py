@@ -12,9 +12,8 @@ import click
 from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
 from ledger.cli.output import echo_or_drop, output_option, pick, render, stream_rows
 from ledger.cli.params import UPGRADE_STATE
-from ledger.cli.reports import HISTORY_COLUMNS, parse_params, show_sections
+from ledger.cli.reports import HISTORY_COLUMNS, parse_params, query_options, show_sections
 from ledger.errors import BadInput
-from ledger.store.database import REPORT_TIMEOUT_S
 
 STATUS_COLUMNS = ["host", "upgrade_id", "state", "progress_percent", "phase", "component",
                   "updated_at", "pushed_at", "silent", "slots"]
@@ -160,12 +159,7 @@ def show(cfg: Config, host: str, upgrade_id: str | None, fmt: str, as_json: bool
 
 
 @fleet.command()
-@click.argument("query")
-@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="A named parameter (:NAME in the query).")
-@click.option("--timeout", "timeout_s", type=NumberRange(0, 86400), default=REPORT_TIMEOUT_S,
-              show_default=True, metavar="SECONDS",
-              help="Stop the query after this long, output included (0: no limit).")
+@query_options
 @output_option()
 @pass_config
 def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt: str,

@@ -12,6 +12,7 @@ import click
 
 from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
 from ledger.cli.output import (
+    F,
     brief,
     output_option,
     pick,
@@ -221,13 +222,23 @@ def events(cfg: Config, *, upgrade_id: str | None, component: str | None, kind: 
            empty="no events match")
 
 
+def query_options(func: F) -> F:
+    """QUERY, ``-p NAME=VALUE`` and ``--timeout``: the arguments of a read-only query
+    (``sql``, ``fleet sql``)."""
+    for option in (
+        click.option("--timeout", "timeout_s", type=NumberRange(0, 86400),
+                     default=REPORT_TIMEOUT_S, show_default=True, metavar="SECONDS",
+                     help="Stop the query after this long, output included (0: no limit)."),
+        click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+                     help="A named parameter (:NAME in the query)."),
+        click.argument("query"),
+    ):
+        func = option(func)
+    return func
+
+
 @click.command()
-@click.argument("query")
-@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="A named parameter (:NAME in the query).")
-@click.option("--timeout", "timeout_s", type=NumberRange(0, 86400), default=REPORT_TIMEOUT_S,
-              show_default=True, metavar="SECONDS",
-              help="Stop the query after this long, output included (0: no limit).")
+@query_options
 @output_option()
 @pass_config
 def sql(cfg: Config, query: str, params: tuple[str, ...], timeout_s: float, fmt: str,
