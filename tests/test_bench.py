@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_ledger
@@ -28,10 +29,19 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_quick_run_prints_one_table_with_every_figure() -> None:
-    done = run_bench()
+def test_a_quick_run_prints_one_table_and_saves_the_results_as_json(tmp_path: Path) -> None:
+    # One run for both (a quick run takes a quarter of a minute): the table on stdout,
+    # and --save's JSON (the document --json prints).
+    saved = tmp_path / "results.json"
+    done = run_bench("--save", str(saved))
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    check_table(done.stdout)
+    check_json(json.loads(saved.read_text()))
+
+
+def check_table(stdout: str) -> None:
+    """The table has every figure, floor and column."""
+    lines = stdout.splitlines()
     assert lines[0].startswith("figure (median/p90 ms)")
     for column in ("10", "20", "2,000 upgrades", "floor (same run", "seed claim", "budget",
                    "verdict"):
@@ -43,16 +53,13 @@ def test_quick_run_prints_one_table_with_every_figure() -> None:
                   "sqlite WAL commit (synchronous=FULL)", "raw fsync"):
         assert any(line.strip().startswith(floor + ":") for line in lines), floor
     assert any(line.startswith("old library call") and "n/a" in line for line in lines)
-    assert "ratio to the old library" not in done.stdout  # only with --legacy-lib
+    assert "ratio to the old library" not in stdout  # only with --legacy-lib
     if not (REPO / "scripts" / "upgrade-state.sh").exists():
         assert any(line.startswith("drop-in call") and "n/a" in line for line in lines)
 
 
-@pytest.mark.slow
-def test_quick_run_json_is_machine_readable() -> None:
-    done = run_bench("--json")
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+def check_json(result: dict[str, Any]) -> None:
+    """The JSON results are machine-readable: every figure of the quick run's sizes."""
     assert result["settings"]["sizes"] == [10, 20]
     assert set(result["floors"]) >= {"python -c pass", "import sqlite3, json",
                                      "import click, sqlite3, json",

@@ -21,7 +21,9 @@ from ledger.api import Ledger
 PLAN = REPO / "examples" / "observability-stack.toml"
 ROUNDS = 20
 CONCURRENT_HOSTS_BASH = 4
-BASH_ROUNDS = 20
+#: Rounds of the four-host drop-in run: 3 in the default suite, 20 with --exhaustive.
+BASH_ROUNDS = 3
+BASH_ROUNDS_EXHAUSTIVE = 20
 WRITERS = 8
 COMPONENTS_PER_WRITER = 6
 
@@ -91,9 +93,10 @@ DROP_IN_RUN = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_four_hosts_drive_the_bash_drop_in_at_the_same_moment(tmp_path: Path,
-                                                              pg_server: Server) -> None:
+                                                              pg_server: Server,
+                                                              exhaustive: bool) -> None:
     url = pg_server.new_database("dropin")
-    for round_ in range(BASH_ROUNDS):
+    for round_ in range(BASH_ROUNDS_EXHAUSTIVE if exhaustive else BASH_ROUNDS):
         names = [f"r{round_}-db{i}" for i in range(CONCURRENT_HOSTS_BASH)]
         procs = [subprocess.Popen(["bash", "-c", DROP_IN_RUN], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True,
