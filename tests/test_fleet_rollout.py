@@ -149,6 +149,9 @@ def test_the_brake_stops_a_bad_release_after_two_failed_hosts(tmp_path: Path,
         assert code == 0 and "brake ignored" in out, (out, err)
         (ignored,) = events(tmp_path / "f3", "f3", "brake.ignored")
         assert ignored["detail"]["hosts"] == ["f1", "f2"]
+        # A failed host may run the plan again: its own failure does not brake it.
+        code, out, err = finished(apply_host(tmp_path / "f1", "f1", pg_url, plan, "--again"))
+        assert code == 0 and "brake ignored" not in out, (code, out, err)
     finally:
         for h in ("f1", "f2", "f3", "f4"):
             stop_pusher(tmp_path / h)
@@ -187,6 +190,37 @@ def test_no_free_slot_is_exit_14_naming_the_holders(tmp_path: Path, pg_url: str)
         holder.release()
         holder.close()
         stop_pusher(tmp_path / "h")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optional", [False, True])
+def test_a_fleet_lost_while_waiting_for_a_slot_is_exit_16_unless_optional(
+        tmp_path: Path, pg_url: str, optional: bool) -> None:
+    plan = fleet_plan(tmp_path / "plan", "max_hosts = 1")
+    holder = Slots(connect.open_fleet(pg_url, Identity("db7", None)), "observability-stack",
+                   "0" * 64, 4242)
+    try:
+        assert holder.take(1) == 1
+        waiting = apply_host(tmp_path / "w", "w", pg_url, plan,
+                             *(["--fleet-optional"] if optional else []))
+        wait_for(lambda: _in_fleet(pg_url, "w"), what="w to try for a slot")
+        # The server ends every session but the holder's (a restart, a fail-over).
+        with psycopg.connect(pg_url, autocommit=True) as pg:
+            pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                       "AND pid NOT IN (SELECT backend_pid FROM fleet_slots "
+                       "WHERE host = 'db7')")
+        code, out, err = finished(waiting)
+        if optional:
+            assert code == 0 and "running without the rolling-upgrade limits" in out, (out, err)
+        else:
+            assert code == 16 and err.count("\n") == 1, (code, out, err)
+            assert "cannot be reached" in err and "--fleet-optional" in err
+            assert not [e for e in events(tmp_path / "w", "w") if e["upgrade_id"]]
+    finally:
+        holder.release()
+        holder.close()
+        stop_pusher(tmp_path / "w")
 
 
 @pytest.mark.slow

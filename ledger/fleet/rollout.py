@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ledger.api import Ledger, RunContext
-from ledger.errors import BrakeEngaged, FleetUnavailable, LedgerError, NoSlot
+from ledger.errors import BrakeEngaged, FleetUnavailable, LedgerError, NoSlot, StorageError
 from ledger.fleet import brake, connect
 from ledger.fleet.pusher import RunPusher
 from ledger.fleet.slots import Slots
@@ -84,15 +84,19 @@ def _coordinate(ledger: Ledger, run: RunContext) -> Slots | None:
         return None
     slots = Slots(db, run.plan_name, run.plan_sha256, ledger.pid)
     try:
-        ignored = _check_brake(run, slots)
+        with _fleet_failures():
+            ignored = _check_brake(run, slots)
         if run.rollout.max_hosts is not None:
-            if not _wait_for_slot(run, slots, run.rollout.max_hosts):
+            with _fleet_failures():
+                taken = _wait_for_slot(run, slots, run.rollout.max_hosts)
+            if not taken:
                 return slots  # asked to stop while waiting: the run stops before starting
             ledger.note("slot.taken", detail={
                 "plan": run.plan_name, "slot": slots.slot, "max_hosts": run.rollout.max_hosts,
                 "sha256": run.plan_sha256})
             # Hosts may have failed while this one waited.
-            ignored = _check_brake(run, slots) or ignored
+            with _fleet_failures():
+                ignored = _check_brake(run, slots) or ignored
         if ignored:
             ledger.note("brake.ignored", detail={"plan": run.plan_name,
                                                  "sha256": run.plan_sha256, "hosts": ignored})
@@ -104,6 +108,19 @@ def _coordinate(ledger: Ledger, run: RunContext) -> Slots | None:
         _abandon(ledger, run, slots)
         raise
     return slots
+
+
+@contextlib.contextmanager
+def _fleet_failures() -> Iterator[None]:
+    """The fleet database failing once connected (a lost connection, a restart, a
+    statement timeout) is ``FleetUnavailable``, as failing to connect is: the run
+    refuses to start, or with ``--fleet-optional`` goes on without the limits."""
+    try:
+        yield
+    except FleetUnavailable:
+        raise
+    except StorageError as exc:
+        raise FleetUnavailable(str(exc)) from exc
 
 
 def _abandon(ledger: Ledger, run: RunContext, slots: Slots) -> None:
@@ -133,7 +150,10 @@ def _check_brake(run: RunContext, slots: Slots) -> list[str]:
     if limit is None or run.resuming:  # a run in progress is finished, never stranded
         return []
     with slots.db.read() as tx:
-        failed = brake.failed_hosts(tx, run.plan_sha256)
+        # This host's own failure does not count: it may run the plan again (the
+        # brake stops a release spreading to other hosts).
+        failed = [f for f in brake.failed_hosts(tx, run.plan_sha256)
+                  if f["host"] != slots.db.identity.name]
     if len(failed) < limit:
         return []
     names = ", ".join(f"{f['host']} ({f['outcome']})" for f in failed)
