@@ -94,6 +94,32 @@ LONG_LIVED = textwrap.dedent("""
 """)
 
 
+def test_a_pusher_keeps_none_of_the_step_s_descriptors(home: Path, tmp_path: Path) -> None:
+    """A script run under `flock -n LOCK script` passes the held lock to its steps: the
+    pusher a step starts must not keep it (the next cron run would find it held)."""
+    lock = tmp_path / "cron.lock"
+    script = f"""
+set -e
+exec 9>{lock}
+flock -n 9
+"$UL" --home {home} init >/dev/null
+echo "$(cat {home}/fleet-push.lock)"
+"""
+    env = child_env(LEDGER_FLEET_URL="postgresql://ledger@127.0.0.1:1/fleet",
+                    LEDGER_HOST=HOST, UL=str(Path(sys.executable).parent / "upgrade-ledger"))
+    try:
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        pusher_pid = wait_for(lambda: spawn.pusher_pid(home), what="a pusher")
+        held = {str(fd.readlink()) for fd in Path(f"/proc/{pusher_pid}/fd").iterdir()}
+        assert str(lock) not in held, held
+        again = subprocess.run(["flock", "-n", str(lock), "true"], check=False)
+        assert again.returncode == 0  # the script's lock went with the script
+    finally:
+        stop_pusher(home)
+
+
 def test_a_long_lived_process_leaves_no_zombie_pusher(home: Path, pg_url: str) -> None:
     done = subprocess.run([sys.executable, "-c", LONG_LIVED, str(home), pg_url],
                           capture_output=True, text=True, timeout=120, check=False,

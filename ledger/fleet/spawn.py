@@ -104,6 +104,15 @@ def _reap() -> None:
             _started.discard(pid)
 
 
+def _open_fds() -> list[int]:
+    """This process's open descriptors (every one that could be, without /proc). A
+    descriptor closed meanwhile is no harm: posix_spawn ignores closing it."""
+    try:
+        return [int(entry.name) for entry in Path("/proc/self/fd").iterdir()]
+    except OSError:
+        return list(range(3, 1024))
+
+
 def _unshipped(ledger: Ledger) -> bool:
     """Whether the ledger has events past those the last push shipped (by any host:
     checking every host's costs one index lookup and errs only towards a push)."""
@@ -128,9 +137,12 @@ def start(ledger: Ledger) -> int | None:
     # A session of its own: the script's terminal, its Ctrl-C and its end are not the
     # pusher's. Its output goes nowhere: a script reading a step's output through a
     # pipe ($(...)) must not wait for the pusher to close it.
+    # Nor does it keep any other descriptor the step inherited: a script's held flock
+    # (`flock -n LOCK script`) or a pipe must be let go when the step ends.
     pid = os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, null, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0)])
+        (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0),
+        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _open_fds() if fd > 2)])
     _started.add(pid)
     return pid
