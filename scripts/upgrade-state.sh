@@ -168,8 +168,11 @@ _upgrade_state_session_call() {
     local _ul_for=$1 _ul_opened= _ul_name _ul_status=0
     local -a _ul_s _ul_req
     shift
+    # As a process: when turned off, while adopting, in a folder the session cannot
+    # enter ($PWD gone, or not the folder we are in), and from a trap that runs while
+    # this shell (or, for $(...) in a trap, its parent) is in the middle of a call.
     if [[ ${UPGRADE_LEDGER_SESSION:-} == 0 || -n ${_ul_adopting:-} || -z ${PWD:-} ||
-        ${_UPGRADE_STATE_SESSION_BUSY:-} == "$BASHPID" ]]; then
+        -n ${_UPGRADE_STATE_SESSION_BUSY:-} ]] || ! [[ $PWD -ef . ]]; then
         return 1
     fi
     if [[ -n ${_UPGRADE_STATE_SESSION[1]:-} ]] && ! kill -0 "${_UPGRADE_STATE_SESSION[1]}" 2>/dev/null
@@ -289,11 +292,30 @@ _upgrade_state_session_exchange() {
     _ul_rc=${_ul_words[0]}
     while [[ $_ul_text == *$'\n' ]]; do _ul_text=${_ul_text%$'\n'}; done
     _ul_err=$_ul_text
+    if ((${#_ul_out[@]} < 2)) && [[ -z ${_ul_out[0]-} ]]; then
+        :  # nothing to print
+    elif [[ -p /dev/stdout || -S /dev/stdout ]]; then
+        # A reader that goes away (`| head`, `| grep -q`) ends a process's output
+        # quietly, exit 0; bash's printf would die of SIGPIPE: print from a subshell
+        # that ignores it.
+        (
+            trap '' PIPE
+            _upgrade_state_session_print
+        ) 2>/dev/null || :
+    else
+        _upgrade_state_session_print
+    fi
+    return 0
+}
+
+# _upgrade_state_session_print: the caller's `_ul_out` (the output's pieces between
+# NUL bytes) on stdout.
+_upgrade_state_session_print() {
+    local _ul_i
     printf '%s' "${_ul_out[0]-}"
     for ((_ul_i = 1; _ul_i < ${#_ul_out[@]}; _ul_i++)); do
         printf '\0%s' "${_ul_out[_ul_i]}"
     done
-    return 0
 }
 
 # _upgrade_state_session_frame FD: read one frame into the caller's `_ul_tag` and

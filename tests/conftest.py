@@ -149,7 +149,9 @@ def cli(home: Path) -> Callable[..., Result]:
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child process that imports ``ledger`` from this checkout."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # No empty entry: it would mean the working folder (and a child started from a
+    # folder that was deleted could not even start).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.pop("LEDGER_HOME", None)
     env.pop("UPGRADE_STATE_DIR", None)
     env.update(extra)

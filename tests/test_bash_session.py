@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
+from conftest import REPO, child_env, walk_to_upgrading
 
 from ledger.api import Ledger
 
@@ -226,6 +226,51 @@ upgrade_state_load >"$D/state.json"
                            capture_output=True, check=False, env=child_env())
     line = alone.stderr.removeprefix(b"upgrade-ledger: ")
     assert (tmp_path / "bad.err").read_bytes() == b"ERROR: " + line.removeprefix(b"error: ")
+
+
+@pytest.mark.parametrize("session", ["1", "0"])
+def test_a_reader_that_goes_away_a_folder_that_is_gone_and_a_trap_are_as_without_it(
+        tmp_path: Path, session: str) -> None:
+    """What a process per call did, the session does: `FUNC | head` and `| grep -q`
+    under pipefail (the document is bigger than a pipe holds), a call from a folder the
+    script deleted, and a trap's `$(...)` while the shell is in a call."""
+    home = tmp_path / "home"
+    with Ledger(home) as led:
+        walk_to_upgrading(led)
+        led.phase_start("p")
+        for i in range(300):
+            led.component_start(f"component-{i:03d}", "1.0.0", "2.0.0")
+    wrapper, log = logged_bin(tmp_path)
+    done = run_bash(r"""
+upgrade_state_get_current >/dev/null
+for i in 1 2 3; do upgrade_state_load | head -c 12; echo; done
+if upgrade_state_load | grep -q '"current_state": "UPGRADING"'; then echo found; fi
+work=$(mktemp -d "$D/work.XXXX"); cd "$work"; rmdir "$work"
+upgrade_phase_complete p
+cd "$D"
+trap 't0=$EPOCHREALTIME; st=$(upgrade_state_get_current)
+      echo "trap $st $t0 $EPOCHREALTIME" >"$D/trap.out"' USR1
+( sleep 0.3; kill -USR1 $$ ) &
+until [[ -s $D/trap.out ]]; do upgrade_get_progress_percent >/dev/null; done
+read -r word state t0 t1 <"$D/trap.out"
+echo "$word $state"
+echo "${t0/,/.} ${t1/,/.}" >"$D/trap.times"
+""", bash_env(home, wrapper, D=str(tmp_path), UPGRADE_LEDGER_SESSION=session))
+    assert (done.returncode, done.stdout) == (
+        0, '{\n  "upgrade\n' * 3 + "found\ntrap UPGRADING\n"), done.stderr
+    # A trap's call made while its shell is in a call never waits for the turn its own
+    # shell holds (it would get it only at the 5 s token timeout).
+    t0, t1 = map(float, (tmp_path / "trap.times").read_text().split())
+    assert t1 - t0 < 4.5
+    # (The logging wrapper is a bash script: in the deleted folder bash itself says so.)
+    assert [line for line in done.stderr.splitlines()
+            if not line.startswith("shell-init:")] == [], done.stderr
+    if session == "1":
+        # One session served it all; the call from a folder that is gone ran as a
+        # process.
+        kinds = starts(log)
+        assert kinds.count("session") == 1, kinds
+        assert "phase complete -- p" in kinds, kinds
 
 
 def test_a_request_too_big_for_the_pipe_runs_as_a_process(tmp_path: Path) -> None:
