@@ -11,8 +11,13 @@ import click
 
 from ledger.cli.app import MAX_SECONDS, Config, NumberRange, pass_config
 from ledger.cli.output import echo_or_drop, output_option, pick, render, stream_rows
-from ledger.cli.params import UPGRADE_STATE
-from ledger.cli.reports import HISTORY_COLUMNS, parse_params, query_options, show_sections
+from ledger.cli.reports import (
+    HISTORY_COLUMNS,
+    history_options,
+    parse_params,
+    query_options,
+    show_sections,
+)
 from ledger.errors import BadInput
 
 STATUS_COLUMNS = ["host", "upgrade_id", "state", "progress_percent", "phase", "component",
@@ -121,16 +126,7 @@ def status(cfg: Config, silent_after_s: float, fmt: str, as_json: bool) -> None:
 
 
 @fleet.command()
-@click.option("-n", "--limit", type=click.IntRange(1, 1_000_000), default=10, show_default=True,
-              help="At most this many upgrades.")
-@click.option("--all", "everything", is_flag=True, help="No limit.")
-@click.option("--state", type=UPGRADE_STATE,
-              help="Only upgrades in (or that ended in) this state (any case).")
-@click.option("--component", help="Only upgrades that touched this component.")
-@click.option("--host", metavar="NAME", help="Only this host's upgrades.")
-@click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "
-              "such as 7d).")
-@click.option("--until", metavar="WHEN", help="Started before WHEN.")
+@history_options(click.option("--host", metavar="NAME", help="Only this host's upgrades."))
 @output_option()
 @pass_config
 def history(cfg: Config, *, limit: int, everything: bool, state: str | None,

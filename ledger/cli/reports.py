@@ -118,17 +118,29 @@ def lock_line(lock: dict[str, Any]) -> str:
     return f"not held (stale lock of PID {pid})" if lock["stale"] else "free"
 
 
+def history_options(host_option: Callable[[F], F]) -> Callable[[F], F]:
+    """The filters of ``history`` and ``fleet history``: -n/--all, --state,
+    --component, *host_option* (which hosts), --since, --until."""
+    def decorate(func: F) -> F:
+        for option in (
+            click.option("--until", metavar="WHEN", help="Started before WHEN."),
+            click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, "
+                         "time or age such as 7d)."),
+            host_option,
+            click.option("--component", help="Only upgrades that touched this component."),
+            click.option("--state", type=UPGRADE_STATE,
+                         help="Only upgrades in (or that ended in) this state (any case)."),
+            click.option("--all", "everything", is_flag=True, help="No limit."),
+            click.option("-n", "--limit", type=click.IntRange(1, 1_000_000), default=10,
+                         show_default=True, help="At most this many upgrades."),
+        ):
+            func = option(func)
+        return func
+    return decorate
+
+
 @click.command()
-@click.option("-n", "--limit", type=click.IntRange(1, 1_000_000), default=10, show_default=True,
-              help="At most this many upgrades.")
-@click.option("--all", "everything", is_flag=True, help="No limit.")
-@click.option("--state", type=UPGRADE_STATE,
-              help="Only upgrades in (or that ended in) this state (any case).")
-@click.option("--component", help="Only upgrades that touched this component.")
-@host_options("upgrades")
-@click.option("--since", metavar="WHEN", help="Started at or after WHEN (date, time or age "
-              "such as 7d).")
-@click.option("--until", metavar="WHEN", help="Started before WHEN.")
+@history_options(host_options("upgrades"))
 @output_option()
 @pass_config
 def history(cfg: Config, *, limit: int, everything: bool, state: str | None,
