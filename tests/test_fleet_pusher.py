@@ -20,6 +20,7 @@ from conftest import child_env, ledger_process, run_ledger
 from fleethelpers import assert_same, fleet_cursor, stop_pusher, wait_for
 from pgserver import Server, Unavailable, start_own
 from test_bash_functions import bash_env
+from test_shared_database import DROP_IN_RUN
 
 from ledger.api import Ledger
 from ledger.fleet import pusher, pushstate, spawn
@@ -177,25 +178,6 @@ def test_a_pusher_leaves_when_idle_but_not_while_a_script_holds_the_lock(
         proc.communicate()
 
 
-DROP_IN = textwrap.dedent("""
-    set -euo pipefail
-    source "$LIB"
-    upgrade_state_init >/dev/null
-    upgrade_lock_acquire
-    upgrade_state_set PLANNING
-    upgrade_state_set BACKING_UP
-    upgrade_mark_rollback_point node_exporter "$UPGRADE_BACKUPS_DIR/node_exporter.tgz"
-    upgrade_state_set UPGRADING
-    upgrade_phase_start exporters
-    for c in node_exporter blackbox_exporter snmp_exporter; do
-        upgrade_component_start "$c" 1.0.0 2.0.0
-        upgrade_component_complete "$c"
-    done
-    upgrade_phase_complete exporters
-    upgrade_state_set VALIDATING
-    upgrade_state_set COMPLETED
-    upgrade_cleanup
-""")
 
 
 @pytest.fixture
@@ -219,9 +201,9 @@ def test_with_the_fleet_stopped_a_drop_in_upgrade_runs_and_one_push_catches_up(
         pusher.push(led)  # the fleet knew this host before it went away
     own_server.pause()
     try:
-        done = subprocess.run(["bash", "-c", DROP_IN], capture_output=True, text=True, check=False,
-                              timeout=300, env=bash_env(home, LEDGER_FLEET_URL=url,
-                                                        LEDGER_HOST=HOST))
+        env = bash_env(home, LEDGER_FLEET_URL=url, LEDGER_HOST=HOST)
+        done = subprocess.run(["bash", "-c", DROP_IN_RUN], capture_output=True, text=True,
+                              check=False, timeout=300, env=env)
         assert (done.returncode, done.stderr) == (0, ""), done.stderr
         with Ledger(home, host_name=HOST, wired=False) as led:
             assert led.history(limit=1)[0]["outcome"] == "COMPLETED"
